@@ -1,0 +1,125 @@
+"""Teacher and student as one kind of object: a denoising network plus the schedule and conditioning it needs.
+
+Every method talks to a ``Denoiser``; it never cares whether the network predicts eps, v or x, whether it lives
+in a VAE's latent space, or whether classifier-free guidance is folded in. That keeps methods short and lets
+later teachers (class-conditional, text-to-image, latent) plug in without touching them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from diffkd import schedule
+
+
+@dataclass
+class Conditioning:
+    """What a conditional UNet takes besides (z, t); all None for an unconditional teacher.
+
+    With ``guidance_scale`` > 1 the teacher runs classifier-free guidance (Ho & Salimans 2022) between
+    ``encoder_hidden_states``/``class_labels`` and their unconditional counterparts; a guidance-distilled student
+    (Meng et al. 2023) is then trained to give the guided output in one conditional pass.
+    """
+
+    encoder_hidden_states: torch.Tensor | None = None
+    class_labels: torch.Tensor | None = None
+    uncond_encoder_hidden_states: torch.Tensor | None = None
+    uncond_class_labels: torch.Tensor | None = None
+    guidance_scale: float = 1.0
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale != 1.0 and (
+            self.uncond_encoder_hidden_states is not None or self.uncond_class_labels is not None)
+
+    def unguided(self) -> "Conditioning":
+        """The same conditioning for a student that has guidance baked in: one conditional pass."""
+        return replace(self, guidance_scale=1.0, uncond_encoder_hidden_states=None, uncond_class_labels=None)
+
+    def select(self, index: torch.Tensor) -> "Conditioning":
+        """Rows ``index`` of every per-sample tensor (for splitting a batch)."""
+        pick = {k: (v[index] if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return Conditioning(**pick)
+
+
+def unet_forward(unet: nn.Module, z: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor | None,
+                 labels: torch.Tensor | None) -> torch.Tensor:
+    """One pass of a diffusers UNet (2D or 2D-condition), passing only the conditioning it was given."""
+    kwargs = {}
+    if hidden is not None:
+        kwargs["encoder_hidden_states"] = hidden
+    if labels is not None:
+        kwargs["class_labels"] = labels
+    return unet(z, t, **kwargs).sample
+
+
+class Denoiser:
+    """A UNet with its noise schedule, parameterisation and (optional) VAE.
+
+    ``unet`` may be swapped for a wrapped version (DDP) by the trainer; everything here only calls it.
+    """
+
+    def __init__(self, unet: nn.Module, alphas_cumprod: torch.Tensor, prediction_type: str,
+                 clip_sample: float | None = None, vae: nn.Module | None = None):
+        if prediction_type not in schedule.PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {schedule.PREDICTION_TYPES}, got {prediction_type!r}")
+        self.unet = unet
+        self.alphas_cumprod = alphas_cumprod.float()
+        self.prediction_type = prediction_type
+        self.clip_sample = clip_sample
+        self.vae = vae
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return len(self.alphas_cumprod)
+
+    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return schedule.alpha_sigma(self.alphas_cumprod.to(t.device), t)
+
+    def output(self, z: torch.Tensor, t: torch.Tensor, cond: Conditioning | None = None) -> torch.Tensor:
+        """The raw network output in this model's parameterisation, guided when ``cond`` asks for it."""
+        cond = cond or Conditioning()
+        t = t.expand(z.shape[0]) if t.ndim == 0 else t
+        if not cond.guided:
+            return unet_forward(self.unet, z, t, cond.encoder_hidden_states, cond.class_labels)
+        hidden = _cat_pair(cond.uncond_encoder_hidden_states, cond.encoder_hidden_states)
+        labels = _cat_pair(cond.uncond_class_labels, cond.class_labels)
+        uncond, conditional = unet_forward(self.unet, torch.cat([z, z]), torch.cat([t, t]), hidden, labels).chunk(2)
+        return uncond + cond.guidance_scale * (conditional - uncond)
+
+    def x0_eps(self, z: torch.Tensor, t: torch.Tensor, cond: Conditioning | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predicted clean sample and noise at (z, t)."""
+        t = t.expand(z.shape[0]) if t.ndim == 0 else t
+        alpha, sigma = self.alpha_sigma(t)
+        out = self.output(z, t, cond).float()
+        return schedule.to_x0_eps(out, z.float(), alpha, sigma, self.prediction_type)
+
+    def ddim_step(self, z: torch.Tensor, t: torch.Tensor, s: torch.Tensor, cond: Conditioning | None = None
+                  ) -> torch.Tensor:
+        """z_t -> z_s by one deterministic DDIM step of this model."""
+        x0, eps = self.x0_eps(z, t, cond)
+        alpha_s, sigma_s = self.alpha_sigma(s.expand(z.shape[0]) if s.ndim == 0 else s)
+        return schedule.ddim_step(x0, eps, alpha_s, sigma_s, self.clip_sample)
+
+    # Latent teachers: images in [-1, 1] <-> the space the UNet works in.
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            return images
+        scale = self.vae.config.scaling_factor
+        return self.vae.encode(images.to(self.vae.dtype)).latent_dist.mode().float() * scale
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            return latents
+        scale = self.vae.config.scaling_factor
+        return self.vae.decode(latents.to(self.vae.dtype) / scale).sample.float()
+
+
+def _cat_pair(uncond: torch.Tensor | None, cond: torch.Tensor | None) -> torch.Tensor | None:
+    if cond is None:
+        return None
+    return torch.cat([uncond if uncond is not None else torch.zeros_like(cond), cond])

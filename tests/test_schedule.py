@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from diffkd import schedule
+from diffkd.models import Denoiser
+from tests.conftest import make_scheduler, make_tiny_unet
+
+
+def test_trailing_grid_matches_diffusers_and_nests():
+    sched = make_scheduler()
+    for k in (1, 2, 4, 8):
+        sched.set_timesteps(k)
+        assert schedule.trailing_grid(1000, k)[:-1] == sched.timesteps.tolist()
+    assert schedule.trailing_grid(1000, 4) == [999, 749, 499, 249, -1]
+    assert schedule.trailing_grid(1000, 64)[::2] == schedule.trailing_grid(1000, 32)
+
+
+@pytest.mark.parametrize("prediction_type", schedule.PREDICTION_TYPES)
+@pytest.mark.parametrize("clip", [False, True])
+def test_ddim_step_equals_diffusers(prediction_type, clip):
+    sched = make_scheduler(prediction_type, clip_sample=clip)
+    sched.set_timesteps(4)
+    acp = sched.alphas_cumprod
+    torch.manual_seed(0)
+    z = torch.randn(3, 1, 8, 8) * 2
+    for t, s in zip(schedule.trailing_grid(1000, 4)[:-1], schedule.trailing_grid(1000, 4)[1:]):
+        out = torch.randn_like(z)
+        expected = sched.step(out, t, z).prev_sample
+        x0, eps = schedule.to_x0_eps(out, z, *schedule.alpha_sigma(acp, torch.tensor(t)), prediction_type)
+        ours = schedule.ddim_step(x0, eps, *schedule.alpha_sigma(acp, torch.tensor(s)), 1.0 if clip else None)
+        torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("prediction_type", schedule.PREDICTION_TYPES)
+def test_parameterisations_round_trip(prediction_type):
+    acp = make_scheduler().alphas_cumprod
+    alpha, sigma = schedule.alpha_sigma(acp, torch.tensor([10, 500, 990]))
+    x0, eps = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    z = schedule.broadcast(alpha, x0) * x0 + schedule.broadcast(sigma, x0) * eps
+    out = schedule.from_x0_eps(x0, eps, alpha, sigma, prediction_type)
+    x0_back, eps_back = schedule.to_x0_eps(out, z, alpha, sigma, prediction_type)
+    torch.testing.assert_close(x0_back, x0, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(eps_back, eps, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("prediction_type", schedule.PREDICTION_TYPES)
+def test_progressive_target_reproduces_two_teacher_steps(prediction_type):
+    """One student DDIM step with x_tilde from z_t must land on the teacher's two-step z_t''."""
+    acp = make_scheduler().alphas_cumprod
+    teacher = Denoiser(make_tiny_unet().eval(), acp, prediction_type)
+    grid = schedule.trailing_grid(1000, 4)
+    torch.manual_seed(1)
+    z_t = torch.randn(2, 1, 8, 8)
+    for i in range(4):  # every student step of a 4-step student, the last one ending on the clean sample
+        t, t1, t2 = (torch.tensor(v) for v in (grid[i], schedule.trailing_grid(1000, 8)[2 * i + 1], grid[i + 1]))
+        with torch.no_grad():
+            z_teacher = teacher.ddim_step(teacher.ddim_step(z_t, t, t1), t1, t2)
+        (a_t, s_t), (a_s, s_s) = schedule.alpha_sigma(acp, t), schedule.alpha_sigma(acp, t2)
+        x_tilde = schedule.progressive_target(z_t, z_teacher, a_t, s_t, a_s, s_s)
+        eps_tilde = (z_t - a_t * x_tilde) / s_t
+        torch.testing.assert_close(schedule.ddim_step(x_tilde, eps_tilde, a_s, s_s), z_teacher, atol=1e-5, rtol=1e-5)
+
+
+def test_progressive_target_golden_number():
+    """A hand computation: z_t=1, z_s=0.5, (a_t, s_t)=(0.6, 0.8), (a_s, s_s)=(0.8, 0.6).
+
+    ratio = 0.6/0.8 = 0.75; x = (0.5 - 0.75*1) / (0.8 - 0.75*0.6) = -0.25 / 0.35.
+    """
+    one = torch.ones(1, 1, 1, 1)
+    x = schedule.progressive_target(one, 0.5 * one, torch.tensor(0.6), torch.tensor(0.8), torch.tensor(0.8),
+                                    torch.tensor(0.6))
+    assert x.item() == pytest.approx(-0.25 / 0.35, rel=1e-6)
+
+
+def test_loss_weights():
+    s = torch.tensor([0.25, 1.0, 9.0])
+    assert schedule.loss_weight(s, "snr_trunc").tolist() == [1.0, 1.0, 9.0]
+    assert schedule.loss_weight(s, "min_snr").tolist() == [0.25, 1.0, 5.0]
+    assert schedule.loss_weight(s, "snr").tolist() == s.tolist()
+    with pytest.raises(ValueError, match="snr_trunc"):
+        schedule.loss_weight(s, "bogus")
