@@ -1,0 +1,152 @@
+"""Load teacher pipelines and save students as diffusers pipelines, leaning on diffusers' own config machinery.
+
+A saved student is a plain diffusers folder: the teacher's pipeline class, the student UNet in safetensors and a
+DDIMScheduler with trailing spacing, so ``DiffusionPipeline.from_pretrained(folder)(num_inference_steps=k)``
+samples exactly the grid the student was distilled on, with no diffkd import.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DiffusionPipeline
+
+from diffkd.errors import DiffkdError
+from diffkd.models import Denoiser
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedPipeline:
+    """A diffusers pipeline and the Denoiser view of its UNet + scheduler."""
+
+    source: str
+    pipeline: DiffusionPipeline
+    denoiser: Denoiser
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.pipeline.unet
+
+    @property
+    def scheduler(self):
+        return self.pipeline.scheduler
+
+    @property
+    def latent(self) -> bool:
+        return self.denoiser.vae is not None
+
+    @property
+    def image_size(self) -> int:
+        """Side of the images the pipeline makes (pixels, after the VAE for latent pipelines)."""
+        size = self.unet.config.sample_size
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        return size * getattr(self.pipeline, "vae_scale_factor", 1) if self.latent else size
+
+    @property
+    def image_channels(self) -> int:
+        return self.pipeline.vae.config.in_channels if self.latent else self.unet.config.in_channels
+
+    @property
+    def text_conditioned(self) -> bool:
+        return getattr(self.pipeline, "text_encoder", None) is not None
+
+
+def is_local_reference(source: str) -> bool:
+    """Paths start with '.', '/' or '~' or exist; anything else of the form 'org/name' is a hub id."""
+    return source.startswith((".", "/", "~")) or Path(source).exists() or source.count("/") != 1
+
+
+def load_pipeline(source: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                  trust_remote_code: bool = False) -> LoadedPipeline:
+    """Load a diffusers pipeline from a local folder or a hub id and check that diffkd can distil it."""
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    if is_local_reference(source):
+        folder = Path(source).expanduser()
+        if not folder.exists():
+            raise DiffkdError(f"teacher path {source!r} does not exist: point teacher.source at a diffusers "
+                              "pipeline folder (one with model_index.json) or a hub id like 'google/ddpm-cifar10-32'")
+        if not (folder / "model_index.json").is_file():
+            raise DiffkdError(f"{source!r} is not a diffusers pipeline folder (no model_index.json): point at the "
+                              "folder that DiffusionPipeline.save_pretrained wrote")
+    pipeline = _from_pretrained(source, kwargs)
+    pipeline.set_progress_bar_config(disable=True)
+    return LoadedPipeline(source, pipeline.to(device), denoiser_of(pipeline, source))
+
+
+def _from_pretrained(source: str, kwargs: dict) -> DiffusionPipeline:
+    try:
+        return DiffusionPipeline.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DiffkdError(f"could not load pipeline {source!r} ({reason}); without network, download it where "
+                          "there is one (`hf download ID --local-dir DIR`) and pass DIR") from error
+
+
+def denoiser_of(pipeline: DiffusionPipeline, source: str = "pipeline") -> Denoiser:
+    """The Denoiser view of a pipeline; refuses pipelines whose schedule is not a discrete VP schedule."""
+    unet = getattr(pipeline, "unet", None)
+    if unet is None:
+        raise DiffkdError(f"{source!r} has no 'unet' component; diffkd distils UNet-based pipelines "
+                          "(DDPM/DDIM, Stable Diffusion 1.x/2.x and alike)")
+    scheduler = getattr(pipeline, "scheduler", None)
+    if scheduler is None or not hasattr(scheduler, "alphas_cumprod"):
+        name = type(scheduler).__name__ if scheduler is not None else "none"
+        raise DiffkdError(f"{source!r} has scheduler {name}, which has no discrete alphas_cumprod; use a teacher "
+                          "whose scheduler is DDPM, DDIM, PNDM, DPMSolver, UniPC or Euler (a VP schedule)")
+    prediction_type = scheduler.config.get("prediction_type", "epsilon")
+    vae = getattr(pipeline, "vae", None)
+    clip = None
+    if vae is None and scheduler.config.get("clip_sample", False):
+        clip = float(scheduler.config.get("clip_sample_range", 1.0))
+    return Denoiser(unet, scheduler.alphas_cumprod.clone(), prediction_type, clip_sample=clip, vae=vae)
+
+
+def student_scheduler(teacher_scheduler, prediction_type: str, clip_sample: float | None) -> DDIMScheduler:
+    """DDIM with trailing spacing and alpha_T-1 = 1 on the teacher's betas: the grid the student was trained on."""
+    return DDIMScheduler.from_config(
+        teacher_scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True, steps_offset=0,
+        prediction_type=prediction_type, clip_sample=clip_sample is not None,
+        clip_sample_range=clip_sample or 1.0, thresholding=False)
+
+
+def save_pipeline(folder: Path, teacher: LoadedPipeline, unet: torch.nn.Module, scheduler,
+                  card: dict | None = None) -> Path:
+    """Write ``unet`` + ``scheduler`` in the teacher's pipeline class (DDPM becomes DDIM) with a model card."""
+    pipeline_class = type(teacher.pipeline)
+    if pipeline_class is DDPMPipeline:
+        pipeline_class = DDIMPipeline  # deterministic sampling by default (eta = 0)
+    components = {**teacher.pipeline.components, "unet": unet, "scheduler": scheduler}
+    pipeline = pipeline_class(**{k: v for k, v in components.items() if k in _init_names(pipeline_class)})
+    folder.mkdir(parents=True, exist_ok=True)
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    if card is not None:
+        write_model_card(folder / "README.md", card)
+    return folder
+
+
+def _init_names(pipeline_class) -> set[str]:
+    return set(inspect.signature(pipeline_class.__init__).parameters) - {"self"}
+
+
+def write_model_card(path: Path, card: dict) -> None:
+    """A Hub-style model card: YAML front matter with the facts, then a short human summary."""
+    front = {"library_name": "diffusers", "tags": ["diffusers", "diffkd", "distillation"], **card}
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+             f"# {card.get('method', 'distilled')} student of `{card.get('teacher', '?')}`", "",
+             "Made with diffkd. Sample it with plain diffusers:", "", "```python",
+             "from diffusers import DiffusionPipeline",
+             f"pipe = DiffusionPipeline.from_pretrained({str(path.parent)!r})",
+             f"images = pipe(num_inference_steps={card.get('num_inference_steps', '?')}).images", "```", ""]
+    if "details" in card:
+        lines += ["## Details", "", "```json", json.dumps(card["details"], indent=2), "```", ""]
+    path.write_text("\n".join(lines))
