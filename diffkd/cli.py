@@ -1,0 +1,75 @@
+"""The ``diffkd`` command: a thin layer over the API. Bad input is one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from diffkd.errors import DiffkdError
+
+EXIT_BAD_INPUT = 2
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config (see configs/)")
+    parser.add_argument("--output", required=True, help="run folder: checkpoints/, logs/, the exported pipeline")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.learning_rate=3e-4 (repeatable)")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                        help="continue from the newest complete checkpoint (or from CHECKPOINT)")
+    parser.add_argument("--overwrite", action="store_true", help="discard a previous run in --output")
+    parser.add_argument("--no-eval", action="store_true", help="skip the evaluation after distillation")
+
+
+def run_job(args: argparse.Namespace, teacher_training: bool) -> int:
+    from diffkd.api import distill
+    from diffkd.config import dump_config, load_config
+
+    config = load_config(args.config, args.overrides)
+    if teacher_training != (config.method.name == "denoise"):
+        wanted = "train-teacher" if config.method.name == "denoise" else "distill"
+        raise DiffkdError(f"{args.config} is a method.name={config.method.name} config: run `diffkd {wanted}`")
+    if args.no_eval:
+        config.run_eval = False
+    if args.dry_run:
+        sys.stdout.write(dump_config(config))
+        return 0
+    folder = distill(config, args.output, resume=args.resume, overwrite=args.overwrite)
+    print(f"saved {folder}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from diffkd.evaluation import cli as eval_cli
+
+    parser = argparse.ArgumentParser(prog="diffkd", description="Distil diffusers pipelines into few-step students.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+    distill = commands.add_parser("distill", help="distil a teacher pipeline into a student (then evaluate it)")
+    add_run_arguments(distill)
+    distill.set_defaults(handler=lambda a: run_job(a, teacher_training=False))
+    teacher = commands.add_parser("train-teacher", help="train a small teacher from scratch (method: denoise)")
+    add_run_arguments(teacher)
+    teacher.set_defaults(handler=lambda a: run_job(a, teacher_training=True))
+    evaluate = commands.add_parser("eval", help="quality vs steps of pipelines and training-free samplers")
+    eval_cli.add_arguments(evaluate)
+    evaluate.set_defaults(handler=eval_cli.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except DiffkdError as error:
+        print(f"diffkd: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""Typed configuration: dataclasses <-> YAML, with ``--set a.b=value`` overrides.
+
+Every key is checked against the dataclass fields (a typo gets the closest valid key), every value is coerced to
+the field's type, and each section validates its ranges in ``__post_init__``. A bad config costs one line on
+stderr before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from diffkd.errors import DiffkdError
+from diffkd.evaluation.config import EvalConfig
+
+
+def check(condition: bool, message: str) -> None:
+    if not condition:
+        raise DiffkdError(message)
+
+
+def check_choice(key: str, value: Any, choices: typing.Iterable) -> None:
+    choices = tuple(choices)
+    check(value in choices, f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+@dataclass
+class TeacherConfig:
+    """The pipeline to distil: a local diffusers folder or a hub id."""
+
+    source: str = "teachers/digits-16"
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        check(bool(self.source), "teacher.source must name a diffusers pipeline folder or hub id")
+
+
+@dataclass
+class DataConfig:
+    """Training images ('digits' or a folder, resized to the teacher's size) and prompts for text teachers."""
+
+    source: str = "digits"
+    prompts: list[str] = field(default_factory=list)
+    prompts_file: str | None = None
+
+
+@dataclass
+class StudentConfig:
+    """The student network: a copy of the teacher's UNet, or a compact one derived from it (BK-SDM style)."""
+
+    architecture: str = "copy"
+    width_multiplier: float = 1.0
+    layers_per_block: int | None = None
+    drop_mid_block: bool = False
+
+    def __post_init__(self):
+        check_choice("student.architecture", self.architecture, ("copy", "compact"))
+        check(0 < self.width_multiplier <= 1, f"student.width_multiplier must be in (0, 1]; got {self.width_multiplier}")
+        check(self.layers_per_block is None or self.layers_per_block >= 1,
+              f"student.layers_per_block must be >= 1; got {self.layers_per_block}")
+
+
+@dataclass
+class LossConfig:
+    """Weights of the auxiliary terms added to a method's own loss (0 switches a term off)."""
+
+    output_kd: float = 0.0
+    feature_kd: float = 0.0
+    feature_taps: list[str] = field(default_factory=list)
+    lpips: float = 0.0
+    lpips_net: str = "alex"
+    lpips_backbone_weights: str | None = None
+
+    def __post_init__(self):
+        for name in ("output_kd", "feature_kd", "lpips"):
+            check(getattr(self, name) >= 0, f"losses.{name} must be >= 0; got {getattr(self, name)}")
+        check_choice("losses.lpips_net", self.lpips_net, ("alex", "vgg", "squeeze"))
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: plain values, as in nanoGPT."""
+
+    batch_size: int = 64
+    learning_rate: float = 1e-4
+    lr_schedule: str = "linear"
+    warmup_steps: int = 0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"
+    ema_decay: float = 0.0
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    nan_policy: str = "stop"
+    max_skipped_steps: int = 10
+
+    def __post_init__(self):
+        for name in ("batch_size", "gradient_accumulation_steps", "checkpoint_every", "keep_checkpoints",
+                     "log_every"):
+            check(getattr(self, name) > 0, f"train.{name} must be > 0; got {getattr(self, name)}")
+        check(self.learning_rate > 0, f"train.learning_rate must be > 0; got {self.learning_rate}")
+        check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0; got {self.warmup_steps}")
+        check(self.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off); got {self.grad_clip}")
+        check(0 <= self.ema_decay < 1, f"train.ema_decay must be in [0, 1) (0 = off); got {self.ema_decay}")
+        check_choice("train.lr_schedule", self.lr_schedule, ("linear", "constant", "cosine"))
+        check_choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+        check_choice("train.nan_policy", self.nan_policy, ("stop", "skip"))
+        check(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
+              f"train.device must be auto, cpu, cuda, cuda:N or mps; got {self.device!r}")
+
+
+@dataclass
+class MethodConfig:
+    """Base of each method's own section; ``name`` picks the method (see diffkd.methods.METHODS)."""
+
+    name: str = "progressive"
+
+
+@dataclass
+class Config:
+    """A whole job: what to distil, into what, how to train, and how to evaluate the result."""
+
+    method: MethodConfig = field(default_factory=MethodConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    losses: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run_eval: bool = True
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def parse_config(data: dict) -> Config:
+    """Build a Config from nested plain values; the method section's type comes from ``method.name``."""
+    from diffkd.methods import METHODS
+
+    data = dict(data or {})
+    method = dict(data.pop("method", None) or {})
+    name = method.get("name", MethodConfig.name)
+    check_choice("method.name", name, METHODS)
+    config = build(Config, data, "")
+    config.method = build(METHODS[name].config_class, method, "method")
+    return config
+
+
+def build(cls: type, data: Any, path: str):
+    """Instantiate dataclass ``cls`` from ``data``, naming the exact key on any error."""
+    check(isinstance(data, dict), f"config section {path or '<top level>'!r} must be a mapping; got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{path + '.' if path else ''}{close[0]}'?" if close else ""
+            raise DiffkdError(f"unknown config key '{full}'{hint} (valid: {', '.join(names)})")
+        values[key] = coerce(hints[key], value, full)
+    try:
+        return cls(**values)
+    except TypeError as error:
+        raise DiffkdError(f"config section {path!r}: {error}") from error
+
+
+def coerce(kind: Any, value: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the annotated type, or raise naming the key."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if dataclasses.is_dataclass(kind):
+        return build(kind, value, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return coerce(next(a for a in args if a is not type(None)), value, key)
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        check(isinstance(value, (list, tuple)), f"config key '{key}' must be a list; got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            check(len(value) == len(args), f"config key '{key}' must have {len(args)} items; got {value!r}")
+            return tuple(coerce(a, v, key) for a, v in zip(args, value))
+        return origin(coerce(args[0], v, key) for v in value) if args else origin(value)
+    if kind is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        check(isinstance(value, bool), f"config key '{key}' must be true or false; got {value!r}")
+        return value
+    if kind in (int, float):
+        check(not isinstance(value, bool), f"config key '{key}' must be a number; got {value!r}")
+        try:
+            number = kind(value) if not isinstance(value, str) else kind(float(value) if kind is float else value)
+        except (TypeError, ValueError):
+            raise DiffkdError(f"config key '{key}' must be {'an integer' if kind is int else 'a number'}; "
+                              f"got {value!r}") from None
+        check(kind is float or float(value) == number, f"config key '{key}' must be an integer; got {value!r}")
+        return number
+    if kind is str:
+        check(isinstance(value, (str, int, float)) and not isinstance(value, bool),
+              f"config key '{key}' must be a string; got {value!r}")
+        return str(value)
+    return value
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """``a.b.c=value`` into nested dicts; the value is read as YAML (so 3, 1e-4, true, [1, 2] work)."""
+    check("=" in assignment, f"--set expects key=value; got {assignment!r}")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        check(isinstance(node, dict), f"--set {key}: '{part}' is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML file (or start from defaults), apply ``--set`` overrides and validate."""
+    data: dict = {}
+    if path is not None:
+        file = Path(path)
+        check(file.is_file(), f"config file {str(path)!r} not found: pass a YAML file such as "
+                              "configs/digits-progressive.yaml")
+        try:
+            data = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise DiffkdError(f"config file {str(path)!r} is not valid YAML: {str(error).splitlines()[0]}") from None
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return parse_config(data)
+
+
+def dump_config(config: Config) -> str:
+    """The fully resolved config as YAML (what --dry-run prints and what a run directory keeps)."""
+    return yaml.safe_dump(_plain(config.to_dict()), sort_keys=False)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,73 @@
+"""Training images as one in-memory tensor in [-1, 1], and a batch order that is a pure function of the step.
+
+A deterministic ``batch_indices(step)`` is what makes a killed-and-resumed run bit-identical to an uninterrupted
+one: no sampler state needs saving, because the order is recomputed from (seed, step).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from diffkd.errors import DiffkdError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def load_digits(size: int = 16) -> torch.Tensor:
+    """scikit-learn's 1,797 8x8 digits, bilinear-resized to ``size``, as N x 1 x size x size in [-1, 1]."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    pixels = torch.tensor(sklearn_digits().images, dtype=torch.float32).unsqueeze(1) / 16.0
+    if size != pixels.shape[-1]:
+        pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False)
+    return (pixels * 2 - 1).clamp(-1, 1)
+
+
+def load_image_folder(path: str | Path, size: int, channels: int) -> torch.Tensor:
+    """Every PNG/JPEG under ``path``: shorter side resized to ``size``, centre-cropped, converted to ``channels``."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise DiffkdError(f"data folder {str(path)!r} does not exist or is not a folder: set data.source to "
+                          "'digits' or to a folder of PNG/JPEG images")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DiffkdError(f"data folder {str(path)!r} holds no PNG/JPEG images: add images or set data.source")
+    return torch.stack([_load_image(p, size, channels) for p in files])
+
+
+def _load_image(path: Path, size: int, channels: int) -> torch.Tensor:
+    try:
+        with Image.open(path) as image:
+            image = image.convert("L" if channels == 1 else "RGB")
+            scale = size / min(image.size)
+            w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+            image = image.resize((w, h), Image.Resampling.BICUBIC)
+            left, top = (w - size) // 2, (h - size) // 2
+            image = image.crop((left, top, left + size, top + size))
+            pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    except (UnidentifiedImageError, OSError) as error:
+        raise DiffkdError(f"cannot read image {str(path)!r} ({type(error).__name__}): remove or replace it") from error
+    return pixels.reshape(size, size, channels).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def load_images(source: str, size: int, channels: int) -> torch.Tensor:
+    """``'digits'`` for the embedded set, otherwise a folder of images; always at the teacher's size/channels."""
+    if source == "digits":
+        images = load_digits(size)
+        return images if channels == 1 else images.repeat(1, channels, 1, 1)
+    return load_image_folder(source, size, channels)
+
+
+def batch_indices(num_items: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """Indices of global batch ``step``: epochs of seeded random permutations, a pure function of the step."""
+    start = step * batch_size
+    indices = []
+    while len(indices) < batch_size:
+        epoch, offset = divmod(start + len(indices), num_items)
+        order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        indices.extend(order[offset:offset + batch_size - len(indices)].tolist())
+    return torch.tensor(indices)

@@ -1,0 +1,149 @@
+"""Progressive distillation (Salimans & Ho 2022, Algorithm 2): N -> N/2 -> ... -> k sampling steps.
+
+In each round a student learns to do in one DDIM step what its teacher does in two, on the nested trailing grids
+that the exported DDIMScheduler uses. Round 1's teacher is the pipeline's UNet; round r+1's teacher is round r's
+student, frozen. With a guidance scale, the teacher's two steps are classifier-free guided and the student learns
+the guided result in one conditional pass (guidance distillation, Meng et al. 2023, with a fixed w).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from diffkd import schedule
+from diffkd.conditioning import batch_conditioning, encode_rows
+from diffkd.config import MethodConfig, check, check_choice
+from diffkd.data import load_images
+from diffkd.errors import DiffkdError
+from diffkd.io import student_scheduler
+from diffkd.methods.base import ExportSpec, LossTerms, Method, Round
+from diffkd.models import Denoiser
+
+
+@dataclass
+class ProgressiveConfig(MethodConfig):
+    """start_steps -> final_steps by halvings of ``steps_per_round`` training steps each."""
+
+    name: str = "progressive"
+    start_steps: int = 64
+    final_steps: int = 4
+    steps_per_round: int = 500
+    loss_weighting: str = "snr_trunc"
+    student_prediction_type: str = "v_prediction"
+    guidance_scale: float = 1.0
+
+    def __post_init__(self):
+        check(self.final_steps >= 1, f"method.final_steps must be >= 1; got {self.final_steps}")
+        check(self.start_steps > self.final_steps,
+              f"method.start_steps ({self.start_steps}) must be larger than method.final_steps ({self.final_steps})")
+        ratio = self.start_steps / self.final_steps
+        check(ratio == int(ratio) and math.log2(ratio) == int(math.log2(ratio)),
+              f"method.start_steps ({self.start_steps}) must be a power-of-two multiple of method.final_steps "
+              f"({self.final_steps}) to be reached by halving; try start_steps="
+              f"{self.final_steps * 2 ** max(1, round(math.log2(max(ratio, 2))))}")
+        check(self.steps_per_round >= 1, f"method.steps_per_round must be >= 1; got {self.steps_per_round}")
+        check_choice("method.loss_weighting", self.loss_weighting, schedule.LOSS_WEIGHTINGS)
+        check_choice("method.student_prediction_type", self.student_prediction_type,
+                     schedule.PREDICTION_TYPES + ("teacher",))
+        check(self.guidance_scale >= 1, f"method.guidance_scale must be >= 1 (1 = no guidance); "
+                                        f"got {self.guidance_scale}")
+
+
+class ProgressiveDistillation(Method):
+    name = "progressive"
+    config_class = ProgressiveConfig
+
+    def __init__(self, config, teacher, student):
+        super().__init__(config, teacher, student)
+        self.round_teacher: Denoiser = teacher.denoiser
+        self.student_steps = self.options.start_steps // 2
+
+    @property
+    def prediction_type(self) -> str:
+        chosen = self.options.student_prediction_type
+        return self.teacher.denoiser.prediction_type if chosen == "teacher" else chosen
+
+    def check(self) -> None:
+        total = self.teacher.denoiser.num_train_timesteps
+        if total % self.options.final_steps:
+            raise DiffkdError(f"method.final_steps={self.options.final_steps} does not divide the teacher's "
+                              f"{total} training timesteps, so DDIMScheduler could not reproduce the student's grid; "
+                              f"pick a divisor such as 1, 2, 4 or 8")
+        if self.options.start_steps > total:
+            raise DiffkdError(f"method.start_steps={self.options.start_steps} exceeds the teacher's {total} "
+                              "training timesteps")
+
+    def rounds(self) -> list[Round]:
+        counts, steps = [], self.options.start_steps
+        while steps > self.options.final_steps:
+            counts.append(steps)
+            steps //= 2
+        return [Round(f"{n}->{n // 2}", self.options.steps_per_round) for n in counts]
+
+    def dataset(self) -> dict[str, torch.Tensor]:
+        images = load_images(self.config.data.source, self.teacher.image_size, self.teacher.image_channels)
+        with torch.no_grad():
+            latents = torch.cat([self.teacher.denoiser.encode(chunk.to(self.teacher.unet.device)).cpu()
+                                 for chunk in images.split(64)])
+        return {"x0": latents, **encode_rows(self.teacher, self.config.data, len(latents))}
+
+    def begin_round(self, index: int) -> None:
+        """Round 0 distils the pipeline's teacher; round r > 0 distils round r-1's student, frozen as it ended."""
+        self.student_steps = self.options.start_steps // 2 ** (index + 1)
+        if index > 0:
+            self.round_teacher = self._frozen_student()
+
+    def _frozen_student(self) -> Denoiser:
+        unet = copy.deepcopy(self.student).requires_grad_(False).eval()
+        return Denoiser(unet, self.teacher.denoiser.alphas_cumprod, self.prediction_type,
+                        self.teacher.denoiser.clip_sample)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        if self.round_teacher is self.teacher.denoiser:
+            return {}
+        return {f"round_teacher.{k}": v for k, v in self.round_teacher.unet.state_dict().items()}
+
+    def load_state_tensors(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
+        self.student_steps = self.options.start_steps // 2 ** (index + 1)
+        if index > 0:
+            self.round_teacher = self._frozen_student()
+            prefix = "round_teacher."
+            self.round_teacher.unet.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
+                                                     if k.startswith(prefix)})
+
+    def loss(self, batch: dict[str, torch.Tensor], student: nn.Module, generator: torch.Generator) -> LossTerms:
+        x = batch["x0"]
+        k, total = self.student_steps, self.teacher.denoiser.num_train_timesteps
+        grid = torch.tensor(schedule.trailing_grid(total, k), device=x.device)
+        fine = torch.tensor(schedule.trailing_grid(total, 2 * k), device=x.device)
+        i = torch.randint(0, k, (x.shape[0],), generator=generator).to(x.device)
+        t, t_mid, s = grid[i], fine[2 * i + 1], grid[i + 1]
+        eps = torch.randn(x.shape, generator=generator).to(x.device)
+        alpha_t, sigma_t = self.round_teacher.alpha_sigma(t)
+        alpha_s, sigma_s = self.round_teacher.alpha_sigma(s)
+        z_t = schedule.broadcast(alpha_t, x) * x + schedule.broadcast(sigma_t, x) * eps
+
+        cond = batch_conditioning(batch, self.options.guidance_scale)
+        with torch.no_grad():  # the teacher's two DDIM steps, t -> t' -> t''
+            z_mid = self.round_teacher.ddim_step(z_t, t, t_mid, cond)
+            z_target = self.round_teacher.ddim_step(z_mid, t_mid, s, cond)
+            x_target = schedule.progressive_target(z_t, z_target, alpha_t, sigma_t, alpha_s, sigma_s)
+
+        model = Denoiser(student, self.teacher.denoiser.alphas_cumprod, self.prediction_type)
+        x_pred, _ = model.x0_eps(z_t, t, cond.unguided())
+        weight = schedule.loss_weight(schedule.snr(self.teacher.denoiser.alphas_cumprod.to(x.device), t),
+                                      self.options.loss_weighting)
+        mse = (x_pred - x_target).pow(2).flatten(1).mean(1)
+        return LossTerms({"distill": (weight * mse).mean()})
+
+    def export_spec(self) -> ExportSpec:
+        k = self.options.final_steps
+        scheduler = student_scheduler(self.teacher.scheduler, self.prediction_type, self.teacher.denoiser.clip_sample)
+        return ExportSpec(scheduler, k, self.prediction_type, card={
+            "start_steps": self.options.start_steps, "loss_weighting": self.options.loss_weighting,
+            "guidance_scale": self.options.guidance_scale})
