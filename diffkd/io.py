@@ -112,9 +112,12 @@ def denoiser_of(pipeline: DiffusionPipeline, source: str = "pipeline") -> Denois
 
 
 def student_scheduler(teacher_scheduler, prediction_type: str, clip_sample: float | None) -> DDIMScheduler:
-    """DDIM with trailing spacing and alpha_T-1 = 1 on the teacher's betas: the grid the student was trained on."""
+    """DDIM with trailing spacing and a final alpha of 1 on the teacher's betas: the grid the student was trained on.
+
+    Trailing spacing ignores steps_offset; it is 1 only because StableDiffusionPipeline warns about anything else.
+    """
     return DDIMScheduler.from_config(
-        teacher_scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True, steps_offset=0,
+        teacher_scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True, steps_offset=1,
         prediction_type=prediction_type, clip_sample=clip_sample is not None,
         clip_sample_range=clip_sample or 1.0, thresholding=False)
 

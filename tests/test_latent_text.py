@@ -1,0 +1,52 @@
+"""A latent, text-conditioned teacher (Stable-Diffusion-shaped) goes through the same progressive method:
+prompts are encoded by the pipeline, images through its VAE, and guidance is distilled into the student."""
+
+import torch
+import yaml
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+from diffkd.api import distill
+from diffkd.conditioning import batch_conditioning, encode_rows
+from diffkd.config import DataConfig, parse_config
+from diffkd.io import load_pipeline
+
+
+def test_prompts_are_encoded_with_an_unconditional_branch(tiny_sd):
+    teacher = load_pipeline(tiny_sd)
+    rows = encode_rows(teacher, DataConfig(prompts=["a cat", "a dog"]), 5)
+    assert rows["encoder_hidden_states"].shape == (5, 8, 16)
+    torch.testing.assert_close(rows["encoder_hidden_states"][0], rows["encoder_hidden_states"][2])
+    assert not torch.allclose(rows["encoder_hidden_states"][0], rows["encoder_hidden_states"][1])
+    assert not torch.allclose(rows["uncond_encoder_hidden_states"][0], rows["encoder_hidden_states"][0])
+    guided = batch_conditioning(rows, guidance_scale=3.0)
+    assert guided.guided and not guided.unguided().guided
+
+
+def test_guided_teacher_output_is_the_cfg_combination(tiny_sd):
+    teacher = load_pipeline(tiny_sd)
+    cond = batch_conditioning(encode_rows(teacher, DataConfig(prompts=["a cat"]), 2), guidance_scale=4.0)
+    z, t = torch.randn(2, 4, 4, 4), torch.tensor(500)
+    with torch.no_grad():
+        guided = teacher.denoiser.output(z, t, cond)
+        conditional = teacher.denoiser.output(z, t, cond.unguided())
+        uncond = teacher.unet(z, t.expand(2), encoder_hidden_states=cond.uncond_encoder_hidden_states).sample
+    torch.testing.assert_close(guided, uncond + 4.0 * (conditional - uncond), atol=1e-5, rtol=1e-4)
+
+
+def test_progressive_guidance_distillation_of_a_latent_text_teacher(tiny_sd, tmp_path):
+    config = parse_config({
+        "method": {"name": "progressive", "start_steps": 4, "final_steps": 2, "steps_per_round": 3,
+                   "guidance_scale": 3.0},
+        "teacher": {"source": tiny_sd},
+        "data": {"source": "digits", "prompts": ["a cat", "a dog"]},
+        "train": {"batch_size": 4, "device": "cpu"},
+        "run_eval": False,
+    })
+    folder = distill(config, tmp_path / "run")
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    assert isinstance(pipe, StableDiffusionPipeline)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    images = pipe("a cat", num_inference_steps=2, guidance_scale=1.0, height=8, width=8, output_type="np").images
+    assert images.shape == (1, 8, 8, 3)
+    front = yaml.safe_load((folder / "README.md").read_text().split("---")[1])
+    assert front["guidance_scale"] == 3.0 and front["num_inference_steps"] == 2
