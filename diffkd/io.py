@@ -86,7 +86,7 @@ def load_pipeline(source: str, device: str | torch.device = "cpu", dtype: torch.
 def _from_pretrained(source: str, kwargs: dict) -> DiffusionPipeline:
     try:
         return DiffusionPipeline.from_pretrained(source, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as error:
+    except (OSError, ValueError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DiffkdError(f"could not load pipeline {source!r} ({reason}); without network, download it where "
                           "there is one (`hf download ID --local-dir DIR`) and pass DIR") from error

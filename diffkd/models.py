@@ -35,11 +35,11 @@ class Conditioning:
         return self.guidance_scale != 1.0 and (
             self.uncond_encoder_hidden_states is not None or self.uncond_class_labels is not None)
 
-    def unguided(self) -> "Conditioning":
+    def unguided(self) -> Conditioning:
         """The same conditioning for a student that has guidance baked in: one conditional pass."""
         return replace(self, guidance_scale=1.0, uncond_encoder_hidden_states=None, uncond_class_labels=None)
 
-    def select(self, index: torch.Tensor) -> "Conditioning":
+    def select(self, index: torch.Tensor) -> Conditioning:
         """Rows ``index`` of every per-sample tensor (for splitting a batch)."""
         pick = {k: (v[index] if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
         return Conditioning(**pick)

@@ -6,6 +6,8 @@ run; ``scheduler_sample`` drives any diffusers scheduler (DPM-Solver++, UniPC, .
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from diffkd import schedule
@@ -18,7 +20,7 @@ def ddim_sample(model: Denoiser, noise: torch.Tensor, num_steps: int, cond: Cond
     """Deterministic DDIM on the trailing grid (or on ``grid``), ending on the clean sample."""
     grid = grid or schedule.trailing_grid(model.num_train_timesteps, num_steps)
     z = noise.float()
-    for t, s in zip(grid[:-1], grid[1:]):
+    for t, s in itertools.pairwise(grid):
         z = model.ddim_step(z, torch.tensor(t, device=z.device), torch.tensor(s, device=z.device), cond)
     return z
 

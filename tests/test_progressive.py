@@ -1,6 +1,7 @@
 """Progressive distillation works: the distilled k-step student is closer to the teacher's many-step samples
 than the teacher's own DDIM at k steps, from the same noise."""
 
+import pytest
 import torch
 
 from diffkd.api import distill
@@ -24,6 +25,7 @@ def mse(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).pow(2).mean().item()
 
 
+@pytest.mark.slow
 def test_distilled_student_beats_teacher_ddim_at_same_steps(tiny_teacher, tmp_path):
     student_dir = distil(tiny_teacher, tmp_path / "run", final_steps=2)
     teacher = load_pipeline(tiny_teacher).denoiser
