@@ -59,9 +59,15 @@ class StudentConfig:
     width_multiplier: float = 1.0
     layers_per_block: int | None = None
     drop_mid_block: bool = False
+    norm_num_groups: int | None = None
+    latency_batch_size: int = 16
 
     def __post_init__(self):
         check_choice("student.architecture", self.architecture, ("copy", "compact"))
+        check(self.norm_num_groups is None or self.norm_num_groups >= 1,
+              f"student.norm_num_groups must be >= 1 (or null: scale the teacher's); got {self.norm_num_groups}")
+        check(self.latency_batch_size >= 0,
+              f"student.latency_batch_size must be >= 0 (0 = don't time); got {self.latency_batch_size}")
         check(0 < self.width_multiplier <= 1, f"student.width_multiplier must be in (0, 1]; got {self.width_multiplier}")
         check(self.layers_per_block is None or self.layers_per_block >= 1,
               f"student.layers_per_block must be >= 1; got {self.layers_per_block}")

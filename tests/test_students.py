@@ -1,0 +1,112 @@
+"""Compact students: derived from the teacher's config, initialised tensor by tensor from the teacher's weights."""
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel, UNet2DModel
+
+from diffkd.config import StudentConfig
+from diffkd.errors import DiffkdError
+from diffkd.students import build_student, weight_sources
+
+
+def deep_teacher(layers: int = 2) -> UNet2DModel:
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
+                       layers_per_block=layers, norm_num_groups=8, attention_head_dim=8,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+
+
+def compact(**options) -> StudentConfig:
+    return StudentConfig(architecture="compact", latency_batch_size=0, **options)
+
+
+def test_copy_is_a_trainable_deep_copy(tiny_unet):
+    student, report = build_student(tiny_unet, StudentConfig())
+    assert student is not tiny_unet and report["initialised"] == 0
+    for (name, a), b in zip(tiny_unet.state_dict().items(), student.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert all(p.requires_grad for p in student.parameters())
+
+
+def test_layer_dropping_keeps_the_kept_layers_weights_tensor_by_tensor():
+    teacher = deep_teacher(layers=2)
+    student, report = build_student(teacher, compact(layers_per_block=1))
+    assert [len(b.resnets) for b in student.down_blocks] == [1, 1]
+    assert [len(b.resnets) for b in student.up_blocks] == [2, 2]
+    teacher_state, student_state = teacher.state_dict(), student.state_dict()
+    sources = weight_sources(teacher, student)
+    assert all(source is not None for source in sources.values())
+    for name, source in sources.items():
+        assert torch.equal(student_state[name], teacher_state[source]), (name, source)
+    # the up block's last resnet (the one fed by the skip from the level above) comes from the teacher's last
+    assert sources["up_blocks.0.resnets.1.conv1.weight"] == "up_blocks.0.resnets.2.conv1.weight"
+    assert sources["up_blocks.0.attentions.1.to_q.weight"] == "up_blocks.0.attentions.2.to_q.weight"
+    assert sources["down_blocks.1.resnets.0.conv1.weight"] == "down_blocks.1.resnets.0.conv1.weight"
+    assert report["copied"] == len(student_state) and report["initialised"] == 0
+    assert report["parameters"][1] < report["parameters"][0]
+    out = student(torch.randn(2, 1, 8, 8), torch.tensor([10, 900])).sample
+    assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()
+
+
+def test_dropping_the_mid_block():
+    teacher = deep_teacher(layers=1)
+    student, report = build_student(teacher, compact(drop_mid_block=True))
+    assert student.mid_block is None and report["mid_block"] == [True, False]
+    assert report["initialised"] == 0
+    assert student(torch.randn(1, 1, 8, 8), torch.tensor([500])).sample.shape == (1, 1, 8, 8)
+
+
+def test_half_width_scales_groups_reports_fresh_tensors_and_runs():
+    teacher = deep_teacher(layers=1)
+    student, report = build_student(teacher, compact(width_multiplier=0.5))
+    assert list(student.config.block_out_channels) == [8, 16]
+    assert student.config.norm_num_groups == 4  # the teacher's 2 channels per group are kept
+    assert report["initialised"] > 0 and "down_blocks.0" in report["initialised_blocks"]
+    assert report["parameters"][1] <= 0.4 * report["parameters"][0]
+    sources = weight_sources(teacher, student)
+    teacher_state, student_state = teacher.state_dict(), student.state_dict()
+    copied = [n for n, s in sources.items() if s is not None and teacher_state[s].shape == student_state[n].shape]
+    assert len(copied) == report["copied"]
+    for name in copied:
+        assert torch.equal(student_state[name], teacher_state[sources[name]]), name
+    assert student(torch.randn(2, 1, 8, 8), torch.tensor([1, 999])).sample.shape == (2, 1, 8, 8)
+
+
+def test_latency_is_reported_when_asked():
+    _, report = build_student(deep_teacher(1), StudentConfig(architecture="compact", width_multiplier=0.5,
+                                                             latency_batch_size=2))
+    latency = report["latency_ms_per_step"]
+    assert latency["batch_size"] == 2 and latency["teacher"] > 0 and latency["student"] > 0
+    assert latency["speedup"] == pytest.approx(latency["teacher"] / latency["student"], rel=0.01)
+
+
+def test_conditional_unet_compact_student_runs():
+    torch.manual_seed(0)
+    teacher = UNet2DConditionModel(sample_size=4, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                   layers_per_block=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                   norm_num_groups=4, attention_head_dim=2)
+    student, report = build_student(teacher, compact(layers_per_block=1, drop_mid_block=True))
+    assert report["initialised"] == 0 and student.mid_block is None
+    out = student(torch.randn(2, 4, 4, 4), torch.tensor([3, 700]), encoder_hidden_states=torch.randn(2, 3, 16))
+    assert out.sample.shape == (2, 4, 4, 4)
+
+
+def test_width_that_breaks_groupnorm_is_one_clear_error():
+    with pytest.raises(DiffkdError, match="norm_num_groups.*width_multiplier that keeps whole groups"):
+        build_student(deep_teacher(1), compact(width_multiplier=0.3))
+    with pytest.raises(DiffkdError, match="not divisible by norm_num_groups=3"):
+        build_student(deep_teacher(1), compact(width_multiplier=0.5, norm_num_groups=3))
+
+
+def test_non_unet_teacher_is_refused():
+    with pytest.raises(DiffkdError, match="UNet2DModel or UNet2DConditionModel.*architecture=copy"):
+        build_student(torch.nn.Conv2d(1, 1, 1), compact())
+
+
+def test_student_config_validates():
+    with pytest.raises(DiffkdError, match="width_multiplier"):
+        StudentConfig(architecture="compact", width_multiplier=0)
+    with pytest.raises(DiffkdError, match="norm_num_groups"):
+        StudentConfig(norm_num_groups=0)
