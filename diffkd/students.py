@@ -65,9 +65,12 @@ def compact_config(teacher_unet: nn.Module, config: StudentConfig) -> dict:
                           f"use a width_multiplier that keeps whole groups, e.g. one of {_workable_widths(teacher)}, "
                           "or set student.norm_num_groups to a divisor of every width")
     head_dim = teacher.get("attention_head_dim")
-    if isinstance(teacher_unet, UNet2DModel) and isinstance(head_dim, int) and min(widths) < head_dim:
-        raise DiffkdError(f"student width {min(widths)} is below the attention head size {head_dim}: raise "
-                          "student.width_multiplier")
+    attended = [w for w, kind in zip(widths, teacher["down_block_types"]) if "Attn" in kind]
+    if not config.drop_mid_block and teacher.get("add_attention", True):
+        attended.append(widths[-1])
+    if isinstance(teacher_unet, UNet2DModel) and isinstance(head_dim, int) and min(attended, default=head_dim) < head_dim:
+        raise DiffkdError(f"student width {min(attended)} at an attention block is below the attention head size "
+                          f"{head_dim}: raise student.width_multiplier")
     teacher_layers = teacher["layers_per_block"]
     layers = config.layers_per_block or teacher_layers
     if not isinstance(layers, int):

@@ -21,6 +21,7 @@ from diffkd.config import MethodConfig, check, check_choice
 from diffkd.data import load_images
 from diffkd.errors import DiffkdError
 from diffkd.io import student_scheduler
+from diffkd.losses.kd import AuxiliaryLosses
 from diffkd.methods.base import ExportSpec, LossTerms, Method, Round
 from diffkd.models import Denoiser
 
@@ -62,6 +63,7 @@ class ProgressiveDistillation(Method):
         super().__init__(config, teacher, student)
         self.round_teacher: Denoiser = teacher.denoiser
         self.student_steps = self.options.start_steps // 2
+        self.auxiliary = AuxiliaryLosses(config.losses, teacher, student, self.prediction_type)
 
     @property
     def prediction_type(self) -> str:
@@ -103,6 +105,9 @@ class ProgressiveDistillation(Method):
         return Denoiser(unet, self.teacher.denoiser.alphas_cumprod, self.prediction_type,
                         self.teacher.denoiser.clip_sample)
 
+    def extra_modules(self) -> nn.ModuleDict:
+        return self.auxiliary.modules()
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         if self.round_teacher is self.teacher.denoiser:
             return {}
@@ -135,11 +140,13 @@ class ProgressiveDistillation(Method):
             x_target = schedule.progressive_target(z_t, z_target, alpha_t, sigma_t, alpha_s, sigma_s)
 
         model = Denoiser(student, self.teacher.denoiser.alphas_cumprod, self.prediction_type)
-        x_pred, _ = model.x0_eps(z_t, t, cond.unguided())
+        with self.auxiliary.watch(student):
+            x_pred, eps_pred = model.x0_eps(z_t, t, cond.unguided())
         weight = schedule.loss_weight(schedule.snr(self.teacher.denoiser.alphas_cumprod.to(x.device), t),
                                       self.options.loss_weighting)
         mse = (x_pred - x_target).pow(2).flatten(1).mean(1)
-        return LossTerms({"distill": (weight * mse).mean()})
+        terms = LossTerms({"distill": (weight * mse).mean()})
+        return self.auxiliary.add(terms, z_t, t, cond, (x_pred, eps_pred), reference_x0=x_target)
 
     def export_spec(self) -> ExportSpec:
         k = self.options.final_steps
