@@ -79,7 +79,7 @@ def run_terms(aux: AuxiliaryLosses, teacher: LoadedPipeline, student) -> LossTer
         x0, eps = model.x0_eps(z, t)
     reference = teacher.denoiser.x0_eps(z, t)[0].clamp(-1, 1)
     terms = LossTerms({"task": x0.pow(2).mean()})
-    return aux.add(terms, z, t, None, (x0, eps), reference_x0=reference)
+    return aux.add(terms, z, t, None, (x0, eps), images=(x0, reference))
 
 
 def test_every_term_is_zero_for_a_student_equal_to_its_teacher(tiny_unet):

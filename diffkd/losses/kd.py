@@ -97,9 +97,10 @@ class AuxiliaryLosses:
         self._student_features = dict(features)
 
     def add(self, terms: LossTerms, z: torch.Tensor, t: torch.Tensor, cond: Conditioning | None,
-            student: tuple[torch.Tensor, torch.Tensor], reference_x0: torch.Tensor | None = None) -> LossTerms:
-        """Append the configured terms; ``student`` is the student's (x0, eps) at (z, t), ``reference_x0`` the
-        image the LPIPS term compares the student's x0 with."""
+            student: tuple[torch.Tensor, torch.Tensor],
+            images: tuple[torch.Tensor, torch.Tensor] | None = None) -> LossTerms:
+        """Append the configured terms; ``student`` is the student's (x0, eps) at (z, t) and ``images`` the
+        (student x0, reference x0) pair that LPIPS compares."""
         if self.needs_teacher_pass:
             teacher_features, teacher_x0_eps = self._teacher_pass(z, t, cond)
             if self.config.output_kd > 0:
@@ -110,8 +111,8 @@ class AuxiliaryLosses:
                 for name, value in per_tap.items():
                     terms.add(f"feature/{name}", value, self.config.feature_kd / len(per_tap))
                 self._student_features = {}
-        if self.perceptual is not None and reference_x0 is not None:
-            terms.add("lpips", self.perceptual(student[0], reference_x0), self.config.lpips)
+        if self.perceptual is not None and images is not None:
+            terms.add("lpips", self.perceptual(*images), self.config.lpips)
         return terms
 
     @torch.no_grad()

@@ -146,7 +146,7 @@ class ProgressiveDistillation(Method):
                                       self.options.loss_weighting)
         mse = (x_pred - x_target).pow(2).flatten(1).mean(1)
         terms = LossTerms({"distill": (weight * mse).mean()})
-        return self.auxiliary.add(terms, z_t, t, cond, (x_pred, eps_pred), reference_x0=x_target)
+        return self.auxiliary.add(terms, z_t, t, cond, (x_pred, eps_pred), images=(x_pred, x_target))
 
     def export_spec(self) -> ExportSpec:
         k = self.options.final_steps

@@ -1,0 +1,137 @@
+"""Generator distillation (Luhman & Luhman 2021, "Knowledge Distillation in Iterative Generative Models"): the student
+maps noise straight to the teacher's many-step sample from that noise, in one step or on its own k-step grid.
+
+The pairs (noise, teacher sample) come from a ``diffkd.sample_cache`` made once per teacher and sampler. The student
+runs the same trailing-grid DDIM that the exported scheduler runs (x0 clipped between steps as the scheduler does),
+so ``DiffusionPipeline.from_pretrained(student)(num_inference_steps=k)`` reproduces what was trained. The loss is
+the x-space MSE of Luhman & Luhman plus whichever of output KD, feature KD and LPIPS the ``losses`` section weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from diffkd import sample_cache, schedule
+from diffkd.conditioning import batch_conditioning, encode_rows, read_prompts
+from diffkd.config import DataConfig, MethodConfig, check, check_choice
+from diffkd.errors import DiffkdError
+from diffkd.io import student_scheduler
+from diffkd.losses.kd import AuxiliaryLosses
+from diffkd.methods.base import ExportSpec, LossTerms, Method, Round
+from diffkd.models import Denoiser
+
+
+@dataclass
+class GeneratorConfig(MethodConfig):
+    """num_samples pairs of the teacher's ``teacher_sampler`` at ``teacher_steps``; a ``student_steps``-step student.
+
+    cache: the pair cache folder ("" = ~/.cache/diffkd/teacher-samples/<key>, or under $DIFFKD_CACHE), made or
+    completed before training and reused by every run with the same teacher, sampler, steps and seed.
+    mse: weight of the x-space MSE to the teacher's sample (the losses section adds the KD terms).
+    """
+
+    name: str = "generator"
+    num_steps: int = 2000
+    student_steps: int = 1
+    student_prediction_type: str = "v_prediction"
+    mse: float = 1.0
+    num_samples: int = 6000
+    teacher_sampler: str = "ddim"
+    teacher_steps: int = 32
+    sample_seed: int = 0
+    cache: str = ""
+    cache_batch_size: int = 250
+    cache_shard_size: int = 1000
+    guidance_scale: float = 1.0
+
+    def __post_init__(self):
+        check(self.num_steps >= 1, f"method.num_steps must be >= 1; got {self.num_steps}")
+        check(self.student_steps >= 1, f"method.student_steps must be >= 1; got {self.student_steps}")
+        check_choice("method.student_prediction_type", self.student_prediction_type,
+                     schedule.PREDICTION_TYPES + ("teacher",))
+        check(self.mse >= 0, f"method.mse must be >= 0; got {self.mse}")
+        check(self.num_samples >= 1, f"method.num_samples must be >= 1; got {self.num_samples}")
+        check_choice("method.teacher_sampler", self.teacher_sampler, sample_cache.SAMPLERS)
+        check(self.teacher_steps >= 1, f"method.teacher_steps must be >= 1; got {self.teacher_steps}")
+        check(self.sample_seed >= 0, f"method.sample_seed must be >= 0; got {self.sample_seed}")
+        check(self.cache_batch_size >= 1 and self.cache_shard_size >= 1,
+              "method.cache_batch_size and method.cache_shard_size must be >= 1")
+        check(self.guidance_scale >= 1, f"method.guidance_scale must be >= 1 (1 = no guidance); "
+                                        f"got {self.guidance_scale}")
+
+
+class GeneratorDistillation(Method):
+    name = "generator"
+    config_class = GeneratorConfig
+
+    def __init__(self, config, teacher, student):
+        super().__init__(config, teacher, student)
+        self.auxiliary = AuxiliaryLosses(config.losses, teacher, student, self.prediction_type)
+
+    @property
+    def prediction_type(self) -> str:
+        chosen = self.options.student_prediction_type
+        return self.teacher.denoiser.prediction_type if chosen == "teacher" else chosen
+
+    def check(self) -> None:
+        total = self.teacher.denoiser.num_train_timesteps
+        k = self.options.student_steps
+        if total % k:
+            raise DiffkdError(f"method.student_steps={k} does not divide the teacher's {total} training timesteps, so "
+                              "DDIMScheduler could not reproduce the student's grid; pick a divisor such as 1, 2 or 4")
+        if self.options.teacher_steps > total:
+            raise DiffkdError(f"method.teacher_steps={self.options.teacher_steps} exceeds the teacher's {total} "
+                              "training timesteps")
+        losses = self.config.losses
+        if self.options.mse == 0 and losses.lpips == 0 and losses.output_kd == 0 and losses.feature_kd == 0:
+            raise DiffkdError("every loss weight is 0, so nothing would be learned: set method.mse or losses.lpips")
+
+    def rounds(self) -> list[Round]:
+        return [Round(f"noise->sample in {self.options.student_steps}", self.options.num_steps)]
+
+    def dataset(self) -> dict[str, torch.Tensor]:
+        o = self.options
+        prompts = tuple(read_prompts(self.config.data)) if self.teacher.text_conditioned else ()
+        cache = sample_cache.ensure(self.teacher, o.num_samples, o.teacher_sampler, o.teacher_steps, o.sample_seed,
+                                    o.cache or None, o.cache_batch_size, o.cache_shard_size, prompts,
+                                    o.guidance_scale)
+        pairs = cache.load(o.num_samples)
+        rows = {"noise": pairs["noise"], "sample": pairs["sample"]}
+        if prompts:
+            encoded = encode_rows(self.teacher, DataConfig(prompts=list(prompts)), len(prompts))
+            rows.update({k: v[pairs["prompt_index"]] for k, v in encoded.items()})
+        return rows
+
+    def extra_modules(self) -> nn.ModuleDict:
+        return self.auxiliary.modules()
+
+    def loss(self, batch: dict[str, torch.Tensor], student: nn.Module, generator: torch.Generator) -> LossTerms:
+        noise, target = batch["noise"], batch["sample"]
+        cond = batch_conditioning(batch, self.options.guidance_scale)
+        model = Denoiser(student, self.teacher.denoiser.alphas_cumprod, self.prediction_type)
+        grid = schedule.trailing_grid(model.num_train_timesteps, self.options.student_steps)
+        z, first = noise.float(), None
+        for t, s in itertools.pairwise(grid):
+            t_batch = torch.full((noise.shape[0],), t, device=noise.device)
+            watch = self.auxiliary.watch(student) if first is None else contextlib.nullcontext()
+            with watch:
+                x0, eps = model.x0_eps(z, t_batch, cond.unguided())
+            first = first or (z, t_batch, x0, eps)
+            if s != schedule.CLEAN:  # the exported DDIMScheduler's intermediate step, clip included
+                alpha_s, sigma_s = model.alpha_sigma(torch.full_like(t_batch, s))
+                z = schedule.ddim_step(x0, eps, alpha_s, sigma_s, self.teacher.denoiser.clip_sample)
+        terms = LossTerms({"mse": (x0 - target).pow(2).mean()}, {"mse": self.options.mse})
+        z0, t0, x0_first, eps_first = first
+        return self.auxiliary.add(terms, z0, t0, cond, (x0_first, eps_first), images=(x0, target))
+
+    def export_spec(self) -> ExportSpec:
+        o = self.options
+        scheduler = student_scheduler(self.teacher.scheduler, self.prediction_type, self.teacher.denoiser.clip_sample)
+        return ExportSpec(scheduler, o.student_steps, self.prediction_type, card={
+            "teacher_sampler": o.teacher_sampler, "teacher_steps": o.teacher_steps, "num_pairs": o.num_samples,
+            "sample_seed": o.sample_seed})
