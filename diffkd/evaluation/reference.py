@@ -1,0 +1,114 @@
+"""The real image set as features and Gaussian statistics, computed once and cached.
+
+The cache key is the data set (for a folder: its files' names, sizes and times), the feature network (by its
+weights' hash) and the image size and channels, so a changed folder or network never reuses stale statistics.
+A cache file is also a valid ``reference``: it holds mu and sigma (float64) and the features (for KID).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from diffkd.errors import DiffkdError
+from diffkd.evaluation.features import FeatureNetwork, to_uint8
+from diffkd.evaluation.frechet import gaussian_stats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RealSet:
+    """Features (None for a statistics-only file) and their float64 mean and covariance."""
+
+    source: str
+    num_images: int
+    mu: torch.Tensor
+    sigma: torch.Tensor
+    features: torch.Tensor | None
+    cache_file: str
+
+
+def auto_feature(reference: str) -> str:
+    """The feature network 'auto' means: the digits classifier for digits, the one a statistics file was made
+    with, Inception otherwise."""
+    if reference == "digits":
+        return "digits-classifier"
+    if reference.endswith(".safetensors") and Path(reference).expanduser().is_file():
+        with safe_open(str(Path(reference).expanduser()), "pt") as handle:
+            return (handle.metadata() or {}).get("feature", "inception")
+    return "inception"
+
+
+def default_cache_dir() -> Path:
+    return Path("~/.cache/diffkd").expanduser()
+
+
+def _dataset_id(reference: str) -> str:
+    if reference == "digits":
+        return "digits (scikit-learn, bilinear-resized)"
+    folder = Path(reference).expanduser().resolve()
+    if not folder.is_dir():
+        raise DiffkdError(f"eval.reference {reference!r} is not 'digits', an image folder or a .safetensors file")
+    listing = sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                     for p in folder.rglob("*") if p.is_file())
+    return f"{folder} #{hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]}"
+
+
+def cache_path(reference: str, feature: FeatureNetwork, size: int, channels: int, cache_dir: Path) -> Path:
+    """Where the statistics of ``reference`` under ``feature`` at ``size`` x ``size`` x ``channels`` are cached."""
+    key = json.dumps([_dataset_id(reference), feature.name, feature.weights_sha256, size, channels])
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{Path(reference).name}-{Path(feature.name).stem}").strip("-")
+    return cache_dir / "stats" / f"{slug}-{size}px-{channels}c-{hashlib.sha256(key.encode()).hexdigest()[:12]}.safetensors"
+
+
+def load_real_set(reference: str, feature: FeatureNetwork, size: int, channels: int, cache_dir: Path,
+                  batch_size: int = 500) -> RealSet:
+    """Features and statistics of the real set, from the cache when present."""
+    if reference.endswith(".safetensors"):
+        return _from_file(Path(reference).expanduser(), feature, reference)
+    path = cache_path(reference, feature, size, channels, cache_dir)
+    if path.is_file():
+        log.info("real-set statistics from cache %s", path)
+        return _from_file(path, feature, reference)
+    from diffkd.data import load_images
+
+    images = load_images(reference, size, channels)
+    features = torch.cat([feature(to_uint8(batch).to(_device(feature))) for batch in images.split(batch_size)])
+    mu, sigma = gaussian_stats(features)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"mu": mu, "sigma": sigma, "features": features.float()}, str(path), metadata={
+        "reference": reference, "feature": feature.name, "feature_sha256": feature.weights_sha256,
+        "size": str(size), "channels": str(channels)})
+    log.info("cached real-set statistics of %d images in %s", len(features), path)
+    return RealSet(reference, len(features), mu, sigma, features, str(path))
+
+
+def _device(feature: FeatureNetwork) -> torch.device:
+    return next(iter(feature.module.parameters()), torch.empty(0)).device
+
+
+def _from_file(path: Path, feature: FeatureNetwork, reference: str) -> RealSet:
+    if not path.is_file():
+        raise DiffkdError(f"eval.reference {reference!r}: statistics file not found")
+    with safe_open(str(path), "pt") as handle:
+        meta = handle.metadata() or {}
+    if meta.get("feature_sha256", feature.weights_sha256) != feature.weights_sha256:
+        raise DiffkdError(f"eval.reference {reference!r} holds statistics of feature network {meta.get('feature')!r}, "
+                          f"not of {feature.name!r}: set eval.feature to match or use the image set")
+    tensors = load_file(str(path))
+    if "mu" not in tensors or "sigma" not in tensors:
+        raise DiffkdError(f"eval.reference {reference!r} has no 'mu'/'sigma' tensors: pass a statistics file "
+                          "written by diffkd eval (in its cache folder)")
+    features = tensors["features"].double() if "features" in tensors else None
+    num = len(features) if features is not None else int(meta.get("num_images", 0))
+    return RealSet(meta.get("reference", reference), num, tensors["mu"].double(), tensors["sigma"].double(),
+                   features, str(path))

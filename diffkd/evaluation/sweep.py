@@ -1,0 +1,430 @@
+"""The sweep: every (model, sampler, steps) setting from the same noise, measured against the real set and against
+the teacher's many-step output, then written as results.json and a report.
+
+Batches are the outer loop: batch b's noise is drawn once (seeded by (seed, b)) and goes through every setting, so
+"same noise" holds exactly and only features, fidelity sums and a few grid images are kept per setting.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from diffkd.errors import DiffkdError
+from diffkd.evaluation import protocol
+from diffkd.evaluation.config import EvalConfig
+from diffkd.evaluation.features import load_feature_network, to_uint8
+from diffkd.evaluation.frechet import frechet_distance, gaussian_stats, kernel_distance
+from diffkd.evaluation.reference import auto_feature, default_cache_dir, load_real_set
+from diffkd.evaluation.samplers import make_scheduler, sampler_settings
+from diffkd.io import LoadedPipeline, load_pipeline
+from diffkd.models import Conditioning
+from diffkd.sampling import scheduler_sample
+
+log = logging.getLogger(__name__)
+
+OWN = "own"  # a student's (or any pipeline's) own scheduler
+
+
+@dataclass
+class EvalResults:
+    """Everything measured, as plain values: ``rows`` has one dict per (model, sampler, steps) setting."""
+
+    protocol: dict
+    models: list[dict]
+    rows: list[dict]
+    noise_floor: dict | None
+    elapsed_seconds: float
+    output: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Model:
+    name: str
+    source: str
+    pipe: LoadedPipeline
+    card: dict
+    student: bool
+
+    @property
+    def noise_shape(self) -> tuple[int, ...]:
+        size = self.pipe.unet.config.sample_size
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        return (self.pipe.unet.config.in_channels, *size)
+
+
+@dataclass
+class Setting:
+    """One (model, sampler, steps) and what has been measured for it so far."""
+
+    model: Model
+    sampler: str
+    steps: int
+    reference: bool = False
+    features: list = field(default_factory=list)
+    psnr: list = field(default_factory=list)
+    lpips: list = field(default_factory=list)
+    seconds: float = 0.0
+    peak_bytes: int = 0
+    grid: torch.Tensor | None = None
+    clip: object = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.model.name}/{self.sampler}/{self.steps}"
+
+
+def read_card(source: str) -> dict:
+    """The YAML front matter of a pipeline folder's README.md (a diffkd model card), or {}."""
+    readme = Path(source).expanduser() / "README.md"
+    if not readme.is_file():
+        return {}
+    parts = readme.read_text().split("---")
+    try:
+        front = yaml.safe_load(parts[1]) if len(parts) >= 3 else {}
+    except yaml.YAMLError:
+        return {}
+    return front if isinstance(front, dict) else {}
+
+
+def is_student(card: dict) -> bool:
+    """A diffkd student's card names its distillation method; a teacher's names none (or 'denoise')."""
+    return card.get("method") not in (None, "denoise")
+
+
+def load_models(config: EvalConfig, device: torch.device) -> tuple[list[Model], Model | None]:
+    sources = list(dict.fromkeys(config.pipelines + ([config.teacher] if config.teacher else [])))
+    if not sources:
+        raise DiffkdError("eval.pipelines is empty: name at least one pipeline folder or hub id to evaluate")
+    models, names = [], set()
+    for source in sources:
+        card = read_card(source)
+        name = Path(source.rstrip("/")).name or source
+        while name in names:
+            name += "'"
+        names.add(name)
+        models.append(Model(name, source, load_pipeline(source, device=device), card, is_student(card)))
+    if config.teacher:
+        teacher = next(m for m in models if m.source == config.teacher)
+    else:
+        teacher = next((m for m in models if not m.student), None)
+    return models, teacher
+
+
+def make_settings(config: EvalConfig, models: list[Model], teacher: Model | None) -> list[Setting]:
+    """Teachers: each sampler at each k. Students: their own scheduler at each k and at their card's k.
+    The reference teacher's ``reference_steps`` run comes first: it is the fidelity target of the rest."""
+    settings = []
+    if teacher is not None:
+        settings.append(Setting(teacher, config.reference_sampler, config.reference_steps, reference=True))
+    for model in models:
+        if model.student:
+            own = model.card.get("num_inference_steps")
+            steps = sorted(set(config.steps) | ({int(own)} if isinstance(own, int) else set()))
+            settings += [Setting(model, OWN, k) for k in steps]
+        else:
+            settings += [Setting(model, s, k) for s in config.samplers for k in config.steps
+                         if not (model is teacher and s == config.reference_sampler and k == config.reference_steps)]
+    return settings
+
+
+def scheduler_for(setting: Setting):
+    pipe = setting.model.pipe
+    if setting.sampler == OWN:
+        return type(pipe.scheduler).from_config(pipe.scheduler.config)
+    return make_scheduler(setting.sampler, dict(pipe.scheduler.config), pipe.latent)
+
+
+def batch_noise(shape: tuple[int, ...], seed: int, index: int, count: int, device: torch.device) -> torch.Tensor:
+    """Noise of batch ``index``: a pure function of (seed, index, shape), identical for every setting."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    return torch.randn(count, *shape, generator=generator).to(device)
+
+
+class Prompts:
+    """Per-batch text conditioning of each text model, cycled over the prompt list."""
+
+    def __init__(self, prompts: list[str], guidance_scale: float):
+        self.prompts, self.guidance_scale = prompts, guidance_scale
+
+    def batch(self, start: int, count: int) -> list[str]:
+        return [self.prompts[(start + i) % len(self.prompts)] for i in range(count)]
+
+    @torch.no_grad()
+    def condition(self, model: Model, start: int, count: int) -> Conditioning | None:
+        if not model.pipe.text_conditioned:
+            return None
+        device = model.pipe.unet.device
+        embeds, negative = model.pipe.pipeline.encode_prompt(self.batch(start, count), device, 1, True, [""] * count)
+        cond = Conditioning(encoder_hidden_states=embeds, uncond_encoder_hidden_states=negative,
+                            guidance_scale=self.guidance_scale)
+        return cond.unguided() if float(model.card.get("guidance_scale", 1.0)) > 1 else cond
+
+
+def read_prompts(config: EvalConfig) -> list[str]:
+    prompts = list(config.prompts)
+    if config.prompts_file:
+        file = Path(config.prompts_file).expanduser()
+        if not file.is_file():
+            raise DiffkdError(f"eval.prompts_file {config.prompts_file!r} not found: give a text file, one prompt a line")
+        prompts += [line.strip() for line in file.read_text().splitlines() if line.strip()]
+    return prompts
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def run_setting(setting: Setting, noise: torch.Tensor, cond: Conditioning | None, device: torch.device
+                ) -> torch.Tensor:
+    """Sample and decode one batch; time it (and its peak GPU memory) into the setting."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    start = time.perf_counter()
+    latents = scheduler_sample(setting.model.pipe.denoiser, scheduler_for(setting), noise, setting.steps, cond)
+    images = setting.model.pipe.denoiser.decode(latents)
+    _sync(device)
+    setting.seconds += time.perf_counter() - start
+    if device.type == "cuda":
+        setting.peak_bytes = max(setting.peak_bytes, torch.cuda.max_memory_allocated(device))
+    return images
+
+
+def psnr(images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR (dB) of uint8 images against uint8 targets, on [0, 1]; identical images give inf."""
+    mse = ((images.double() - target.double()) / 255).square().flatten(1).mean(1)
+    return -10 * torch.log10(mse)
+
+
+def evaluate(config: EvalConfig) -> EvalResults:
+    """Run the sweep that ``config`` describes; write the report when ``config.output`` is set."""
+    started = time.perf_counter()
+    device = torch.device(config.device)
+    torch.manual_seed(config.seed)
+    models, teacher = load_models(config, device)
+    first = teacher or models[0]
+    size, channels = first.pipe.image_size, first.pipe.image_channels
+    feature_name = auto_feature(config.reference) if config.feature == "auto" else config.feature
+    feature = load_feature_network(feature_name, device, config.feature_weights)
+    cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
+    real = load_real_set(config.reference, feature, size, channels, cache_dir)
+    lpips_model, lpips_note = _lpips(config, teacher, device)
+    prompts = _prompts(config, models)
+    clip_note = _clip(config, models, prompts, device)
+    settings = make_settings(config, models, teacher)
+    if prompts is not None and clip_note.startswith("on"):
+        for setting in settings:
+            if setting.model.pipe.text_conditioned:
+                setting.clip = _clip_metric(config).to(device)
+
+    _warm_up(settings, config.seed, device, prompts)
+    log.info("%d settings x %d samples (%d models; feature %s)", len(settings), config.num_samples, len(models),
+             feature.label)
+    for index, start in enumerate(range(0, config.num_samples, config.batch_size)):
+        count = min(config.batch_size, config.num_samples - start)
+        conds = {m.name: prompts.condition(m, start, count) if prompts else None for m in models}
+        target = None
+        for setting in settings:
+            model = setting.model
+            images = to_uint8(run_setting(setting, batch_noise(model.noise_shape, config.seed, index, count, device),
+                                          conds[model.name], device))
+            setting.features.append(feature(images))
+            if setting.reference:
+                target = images
+            elif config.fidelity and target is not None and images.shape == target.shape:
+                setting.psnr.append(psnr(images, target).cpu())
+                if lpips_model is not None:
+                    setting.lpips.append(lpips_model(images.float() / 127.5 - 1, target.float() / 127.5 - 1).cpu())
+            if setting.clip is not None:
+                setting.clip.update(_rgb(images), prompts.batch(start, count))
+            if index == 0:
+                setting.grid = images[:config.grid_size].cpu()
+        log.info("batch %d: %d/%d samples", index + 1, start + count, config.num_samples)
+
+    rows = [_row(s, real, config, teacher, settings) for s in settings]
+    results = EvalResults(
+        protocol=_protocol(config, device, feature, real, models, teacher, lpips_note, clip_note, size, channels),
+        models=[_model_info(m, teacher) for m in models], rows=rows, noise_floor=_noise_floor(real, config),
+        elapsed_seconds=round(time.perf_counter() - started, 2))
+    if config.output:
+        from diffkd.evaluation.report import write_report
+
+        results.output = str(Path(config.output))
+        write_report(results, {s.key: s.grid for s in settings}, Path(config.output))
+    return results
+
+
+def _warm_up(settings: list[Setting], seed: int, device: torch.device, prompts: Prompts | None) -> None:
+    """One tiny pass per model so that lazy initialisation does not land in the first setting's time."""
+    seen = set()
+    for setting in settings:
+        if setting.model.name in seen:
+            continue
+        seen.add(setting.model.name)
+        cond = prompts.condition(setting.model, 0, 2) if prompts else None
+        with torch.no_grad():
+            probe = Setting(setting.model, setting.sampler, 1)
+            run_setting(probe, batch_noise(setting.model.noise_shape, seed, 0, 2, device), cond, device)
+
+
+def _rgb(images: torch.Tensor) -> torch.Tensor:
+    return images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images
+
+
+def _lpips(config: EvalConfig, teacher: Model | None, device: torch.device):
+    """The LPIPS model for fidelity, or None and the reason."""
+    if not config.fidelity or teacher is None:
+        return None, "off (no fidelity)"
+    if config.lpips is False:
+        return None, "off (eval.lpips = false)"
+    from diffkd.losses.perceptual import LPIPSLoss
+
+    try:
+        model = LPIPSLoss(config.lpips_net, config.lpips_backbone_weights).to(device)
+    except DiffkdError as error:
+        if config.lpips:
+            raise
+        log.warning("LPIPS skipped: %s", error)
+        return None, f"off: {error}"
+    from diffkd.weights import file_sha256
+
+    return model, f"on: {config.lpips_net}, backbone sha256 {file_sha256(model.weights_path)}"
+
+
+def _prompts(config: EvalConfig, models: list[Model]) -> Prompts | None:
+    if not any(m.pipe.text_conditioned for m in models):
+        return None
+    prompts = read_prompts(config)
+    if not prompts:
+        raise DiffkdError("a text-conditioned pipeline is evaluated but no prompts were given: set eval.prompts "
+                          "(--prompt) or eval.prompts_file")
+    return Prompts(prompts, config.guidance_scale)
+
+
+def _clip(config: EvalConfig, models: list[Model], prompts: Prompts | None, device: torch.device) -> str:
+    if config.clip_score is False:
+        return "off (eval.clip_score = false)"
+    if prompts is None:
+        if config.clip_score:
+            raise DiffkdError("eval.clip_score needs a text-conditioned pipeline and prompts")
+        return "off (no text-conditioned pipeline)"
+    from diffkd.weights import locate_hf_model
+
+    return f"on: {locate_hf_model(config.clip_model, 'CLIPScore', 'eval.clip_model')}"
+
+
+def _clip_metric(config: EvalConfig):
+    from torchmetrics.multimodal.clip_score import CLIPScore
+    from transformers import CLIPModel, CLIPProcessor
+
+    from diffkd.weights import locate_hf_model
+
+    folder = locate_hf_model(config.clip_model, "CLIPScore", "eval.clip_model")
+    return CLIPScore(model_name_or_path=lambda: (CLIPModel.from_pretrained(folder, local_files_only=True),
+                                                 CLIPProcessor.from_pretrained(folder, local_files_only=True)))
+
+
+def _mean(values: list[torch.Tensor]) -> float | None:
+    if not values:
+        return None
+    value = float(torch.cat(values).double().mean())
+    return value if math.isfinite(value) else None
+
+
+def _row(setting: Setting, real, config: EvalConfig, teacher: Model | None, settings: list[Setting]) -> dict:
+    features = torch.cat(setting.features)
+    mu, sigma = gaussian_stats(features)
+    kid = kid_std = None
+    if real.features is not None:
+        kid, kid_std = kernel_distance(real.features, features, config.kid_subsets, config.kid_subset_size,
+                                       config.seed)
+    num = features.shape[0]
+    reference = next((s for s in settings if s.reference), None)
+    ms = 1000 * setting.seconds / num
+    return {
+        "model": setting.model.name, "role": "student" if setting.model.student else "teacher",
+        "sampler": setting.sampler, "steps": setting.steps, "is_reference": setting.reference,
+        "fd": frechet_distance(mu, sigma, real.mu, real.sigma), "kid": kid, "kid_std": kid_std,
+        "psnr": _mean(setting.psnr), "lpips": _mean(setting.lpips),
+        "clip_score": float(setting.clip.compute()) if setting.clip is not None else None,
+        "ms_per_image": ms, "images_per_second": 1000 / ms if ms > 0 else None,
+        "speedup": (1000 * reference.seconds / num) / ms if reference is not None and ms > 0 else None,
+        "peak_memory_mb": setting.peak_bytes / 2**20 if setting.peak_bytes else None,
+        "parameters": sum(p.numel() for p in setting.model.pipe.unet.parameters()),
+        "num_samples": num, "grid": f"grids/{_slug(setting.key)}.png",
+    }
+
+
+def _slug(key: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
+
+
+def _noise_floor(real, config: EvalConfig) -> dict | None:
+    """Real vs real: FD (and KID) between two disjoint seeded halves of the real set."""
+    if real.features is None or real.features.shape[0] < 4:
+        return None
+    order = torch.randperm(real.features.shape[0], generator=torch.Generator().manual_seed(config.seed))
+    half = real.features.shape[0] // 2
+    a, b = real.features[order[:half]], real.features[order[half:]]
+    kid, kid_std = kernel_distance(a, b, config.kid_subsets, config.kid_subset_size, config.seed)
+    return {"fd": frechet_distance(*gaussian_stats(a), *gaussian_stats(b)), "kid": kid, "kid_std": kid_std,
+            "split": [len(a), len(b)]}
+
+
+def _model_info(model: Model, teacher: Model | None) -> dict:
+    pipe = model.pipe
+    return {"name": model.name, "source": model.source, "role": "student" if model.student else "teacher",
+            "is_reference_teacher": model is teacher, "pipeline": type(pipe.pipeline).__name__,
+            "parameters": sum(p.numel() for p in pipe.unet.parameters()), "image_size": pipe.image_size,
+            "image_channels": pipe.image_channels, "latent": pipe.latent, "text_conditioned": pipe.text_conditioned,
+            "scheduler": type(pipe.scheduler).__name__, "prediction_type": pipe.denoiser.prediction_type,
+            "card_steps": model.card.get("num_inference_steps"), "method": model.card.get("method")}
+
+
+def _protocol(config: EvalConfig, device: torch.device, feature, real, models: list[Model], teacher: Model | None,
+              lpips_note: str, clip_note: str, size: int, channels: int) -> dict:
+    samplers = {}
+    for model in models:
+        pipe = model.pipe
+        if model.student:
+            samplers[model.name] = {OWN: {"class": type(pipe.scheduler).__name__,
+                                          "timestep_spacing": pipe.scheduler.config.get("timestep_spacing"),
+                                          "clip_sample": pipe.scheduler.config.get("clip_sample")}}
+        else:
+            names = set(config.samplers) | ({config.reference_sampler} if model is teacher else set())
+            samplers[model.name] = {s: sampler_settings(s, dict(pipe.scheduler.config), pipe.latent)
+                                    for s in sorted(names)}
+    return {
+        "date": protocol.timestamp(), "libraries": protocol.library_versions(), "machine": protocol.machine(device),
+        "feature_network": {"name": feature.name, "label": feature.label, "weights_sha256": feature.weights_sha256,
+                            "resize": feature.resize, **feature.details},
+        "image_to_features": "images clamped to [-1, 1], scaled to [0, 255] and rounded to uint8",
+        "reference_set": {"source": config.reference, "num_images": real.num_images, "image_size": size,
+                          "image_channels": channels, "statistics": real.cache_file},
+        "num_samples": config.num_samples, "batch_size": config.batch_size, "steps": config.steps,
+        "teacher": teacher.name if teacher else None,
+        "teacher_reference": {"sampler": config.reference_sampler, "steps": config.reference_steps} if teacher else None,
+        "samplers": samplers,
+        "seeds": {"noise": config.seed, "noise_rule": "batch b uses torch.Generator().manual_seed(seed * 1000003 + b) "
+                  "on the CPU; the same noise goes through every setting", "kid_subsets": config.seed},
+        "kid": {"subsets": config.kid_subsets, "subset_size": config.kid_subset_size, "kernel": "cubic polynomial"},
+        "fidelity": ("PSNR (dB, per image on [0, 1] after uint8 rounding, averaged) and LPIPS to the teacher's "
+                     f"{config.reference_sampler}-{config.reference_steps} output from the same noise")
+        if config.fidelity and teacher else "off",
+        "lpips": lpips_note, "clip_score": clip_note,
+        "guidance_scale": config.guidance_scale if any(m.pipe.text_conditioned for m in models) else None,
+        "timing": "sampling + decoding wall time over all batches of batch_size, after one warm-up pass per model",
+        "peak_memory": "torch.cuda.max_memory_allocated per setting" if device.type == "cuda" else "not measured on CPU",
+    }
