@@ -42,6 +42,7 @@ def run_job(args: argparse.Namespace, teacher_training: bool) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from diffkd import sample_cache
     from diffkd.evaluation import cli as eval_cli
 
     parser = argparse.ArgumentParser(prog="diffkd", description="Distil diffusers pipelines into few-step students.")
@@ -56,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="quality vs steps of pipelines and training-free samplers")
     eval_cli.add_arguments(evaluate)
     evaluate.set_defaults(handler=eval_cli.run)
+    samples = commands.add_parser("teacher-samples", help="generate (or resume) a cache of teacher samples for the "
+                                                          "generator method")
+    sample_cache.add_arguments(samples)
+    samples.set_defaults(handler=sample_cache.run)
     return parser
 
 
