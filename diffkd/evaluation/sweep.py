@@ -18,6 +18,7 @@ import yaml
 
 from diffkd.errors import DiffkdError
 from diffkd.evaluation import protocol
+from diffkd.evaluation.clip import clip_score_metric
 from diffkd.evaluation.config import EvalConfig
 from diffkd.evaluation.features import load_feature_network, to_uint8
 from diffkd.evaluation.frechet import frechet_distance, gaussian_stats, kernel_distance
@@ -227,7 +228,7 @@ def evaluate(config: EvalConfig) -> EvalResults:
     if prompts is not None and clip_note.startswith("on"):
         for setting in settings:
             if setting.model.pipe.text_conditioned:
-                setting.clip = _clip_metric(config).to(device)
+                setting.clip = clip_score_metric(config.clip_model).to(device)
 
     _warm_up(settings, config.seed, device, prompts)
     log.info("%d settings x %d samples (%d models; feature %s)", len(settings), config.num_samples, len(models),
@@ -323,17 +324,6 @@ def _clip(config: EvalConfig, models: list[Model], prompts: Prompts | None, devi
     from diffkd.weights import locate_hf_model
 
     return f"on: {locate_hf_model(config.clip_model, 'CLIPScore', 'eval.clip_model')}"
-
-
-def _clip_metric(config: EvalConfig):
-    from torchmetrics.multimodal.clip_score import CLIPScore
-    from transformers import CLIPModel, CLIPProcessor
-
-    from diffkd.weights import locate_hf_model
-
-    folder = locate_hf_model(config.clip_model, "CLIPScore", "eval.clip_model")
-    return CLIPScore(model_name_or_path=lambda: (CLIPModel.from_pretrained(folder, local_files_only=True),
-                                                 CLIPProcessor.from_pretrained(folder, local_files_only=True)))
 
 
 def _mean(values: list[torch.Tensor]) -> float | None:
