@@ -1,6 +1,5 @@
 """The teacher-sample cache: pure-function noise, sharded and resumable without duplicating or losing pairs."""
 
-import argparse
 import json
 
 import pytest
@@ -91,12 +90,13 @@ def test_default_folder_is_keyed_under_the_cache_root(teacher, tmp_path, monkeyp
 
 
 def test_command_line(teacher, tmp_path, capsys):
+    from diffkd.cli import main
+
     teacher.pipeline.save_pretrained(tmp_path / "teacher")
-    parser = argparse.ArgumentParser()
-    sample_cache.add_arguments(parser)
-    args = parser.parse_args(["--teacher", str(tmp_path / "teacher"), "--num-samples", "5", "--steps", "2",
-                              "--output", str(tmp_path / "c"), "--batch-size", "2", "--shard-size", "3"])
-    assert sample_cache.run(args) == 0
+    argv = ["teacher-samples", "--teacher", str(tmp_path / "teacher"), "--num-samples", "5", "--steps", "2",
+            "--output", str(tmp_path / "c"), "--batch-size", "2", "--shard-size", "3"]
+    assert main(argv) == 0
     assert "5 pairs in" in capsys.readouterr().out
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert manifest["key"]["steps"] == 2 and [s["count"] for s in manifest["shards"]] == [3, 2]
+    assert main([*argv, "--steps", "3"]) == 2  # the folder holds another key's pairs: one-line error
