@@ -38,7 +38,7 @@ class EvalConfig:
     num_samples / batch_size: generated images per setting, and the batch that sampling (and timing) uses.
     feature: feature network for FD/KID: "digits-classifier" (the shipped small classifier), "inception"
         (torchmetrics' FID Inception, 2048-d), a path to a TorchScript module mapping uint8 NxCxHxW to NxD, or
-        "auto" (digits-classifier for the digits reference, Inception otherwise).
+        "auto" (digits-classifier for the digits reference, a statistics file's own network, Inception otherwise).
     feature_weights: Inception weights file (``feature_extractor_weights_path``); None = the torch hub cache.
     kid_subsets / kid_subset_size: KID's subset estimator (Binkowski et al. 2018); the size is capped at the set sizes.
     fidelity: measure PSNR (and LPIPS) to the teacher's reference output.

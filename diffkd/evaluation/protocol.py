@@ -41,5 +41,13 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def peak_rss_mb() -> float:
+    """High-water resident memory of this process (Linux reports KiB, macOS bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if platform.system() == "Darwin" else peak / 1024
+
+
 def timestamp() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -114,14 +114,14 @@ def _strip(images: torch.Tensor) -> numpy.ndarray:
 def _curves(results: dict) -> dict[tuple, list[dict]]:
     curves: dict[tuple, list[dict]] = defaultdict(list)
     for row in results["rows"]:
-        if not row["is_reference"]:
+        if not row["is_reference"] and row["fd"] is not None:
             curves[(row["model"], row["sampler"])].append(row)
     return curves
 
 
 def _reference_lines(ax, results: dict) -> None:
     for row in results["rows"]:
-        if row["is_reference"]:
+        if row["is_reference"] and row["fd"] is not None:
             ax.axhline(row["fd"], color="black", linestyle="--",
                        label=f"{row['model']} {row['sampler']}-{row['steps']} (reference)")
     if results["noise_floor"]:
@@ -155,7 +155,7 @@ def plot_quality_vs_latency(results: dict):
             ax.annotate(str(r["steps"]), (r["ms_per_image"], r["fd"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
     for row in results["rows"]:
-        if row["is_reference"]:
+        if row["is_reference"] and row["fd"] is not None:
             ax.plot([row["ms_per_image"]], [row["fd"]], marker="*", markersize=12, color="black", linestyle="",
                     label=f"{row['model']} {row['sampler']}-{row['steps']} (reference)")
     ax.set_xscale("log")

@@ -335,18 +335,21 @@ def _mean(values: list[torch.Tensor]) -> float | None:
 
 def _row(setting: Setting, real, config: EvalConfig, teacher: Model | None, settings: list[Setting]) -> dict:
     features = torch.cat(setting.features)
-    mu, sigma = gaussian_stats(features)
-    kid = kid_std = None
-    if real.features is not None:
-        kid, kid_std = kernel_distance(real.features, features, config.kid_subsets, config.kid_subset_size,
-                                       config.seed)
+    fd = kid = kid_std = None
+    if not torch.isfinite(features).all():  # a diverged sampler: say so in the table rather than crash
+        log.warning("%s produced non-finite features; its FD/KID are left empty", setting.key)
+    else:
+        fd = frechet_distance(*gaussian_stats(features), real.mu, real.sigma)
+        if real.features is not None:
+            kid, kid_std = kernel_distance(real.features, features, config.kid_subsets, config.kid_subset_size,
+                                           config.seed)
     num = features.shape[0]
     reference = next((s for s in settings if s.reference), None)
     ms = 1000 * setting.seconds / num
     return {
         "model": setting.model.name, "role": "student" if setting.model.student else "teacher",
         "sampler": setting.sampler, "steps": setting.steps, "is_reference": setting.reference,
-        "fd": frechet_distance(mu, sigma, real.mu, real.sigma), "kid": kid, "kid_std": kid_std,
+        "fd": fd, "kid": kid, "kid_std": kid_std,
         "psnr": _mean(setting.psnr), "lpips": _mean(setting.lpips),
         "clip_score": float(setting.clip.compute()) if setting.clip is not None else None,
         "ms_per_image": ms, "images_per_second": 1000 / ms if ms > 0 else None,
@@ -416,5 +419,6 @@ def _protocol(config: EvalConfig, device: torch.device, feature, real, models: l
         "lpips": lpips_note, "clip_score": clip_note,
         "guidance_scale": config.guidance_scale if any(m.pipe.text_conditioned for m in models) else None,
         "timing": "sampling + decoding wall time over all batches of batch_size, after one warm-up pass per model",
-        "peak_memory": "torch.cuda.max_memory_allocated per setting" if device.type == "cuda" else "not measured on CPU",
+        "peak_memory": "torch.cuda.max_memory_allocated per setting" if device.type == "cuda" else
+        f"per setting on CUDA only; this process's peak RSS was {protocol.peak_rss_mb():.0f} MB",
     }
