@@ -36,7 +36,31 @@ def load_image_folder(path: str | Path, size: int, channels: int) -> torch.Tenso
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DiffkdError(f"data folder {str(path)!r} holds no PNG/JPEG images: add images or set data.source")
+    _check_uniform(files)
     return torch.stack([_load_image(p, size, channels) for p in files])
+
+
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+def _check_uniform(files: list[Path]) -> None:
+    """One size and one colour kind (grey or colour; alpha aside) for the whole set: a mixed folder is usually a
+    mistake (a stray thumbnail, a wrong sub-folder), and resizing or colouring it silently would hide it."""
+    first: dict[str, tuple[Path, object]] = {}
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                facts = {"sizes": image.size, "channels": "grey" if image.mode in GREY_MODES else "colour"}
+        except (UnidentifiedImageError, OSError) as error:
+            raise DiffkdError(f"cannot read image {str(file)!r} ({type(error).__name__}): remove or replace "
+                              "it") from None
+        for kind, value in facts.items():
+            seen = first.setdefault(kind, (file, value))
+            if seen[1] != value:
+                describe = (lambda v: f"{v[0]}x{v[1]}") if kind == "sizes" else str
+                raise DiffkdError(f"data folder holds images of mixed {kind}: {str(seen[0])!r} is "
+                                  f"{describe(seen[1])} but {str(file)!r} is {describe(value)}; convert them to one "
+                                  "size and colour mode (or remove the odd ones)")
 
 
 def _load_image(path: Path, size: int, channels: int) -> torch.Tensor:

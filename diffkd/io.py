@@ -7,15 +7,20 @@ samples exactly the grid the student was distilled on, with no diffkd import.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
+import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
+from safetensors import SafetensorError
 
 from diffkd.errors import DiffkdError
 from diffkd.models import Denoiser
@@ -84,12 +89,92 @@ def load_pipeline(source: str, device: str | torch.device = "cpu", dtype: torch.
 
 
 def _from_pretrained(source: str, kwargs: dict) -> DiffusionPipeline:
+    """DiffusionPipeline.from_pretrained with every way it can fail on a bad folder as one DiffkdError.
+
+    Weights load through safetensors, or through diffusers' ``torch.load(weights_only=True)`` for ``.bin`` files,
+    which refuses a pickle that would run code; custom pipeline code needs ``teacher.trust_remote_code``. The
+    libraries' warnings are held back while loading and shown only if it succeeds, so a failure is one line.
+    """
+    local = is_local_reference(source)
+    with _held_library_output() as held:
+        try:
+            pipeline = DiffusionPipeline.from_pretrained(source, **kwargs)
+        except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as error:
+            held.clear()
+            raise _load_error(source, local, kwargs, error) from None
+    return pipeline
+
+
+def _load_error(source: str, local: bool, kwargs: dict, error: Exception) -> DiffkdError:
+    chain, cause = [], error
+    while cause is not None and len(chain) < 10:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    if any(isinstance(e, pickle.UnpicklingError) for e in chain):
+        return DiffkdError(f"refusing a weight file of {source!r}: it is a pickle that torch.load(weights_only=True) "
+                           "rejects (it could run code); convert the weights to safetensors where they came from")
+    if local and _custom_code(Path(source).expanduser()) and not kwargs.get("trust_remote_code"):
+        return DiffkdError(f"{source!r} needs its own pipeline code (pipeline.py): read it, then set "
+                           "teacher.trust_remote_code=true if you trust it")
+    if local:
+        return DiffkdError(f"could not load pipeline {source!r}: a weight or config file is corrupt, truncated or "
+                           f"not safetensors ({_first_line(error)}); re-save it with "
+                           "save_pretrained(safe_serialization=True)")
+    return DiffkdError(f"could not load pipeline {source!r} ({_first_line(error)}); without network, download it "
+                       "where there is one (`hf download ID --local-dir DIR`) and pass DIR")
+
+
+class _Held(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self.warnings: list[warnings.WarningMessage] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def clear(self) -> None:
+        self.records.clear()
+        self.warnings.clear()
+
+
+@contextlib.contextmanager
+def _held_library_output():
+    """Hold diffusers/transformers log records, Python warnings and the loading progress bar; replay on success."""
+    held = _Held()
+    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers")]
+    saved = [(logger, logger.handlers[:], logger.propagate) for logger in loggers]
+    bar = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
+    for logger in loggers:
+        logger.handlers, logger.propagate = [held], False
     try:
-        return DiffusionPipeline.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DiffkdError(f"could not load pipeline {source!r} ({reason}); without network, download it where "
-                          "there is one (`hf download ID --local-dir DIR`) and pass DIR") from error
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            yield held
+        held.warnings.extend(caught)
+    finally:
+        for logger, handlers, propagate in saved:
+            logger.handlers, logger.propagate = handlers, propagate
+        if bar:
+            diffusers_logging.enable_progress_bar()
+    for record in held.records:
+        logging.getLogger(record.name).handle(record)
+    for warning in held.warnings:
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _custom_code(folder: Path) -> bool:
+    try:
+        name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+    except (OSError, ValueError):
+        return False
+    return isinstance(name, list) or (folder / "pipeline.py").exists()
 
 
 def denoiser_of(pipeline: DiffusionPipeline, source: str = "pipeline") -> Denoiser:
