@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
+import threading
 
 from diffkd.errors import DiffkdError
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +41,8 @@ def run_job(args: argparse.Namespace, teacher_training: bool) -> int:
         sys.stdout.write(dump_config(config))
         return 0
     folder = distill(config, args.output, resume=args.resume, overwrite=args.overwrite)
-    print(f"saved {folder}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"saved {folder}")
     return 0
 
 
@@ -64,16 +69,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum, frame) -> None:
+    """SIGTERM (how schedulers pre-empt) unwinds like Ctrl-C, so the run lock is released on the way out."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.handler(args)
     except DiffkdError as error:
-        print(f"diffkd: error: {error}", file=sys.stderr)
+        print(f"diffkd: error: {' '.join(str(error).split())}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("diffkd: interrupted; continue with the same command and --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,23 @@
 """The one training loop, on accelerate: rounds of optimiser steps with EMA, checkpoints, logs and resume.
 
 Everything random in a step (which rows, which noise, which timesteps) is drawn from a generator seeded by
-(seed, round, step, micro-step, rank), and the LR is a pure function of the step, so a run resumed from a
-checkpoint continues bit-identically: a checkpoint only needs weights, EMA, optimiser moments and counters.
+(seed, round, step, shard), the global RNGs (python, numpy, torch, CUDA: dropout, say) are re-seeded from the same
+numbers, and the LR is a pure function of the step, so a run resumed from a checkpoint continues bit-identically:
+a checkpoint only needs weights, EMA, optimiser moments, the fp16 loss scale and counters. That is also why we do
+not use accelerate's ``save_state``: it pickles the optimiser and RNG states, and checkpoints here are
+pickle-free.
+
+``train.batch_size`` is the global batch of one optimiser step. It is cut into ``processes x accumulation``
+shards; shard j takes rows [j*b, (j+1)*b) of the step's batch and draws its noise from generator (step, j), so a
+run on 2 processes equals a single process with ``gradient_accumulation_steps`` doubled, up to float summation
+order.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -18,6 +27,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
 from torch import nn
 from tqdm.auto import tqdm
@@ -65,8 +75,12 @@ def lr_factor(train: TrainConfig, step: int, num_steps: int) -> float:
     return 1.0
 
 
-def step_generator(seed: int, round_index: int, step: int, micro: int, rank: int) -> torch.Generator:
-    return torch.Generator().manual_seed(((seed * 1_000 + round_index) * 10_000_000 + step) * 64 + micro * 8 + rank)
+def step_seed(seed: int, round_index: int, step: int, shard: int) -> int:
+    """The seed of one shard of one step (shards past 64 are hashed so they never collide with the next step)."""
+    if shard < 64:
+        return ((seed * 1_000 + round_index) * 10_000_000 + step) * 64 + shard
+    digest = hashlib.blake2b(f"{seed},{round_index},{step},{shard}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 class Trainer:
@@ -75,8 +89,14 @@ class Trainer:
     def __init__(self, method: Method, train: TrainConfig, output: Path, accelerator: Accelerator):
         self.method, self.train, self.output, self.acc = method, train, output, accelerator
         self.checkpoints = output / "checkpoints"
-        self.data = method.dataset()
-        self.num_rows = len(next(iter(self.data.values())))
+        self.shards = accelerator.num_processes * train.gradient_accumulation_steps
+        if train.batch_size % self.shards:
+            raise DiffkdError(f"train.batch_size={train.batch_size} is the global batch of one optimiser step and must "
+                              f"divide into {accelerator.num_processes} process(es) x "
+                              f"train.gradient_accumulation_steps={train.gradient_accumulation_steps}: use a multiple "
+                              f"of {self.shards}")
+        self.data: dict[str, torch.Tensor] = {}
+        self.num_rows = 0
         self.extras = method.extra_modules()
         params = list(method.student.parameters()) + list(self.extras.parameters())
         self.optimizer = torch.optim.AdamW(params, lr=train.learning_rate, betas=train.adam_betas,
@@ -87,9 +107,17 @@ class Trainer:
         self.progress = Progress()
 
     # ---- the loop ------------------------------------------------------------------------------------------
+    def load_data(self) -> None:
+        """The method's training rows (images, encoded prompts, a teacher-sample cache). Separate from __init__ so
+        that cheap checks (a checkpoint to resume) fail before an expensive dataset is built."""
+        if not self.data:
+            self.data = self.method.dataset()
+            self.num_rows = len(next(iter(self.data.values())))
+
     def fit(self, resume_from: Path | None = None) -> Progress:
         if resume_from is not None:
-            self._restore(resume_from)
+            self.restore(resume_from)
+        self.load_data()
         rounds = self.method.rounds()
         self.acc.init_trackers("diffkd")
         for index in range(self.progress.round, len(rounds)):
@@ -112,7 +140,6 @@ class Trainer:
                     self._save()
             bar.close()
             self._end_round()
-        self.acc.end_training()
         return self.progress
 
     def _optimizer_step(self, round_index: int, num_steps: int) -> dict[str, float] | None:
@@ -120,11 +147,17 @@ class Trainer:
             group["lr"] = self.train.learning_rate * lr_factor(self.train, self.progress.step, num_steps)
         accumulation = self.train.gradient_accumulation_steps
         world, rank = self.acc.num_processes, self.acc.process_index
+        rows = batch_indices(self.num_rows, self.train.batch_size, self.progress.step,
+                             self.train.seed + 7919 * round_index)
+        size = self.train.batch_size // self.shards
         logs: dict[str, float] = {}
         try:
             for micro in range(accumulation):
-                batch = self._batch(round_index, self.progress.step * accumulation + micro, world, rank)
-                generator = step_generator(self.train.seed, round_index, self.progress.step, micro, rank)
+                shard = micro * world + rank
+                batch = {k: v[rows[shard * size:(shard + 1) * size]].to(self.acc.device) for k, v in self.data.items()}
+                seed = step_seed(self.train.seed, round_index, self.progress.step, shard)
+                set_seed(seed % 2**32)
+                generator = torch.Generator().manual_seed(seed)
                 sync = self.acc.no_sync(self.student) if micro < accumulation - 1 else contextlib.nullcontext()
                 with sync, self.acc.autocast():
                     terms = self.method.loss(batch, self.student, generator)
@@ -137,23 +170,21 @@ class Trainer:
             return None
         self._sync_extras()
         norm = self.acc.clip_grad_norm_(self._params(), self.train.grad_clip or float("inf"))
-        if norm is not None and not torch.isfinite(torch.as_tensor(norm)):
-            self._nonfinite(f"gradient norm {float(norm)}")
+        finite = norm is None or bool(torch.isfinite(torch.as_tensor(norm)))
+        if not finite and self.acc.scaler is None:
+            self._nonfinite(f"gradient (norm {float(norm)})")
             self.optimizer.zero_grad(set_to_none=True)
             return None
-        self.optimizer.step()
+        self.optimizer.step()  # with fp16 the accelerate GradScaler skips an overflowed step and lowers its scale
         self.optimizer.zero_grad(set_to_none=True)
+        if self.optimizer.step_was_skipped:
+            log.debug("fp16 gradient overflow at step %d: the loss scaler skipped it", self.progress.step + 1)
+            return None
         if self.ema is not None:
             self.ema.step(self.acc.unwrap_model(self.student).parameters())
         logs["lr"] = self.optimizer.param_groups[0]["lr"]
         logs["grad_norm"] = float(norm) if norm is not None else float("nan")
         return logs
-
-    def _batch(self, round_index: int, micro_step: int, world: int, rank: int) -> dict[str, torch.Tensor]:
-        per_rank = self.train.batch_size // world
-        rows = batch_indices(self.num_rows, per_rank * world, micro_step, self.train.seed + 7919 * round_index)
-        rows = rows[rank * per_rank:(rank + 1) * per_rank]
-        return {k: v[rows].to(self.acc.device) for k, v in self.data.items()}
 
     def _params(self) -> list[nn.Parameter]:
         return list(self.student.parameters()) + list(self.extras.parameters())
@@ -215,23 +246,30 @@ class Trainer:
                 if self.ema is not None:
                     tensors["ema"] = {str(i): p for i, p in enumerate(self.ema.shadow_params)}
             state = {"progress": self.progress.__dict__, "optimizer": optimizer_json,
-                     "ema_steps": self.ema.optimization_step if self.ema is not None else 0}
+                     "ema_steps": self.ema.optimization_step if self.ema is not None else 0,
+                     "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None}
             checkpoint.save(self.checkpoints, self.progress.round, self.progress.step,
                             {k: v for k, v in tensors.items() if v}, state, self.train.keep_checkpoints)
         self.acc.wait_for_everyone()
 
-    def _restore(self, folder: Path) -> None:
+    def restore(self, folder: Path) -> None:
+        """Load a checkpoint into this trainer (before anything is written: a bad checkpoint is a DiffkdError)."""
         tensors, state = checkpoint.load(folder)
-        self.progress = Progress(**state["progress"])
         try:
+            progress = Progress(**state["progress"])
             self.acc.unwrap_model(self.student).load_state_dict(tensors["student"])
-            if "extras" in tensors:
+            if "extras" in tensors or len(self.extras.state_dict()):
                 self.extras.load_state_dict(tensors["extras"])
             self.optimizer.load_state_dict(checkpoint.join_optimizer_state(tensors.get("optimizer", {}),
                                                                            state["optimizer"]))
-        except (KeyError, RuntimeError) as error:
+            if progress.round > len(self.method.rounds()):
+                raise ValueError(f"it is at round {progress.round + 1} of a {len(self.method.rounds())}-round run")
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
             raise DiffkdError(f"checkpoint {str(folder)!r} does not fit this config ({str(error).splitlines()[0]}); "
                               "resume with the config the run was started with (OUTPUT/config.yaml)") from None
+        self.progress = progress
+        if self.acc.scaler is not None and state.get("scaler"):
+            self.acc.scaler.load_state_dict(state["scaler"])
         if self.progress.step > 0:
             self.method.load_state_tensors(self.progress.round, tensors.get("method", {}))
             self.ema = self._new_ema()
@@ -240,7 +278,22 @@ class Trainer:
                                                                              key=lambda kv: int(kv[0]))):
                     shadow.data.copy_(value)
                 self.ema.optimization_step = state["ema_steps"]
-        log.info("resumed from %s (round %d, step %d)", folder, self.progress.round + 1, self.progress.step)
+        log.info("resuming from %s (round %d, step %d)", folder, self.progress.round + 1, self.progress.step)
+
+    def trim_logs(self) -> None:
+        """Drop metrics rows logged after the checkpoint being resumed (they will be logged again)."""
+        path = self.output / "logs" / "metrics.csv"
+        if not self.acc.is_main_process or not path.is_file():
+            return
+        with path.open(newline="") as handle:
+            rows = list(csv.reader(handle))
+        if not rows:
+            return
+        header, done = rows[0], (self.progress.round, self.progress.step)
+        kept = [r for r in rows[1:] if len(r) == len(header) and r[0].isdigit() and r[1].isdigit()
+                and (int(r[0]) - 1, int(r[1])) <= done]
+        with path.open("w", newline="") as handle:
+            csv.writer(handle).writerows([header, *kept])
 
     def _log(self, round_index: int, logs: dict[str, float]) -> None:
         if not self.acc.is_main_process:

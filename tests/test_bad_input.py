@@ -1,0 +1,61 @@
+"""Every bad input of eval/reliability.py's CASES, in process: exit code 2, one line on stderr naming the problem
+and the fix, the output folder untouched, no crafted payload run. A few also through the real command line."""
+
+import contextlib
+import importlib.util
+import io
+import logging
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from diffkd.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("reliability", ROOT / "eval" / "reliability.py")
+reliability = sys.modules.setdefault("reliability", importlib.util.module_from_spec(spec))
+spec.loader.exec_module(reliability)
+
+
+def run_in_process(argv: list[str], env: dict) -> tuple[int, str]:
+    """cli.main with stderr captured; log records go to the same stream, as they would in a terminal."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        with contextlib.redirect_stderr(stream):
+            code = main(argv)
+    finally:
+        root.removeHandler(handler)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key)
+            else:
+                os.environ[key] = value
+    return code, stream.getvalue()
+
+
+@pytest.mark.parametrize("case", reliability.CASES, ids=[c.name for c in reliability.CASES])
+def test_bad_input_is_refused_cleanly(case, tiny_teacher, tmp_path):
+    result = reliability.check_case(case, tmp_path / "case", tiny_teacher, run_in_process)
+    assert result.ok, f"{result.problem}: {result.message}"
+
+
+def test_there_are_at_least_30_cases():
+    assert len(reliability.CASES) >= 30
+
+
+ONE_LINE = ["unknown config key (closest suggested)", "teacher folder that is not a diffusers pipeline",
+            "teacher weights as a crafted pickle (.bin)", "output holds a finished run"]
+
+
+@pytest.mark.parametrize("name", ONE_LINE)
+def test_real_command_line_prints_exactly_one_line(name, tiny_teacher, tmp_path):
+    case = next(c for c in reliability.CASES if c.name == name)
+    result = reliability.check_case(case, tmp_path / "case", tiny_teacher, reliability.run_subprocess)
+    assert result.ok, f"{result.problem}: {result.message}"
