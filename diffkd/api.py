@@ -125,8 +125,14 @@ def run_lock(output: Path, main: bool):
     lock whose process is gone as stale, so --resume recovers."""
     path = output / LOCK_FILE
     if main:
-        path.unlink(missing_ok=True)  # stale: check_output found its process dead
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        holder = lock_holder(output)
+        if holder is None:
+            path.unlink(missing_ok=True)  # stale: its process is gone
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            raise DiffkdError(f"{str(output)!r} was just taken by another job ({holder or 'starting'}): "
+                              "choose another --output") from None
         with os.fdopen(fd, "w") as handle:
             json.dump({"pid": os.getpid(), "host": socket.gethostname(), "process_start": _process_start(os.getpid()),
                        "boot_id": _boot_id(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}, handle)
@@ -233,15 +239,15 @@ def distill(config: Config, output: str | Path, resume: bool | str | Path = Fals
 
     main = accelerator.is_main_process
     if main:
-        if overwrite:
-            for entry in (output / name for name in RUN_ENTRIES):
-                if entry.is_dir():
-                    shutil.rmtree(entry)
-                else:
-                    entry.unlink(missing_ok=True)
         output.mkdir(parents=True, exist_ok=True)
     with run_lock(output, main):
         if main:
+            if overwrite:
+                for entry in (output / name for name in RUN_ENTRIES if name != LOCK_FILE):
+                    if entry.is_dir():
+                        shutil.rmtree(entry)
+                    else:
+                        entry.unlink(missing_ok=True)
             (output / CONFIG_FILE).write_text(dump_config(config))
             trainer.trim_logs()
         accelerator.wait_for_everyone()
