@@ -305,11 +305,14 @@ def model_card(config: Config, method: Method, spec, report: dict, student: torc
 
 
 def run_evaluation(config: Config, student: Path, output: Path, device: str) -> None:
-    """Evaluate the exported student against its teacher with the config's ``eval`` section."""
+    """Evaluate the exported student against its teacher with the config's ``eval`` section; a text teacher is
+    evaluated on the training prompts unless the section names its own."""
     from diffkd.evaluation import evaluate
 
+    prompts = config.eval.prompts or config.data.prompts
+    prompts_file = config.eval.prompts_file or config.data.prompts_file
     evaluate(replace(config.eval, pipelines=[str(student)], teacher=config.teacher.source, output=str(output),
-                     device=device))
+                     device=device, prompts=prompts, prompts_file=prompts_file))
 
 
 def load_student(folder: str | Path, device: str = "cpu") -> diffusers.DiffusionPipeline:
