@@ -35,3 +35,28 @@ def test_distilled_student_beats_teacher_ddim_at_same_steps(tiny_teacher, tmp_pa
     student_error = mse(ddim_sample(student, noise, 2), reference)
     teacher_error = mse(ddim_sample(teacher, noise, 2), reference)
     assert student_error < 0.5 * teacher_error, (student_error, teacher_error)
+
+
+def test_imitation_round_targets_the_teachers_own_step(tmp_path):
+    """A student identical to the teacher has zero loss when imitating it, and not when halving its steps."""
+    from diffusers import DDIMPipeline
+
+    from diffkd.api import prepare
+    from tests.conftest import make_scheduler, make_tiny_unet
+
+    DDIMPipeline(make_tiny_unet(), make_scheduler("epsilon")).save_pretrained(tmp_path / "teacher")
+    config = parse_config({
+        "method": {"name": "progressive", "start_steps": 8, "final_steps": 2, "imitation_steps": 5,
+                   "student_prediction_type": "teacher"},
+        "teacher": {"source": str(tmp_path / "teacher")}, "train": {"device": "cpu"}, "run_eval": False})
+    _, method, _ = prepare(config)
+    assert [(r.name, r.num_steps) for r in method.rounds()] == [("8 (imitate)", 5), ("8->4", 500), ("4->2", 500)]
+    batch = {"x0": torch.rand(16, 1, 8, 8) * 2 - 1}
+    losses = []
+    for index in (0, 1):
+        method.begin_round(index)
+        assert method.round_teacher is method.teacher.denoiser  # both learn from the pipeline's teacher
+        losses.append(method.loss(batch, method.student, torch.Generator().manual_seed(0)).total.item())
+    assert losses[0] < 1e-5 < 1e-2 < losses[1], losses  # float32 round-off only, vs a real target gap
+    method.begin_round(2)
+    assert method.round_teacher is not method.teacher.denoiser

@@ -28,12 +28,18 @@ from diffkd.models import Denoiser
 
 @dataclass
 class ProgressiveConfig(MethodConfig):
-    """start_steps -> final_steps by halvings of ``steps_per_round`` training steps each."""
+    """start_steps -> final_steps by halvings of ``steps_per_round`` training steps each.
+
+    ``imitation_steps`` > 0 adds a first round in which the student learns the teacher's own start_steps-step
+    DDIM (one teacher step per student step): a compact student, most of whose tensors start fresh, first
+    learns to denoise like the teacher before it learns to skip steps.
+    """
 
     name: str = "progressive"
     start_steps: int = 64
     final_steps: int = 4
     steps_per_round: int = 500
+    imitation_steps: int = 0
     loss_weighting: str = "snr_trunc"
     student_prediction_type: str = "v_prediction"
     guidance_scale: float = 1.0
@@ -48,6 +54,7 @@ class ProgressiveConfig(MethodConfig):
               f"({self.final_steps}) to be reached by halving; try start_steps="
               f"{self.final_steps * 2 ** max(1, round(math.log2(max(ratio, 2))))}")
         check(self.steps_per_round >= 1, f"method.steps_per_round must be >= 1; got {self.steps_per_round}")
+        check(self.imitation_steps >= 0, f"method.imitation_steps must be >= 0 (0 = none); got {self.imitation_steps}")
         check_choice("method.loss_weighting", self.loss_weighting, schedule.LOSS_WEIGHTINGS)
         check_choice("method.student_prediction_type", self.student_prediction_type,
                      schedule.PREDICTION_TYPES + ("teacher",))
@@ -62,7 +69,7 @@ class ProgressiveDistillation(Method):
     def __init__(self, config, teacher, student):
         super().__init__(config, teacher, student)
         self.round_teacher: Denoiser = teacher.denoiser
-        self.student_steps = self.options.start_steps // 2
+        self.student_steps, self.teacher_steps = self.plan()[0]
         self.auxiliary = AuxiliaryLosses(config.losses, teacher, student, self.prediction_type)
 
     @property
@@ -80,12 +87,24 @@ class ProgressiveDistillation(Method):
             raise DiffkdError(f"method.start_steps={self.options.start_steps} exceeds the teacher's {total} "
                               "training timesteps")
 
+    def plan(self) -> list[tuple[int, int]]:
+        """(student steps, teacher steps) of each round: the optional imitation round, then the halvings."""
+        n = self.options.start_steps
+        rounds = [(n, n)] if self.options.imitation_steps else []
+        while n > self.options.final_steps:
+            rounds.append((n // 2, n))
+            n //= 2
+        return rounds
+
     def rounds(self) -> list[Round]:
-        counts, steps = [], self.options.start_steps
-        while steps > self.options.final_steps:
-            counts.append(steps)
-            steps //= 2
-        return [Round(f"{n}->{n // 2}", self.options.steps_per_round) for n in counts]
+        return [Round(f"{m}->{k}" if m != k else f"{m} (imitate)",
+                      self.options.steps_per_round if m != k else self.options.imitation_steps)
+                for k, m in self.plan()]
+
+    def _distils_pipeline_teacher(self, index: int) -> bool:
+        """The imitation round and the first halving learn from the pipeline's teacher; later rounds from the
+        previous round's student."""
+        return index == 0 or (index == 1 and self.options.imitation_steps > 0)
 
     def dataset(self) -> dict[str, torch.Tensor]:
         images = load_images(self.config.data.source, self.teacher.image_size, self.teacher.image_channels)
@@ -95,9 +114,9 @@ class ProgressiveDistillation(Method):
         return {"x0": latents, **encode_rows(self.teacher, self.config.data, len(latents))}
 
     def begin_round(self, index: int) -> None:
-        """Round 0 distils the pipeline's teacher; round r > 0 distils round r-1's student, frozen as it ended."""
-        self.student_steps = self.options.start_steps // 2 ** (index + 1)
-        if index > 0:
+        """The first halving distils the pipeline's teacher; each later one round r-1's student, frozen as it ended."""
+        self.student_steps, self.teacher_steps = self.plan()[index]
+        if not self._distils_pipeline_teacher(index):
             self.round_teacher = self._frozen_student()
 
     def _frozen_student(self) -> Denoiser:
@@ -114,8 +133,8 @@ class ProgressiveDistillation(Method):
         return {f"round_teacher.{k}": v for k, v in self.round_teacher.unet.state_dict().items()}
 
     def load_state_tensors(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
-        self.student_steps = self.options.start_steps // 2 ** (index + 1)
-        if index > 0:
+        self.student_steps, self.teacher_steps = self.plan()[index]
+        if not self._distils_pipeline_teacher(index):
             self.round_teacher = self._frozen_student()
             prefix = "round_teacher."
             self.round_teacher.unet.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
@@ -124,19 +143,22 @@ class ProgressiveDistillation(Method):
     def loss(self, batch: dict[str, torch.Tensor], student: nn.Module, generator: torch.Generator) -> LossTerms:
         x = batch["x0"]
         k, total = self.student_steps, self.teacher.denoiser.num_train_timesteps
+        per_step = self.teacher_steps // k  # 2 in a halving, 1 when imitating
         grid = torch.tensor(schedule.trailing_grid(total, k), device=x.device)
-        fine = torch.tensor(schedule.trailing_grid(total, 2 * k), device=x.device)
+        fine = torch.tensor(schedule.trailing_grid(total, self.teacher_steps), device=x.device)
         i = torch.randint(0, k, (x.shape[0],), generator=generator).to(x.device)
-        t, t_mid, s = grid[i], fine[2 * i + 1], grid[i + 1]
+        t, s = grid[i], grid[i + 1]
         eps = torch.randn(x.shape, generator=generator).to(x.device)
         alpha_t, sigma_t = self.round_teacher.alpha_sigma(t)
         alpha_s, sigma_s = self.round_teacher.alpha_sigma(s)
         z_t = schedule.broadcast(alpha_t, x) * x + schedule.broadcast(sigma_t, x) * eps
 
         cond = batch_conditioning(batch, self.options.guidance_scale)
-        with torch.no_grad():  # the teacher's two DDIM steps, t -> t' -> t''
-            z_mid = self.round_teacher.ddim_step(z_t, t, t_mid, cond)
-            z_target = self.round_teacher.ddim_step(z_mid, t_mid, s, cond)
+        with torch.no_grad():  # the teacher's two DDIM steps, t -> t' -> t'' (one when imitating)
+            z_target = z_t
+            for j in range(per_step):
+                z_target = self.round_teacher.ddim_step(z_target, fine[per_step * i + j], fine[per_step * i + j + 1],
+                                                        cond)
             x_target = schedule.progressive_target(z_t, z_target, alpha_t, sigma_t, alpha_s, sigma_s)
 
         model = Denoiser(student, self.teacher.denoiser.alphas_cumprod, self.prediction_type)
@@ -152,5 +174,6 @@ class ProgressiveDistillation(Method):
         k = self.options.final_steps
         scheduler = student_scheduler(self.teacher.scheduler, self.prediction_type, self.teacher.denoiser.clip_sample)
         return ExportSpec(scheduler, k, self.prediction_type, card={
-            "start_steps": self.options.start_steps, "loss_weighting": self.options.loss_weighting,
+            "start_steps": self.options.start_steps, "imitation_steps": self.options.imitation_steps,
+            "loss_weighting": self.options.loss_weighting,
             "guidance_scale": self.options.guidance_scale})
