@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).parent))
+
+from results_file import machine
 
 from diffkd.api import distill
 from diffkd.config import load_config
@@ -35,18 +36,6 @@ VARIANTS = {  # name -> (config, steps the student samples with)
     "compact": ("digits-compact-progressive.yaml", 4),
     "compact-features": ("digits-compact-progressive-features.yaml", 4),
 }
-
-
-def machine(device: str) -> str:
-    if device.startswith("cuda"):
-        return f"{torch.cuda.get_device_name(0)} (torch {torch.__version__})"
-    cpu = platform.processor() or "cpu"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return f"{cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
 QUICK = {  # --quick: a smoke run of the whole pipeline in a minute, numbers meaningless

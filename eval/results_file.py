@@ -11,9 +11,10 @@ RESULTS = Path(__file__).parent / "RESULTS.md"
 HEADER = "# Benchmark results\n\nEvery figure below comes from the command quoted with it; rerun it to refresh it.\n"
 
 
-def machine() -> str:
-    """CPU model and cores, or the GPU, for the 'machine' line of every section."""
-    if torch.cuda.is_available():
+def machine(device: str = "auto") -> str:
+    """The GPU (for a CUDA device, or 'auto' where there is one) or the CPU model and threads, for the 'machine'
+    line of every section."""
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
         return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), torch {torch.__version__}"
     cpu = platform.processor() or "unknown CPU"
     cpuinfo = Path("/proc/cpuinfo")

@@ -57,6 +57,7 @@ def test_imitation_round_targets_the_teachers_own_step(tmp_path):
         method.begin_round(index)
         assert method.round_teacher is method.teacher.denoiser  # both learn from the pipeline's teacher
         losses.append(method.loss(batch, method.student, torch.Generator().manual_seed(0)).total.item())
-    assert losses[0] < 1e-5 < 1e-2 < losses[1], losses  # float32 round-off only, vs a real target gap
+    assert losses[0] < 1e-5, losses  # float32 round-off only
+    assert losses[1] > 1e-2, losses  # a real gap: two teacher steps are not one
     method.begin_round(2)
     assert method.round_teacher is not method.teacher.denoiser

@@ -68,6 +68,13 @@ class Method:
         self.teacher = teacher
         self.student = student
 
+    @property
+    def prediction_type(self) -> str:
+        """The student's parameterisation: the method's ``student_prediction_type``; 'teacher' (or a method
+        without that option) keeps the teacher's."""
+        chosen = getattr(self.options, "student_prediction_type", "teacher")
+        return self.teacher.denoiser.prediction_type if chosen == "teacher" else chosen
+
     def check(self) -> None:
         """Refuse, before any work, a config this teacher cannot be distilled with (raise DiffkdError)."""
 

@@ -73,11 +73,6 @@ class GeneratorDistillation(Method):
         super().__init__(config, teacher, student)
         self.auxiliary = AuxiliaryLosses(config.losses, teacher, student, self.prediction_type)
 
-    @property
-    def prediction_type(self) -> str:
-        chosen = self.options.student_prediction_type
-        return self.teacher.denoiser.prediction_type if chosen == "teacher" else chosen
-
     def check(self) -> None:
         total = self.teacher.denoiser.num_train_timesteps
         k = self.options.student_steps

@@ -72,11 +72,6 @@ class ProgressiveDistillation(Method):
         self.student_steps, self.teacher_steps = self.plan()[0]
         self.auxiliary = AuxiliaryLosses(config.losses, teacher, student, self.prediction_type)
 
-    @property
-    def prediction_type(self) -> str:
-        chosen = self.options.student_prediction_type
-        return self.teacher.denoiser.prediction_type if chosen == "teacher" else chosen
-
     def check(self) -> None:
         total = self.teacher.denoiser.num_train_timesteps
         if total % self.options.final_steps:
