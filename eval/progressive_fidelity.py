@@ -52,17 +52,21 @@ def main() -> None:
     results = evaluate(EvalConfig(pipelines=[teacher, *students.values()], teacher=teacher, steps=list(TARGET_DB),
                                   num_samples=args.num_samples, device=args.device, seed=args.seed,
                                   output=str(work / "eval"))).to_dict()
-    write_section("progressive-fidelity", report(results, students, rounds, args, time.perf_counter() - started))
+    write_section("progressive-fidelity", report(results, students, rounds, args, time.perf_counter() - started,
+                                                 config.method.steps_per_round))
 
 
-def report(results: dict, students: dict[int, str], rounds: dict[int, dict], args, seconds: float) -> str:
+def report(results: dict, students: dict[int, str], rounds: dict[int, dict], args, seconds: float,
+           steps_per_round: int) -> str:
     rows = results["rows"]
     reference = next(r for r in rows if r["is_reference"])
     lines = [
         "## Progressive distillation: fidelity to the teacher's DDIM-64 output (issue 2)", "",
         f"- machine: {machine()}; device `{args.device}`",
-        (f"- command: `python eval/progressive_fidelity.py --device {args.device} --num-samples {args.num_samples}`"
-        f" (seed {args.seed}; {seconds / 60:.1f} min in all)"),
+        (f"- command: `python eval/progressive_fidelity.py --device {args.device} --num-samples {args.num_samples}"
+         f"{' --skip-distill' if args.skip_distill else ''}` (seed {args.seed}; {seconds / 60:.1f} min"
+         f"{' of evaluation; the students were distilled beforehand by the same config' if args.skip_distill else ''}"
+         ")"),
         (f"- {args.num_samples} samples per setting, same noise for every setting; PSNR in dB to the teacher's "
         f"{reference['sampler']}-{reference['steps']} output (images in [-1, 1]); speed-up = teacher "
         f"{reference['sampler']}-{reference['steps']} time / setting time, same batch."), "",
@@ -80,7 +84,7 @@ def report(results: dict, students: dict[int, str], rounds: dict[int, dict], arg
                      f"{solvers.get('dpmsolver++', float('nan')):.2f} | {solvers.get('unipc', float('nan')):.2f} | "
                      f"{margin:+.2f} | ≥ {TARGET_DB[k]:+.1f} | {'yes' if margin >= TARGET_DB[k] else 'NO'} | "
                      f"{student['ms_per_image']:.3f} | {student['speedup']:.1f}× |")
-    lines += ["", "Distillation wall time per halving (seconds, 500 training steps each):", "",
+    lines += ["", f"Distillation wall time per halving (seconds, {steps_per_round} training steps each):", "",
               "| student | " + " | ".join(next(iter(rounds.values()))) + " |",
               "|---|" + "---|" * len(next(iter(rounds.values())))]
     for k, seconds_per_round in rounds.items():

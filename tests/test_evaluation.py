@@ -15,6 +15,7 @@ from diffusers import DDIMPipeline
 from diffkd.errors import DiffkdError
 from diffkd.evaluation import EvalConfig, evaluate
 from diffkd.evaluation.report import fmt
+from diffkd.evaluation.sweep import display_name
 from diffkd.io import load_pipeline, save_pipeline, student_scheduler
 from tests.conftest import make_scheduler, make_tiny_unet
 
@@ -153,3 +154,9 @@ def test_missing_inception_weights_is_one_line_exit_2_without_network(pipelines,
     assert result.stderr.strip().count("\n") == 0
     assert "weights-inception-2015-12-05-6726825d.pth" in result.stderr
     assert str(tmp_path / "torch" / "hub" / "checkpoints") in result.stderr
+
+
+def test_models_are_labelled_by_run_not_by_the_student_subfolder():
+    assert display_name("runs/digits-progressive-k2/student/") == "digits-progressive-k2"
+    assert display_name("teachers/digits-16") == "digits-16"
+    assert display_name("google/ddpm-cifar10-32") == "ddpm-cifar10-32"

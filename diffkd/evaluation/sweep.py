@@ -102,6 +102,14 @@ def is_student(card: dict) -> bool:
     return card.get("method") not in (None, "denoise")
 
 
+def display_name(source: str) -> str:
+    """A model's label in tables: its folder's name, or the run's name for a diffkd DIR/student folder."""
+    path = Path(source.rstrip("/"))
+    if path.name == "student" and path.parent.name:
+        return path.parent.name
+    return path.name or source
+
+
 def load_models(config: EvalConfig, device: torch.device) -> tuple[list[Model], Model | None]:
     sources = list(dict.fromkeys(config.pipelines + ([config.teacher] if config.teacher else [])))
     if not sources:
@@ -109,7 +117,7 @@ def load_models(config: EvalConfig, device: torch.device) -> tuple[list[Model], 
     models, names = [], set()
     for source in sources:
         card = read_card(source)
-        name = Path(source.rstrip("/")).name or source
+        name = display_name(source)
         while name in names:
             name += "'"
         names.add(name)
