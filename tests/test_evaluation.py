@@ -26,12 +26,13 @@ def pipelines(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipes")
     DDIMPipeline(unet=make_tiny_unet(), scheduler=make_scheduler(clip_sample=True)).save_pretrained(root / "teacher")
     teacher = load_pipeline(str(root / "teacher"))
-    save_pipeline(root / "student", teacher, teacher.unet, student_scheduler(teacher.scheduler, "v_prediction", 1.0),
+    student = root / "student" / "student"  # diffkd's DIR/student layout: labelled by DIR's name
+    save_pipeline(student, teacher, teacher.unet, student_scheduler(teacher.scheduler, "v_prediction", 1.0),
                   card={"method": "progressive", "num_inference_steps": 2, "teacher": str(root / "teacher")})
     squeezenet = root / "squeezenet.pth"
     torch.manual_seed(0)
     torch.save(torchvision.models.squeezenet1_1().state_dict(), squeezenet)
-    return str(root / "teacher"), str(root / "student"), str(squeezenet)
+    return str(root / "teacher"), str(student), str(squeezenet)
 
 
 @pytest.fixture(scope="module")
