@@ -64,9 +64,9 @@ def report(results: dict, students: dict[int, str], rounds: dict[int, dict], arg
         "## Progressive distillation: fidelity to the teacher's DDIM-64 output (issue 2)", "",
         f"- machine: {machine()}; device `{args.device}`",
         (f"- command: `python eval/progressive_fidelity.py --device {args.device} --num-samples {args.num_samples}"
-         f"{' --skip-distill' if args.skip_distill else ''}` (seed {args.seed}; {seconds / 60:.1f} min"
-         f"{' of evaluation; the students were distilled beforehand by the same config' if args.skip_distill else ''}"
-         ")"),
+         + (f" --skip-distill` (seed {args.seed}; {seconds / 60:.1f} min of evaluation; the students were distilled "
+            "beforehand by the same config)" if args.skip_distill else
+            f"` (seed {args.seed}; {seconds / 60:.1f} min in all)")),
         (f"- {args.num_samples} samples per setting, same noise for every setting; PSNR in dB to the teacher's "
         f"{reference['sampler']}-{reference['steps']} output (images in [-1, 1]); speed-up = teacher "
         f"{reference['sampler']}-{reference['steps']} time / setting time, same batch."), "",
