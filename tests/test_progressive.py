@@ -61,3 +61,38 @@ def test_imitation_round_targets_the_teachers_own_step(tmp_path):
     assert losses[1] > 1e-2, losses  # a real gap: two teacher steps are not one
     method.begin_round(2)
     assert method.round_teacher is not method.teacher.denoiser
+
+
+@pytest.mark.parametrize("kd_rounds, halving_has_kd", [("imitation", False), ("all", True)])
+def test_kd_rounds_keeps_teacher_terms_to_the_imitation_round(tmp_path, kd_rounds, halving_has_kd):
+    """Output and feature KD compare with the pipeline's teacher, the target only where the student does the
+    teacher's own step; kd_rounds="imitation" drops them from the halvings and leaves no hook behind."""
+    from diffusers import DDIMPipeline
+
+    from diffkd.api import prepare
+    from tests.conftest import make_scheduler, make_tiny_unet
+
+    DDIMPipeline(make_tiny_unet(), make_scheduler("epsilon")).save_pretrained(tmp_path / "teacher")
+    config = parse_config({
+        "method": {"name": "progressive", "start_steps": 8, "final_steps": 4, "imitation_steps": 5,
+                   "kd_rounds": kd_rounds},
+        "student": {"architecture": "compact", "width_multiplier": 0.5, "latency_batch_size": 0},
+        "losses": {"output_kd": 1.0, "feature_kd": 1.0},
+        "teacher": {"source": str(tmp_path / "teacher")}, "train": {"device": "cpu"}, "run_eval": False})
+    _, method, _ = prepare(config)
+    batch = {"x0": torch.rand(16, 1, 8, 8) * 2 - 1}
+    kd_names = []
+    for index in (0, 1):
+        method.begin_round(index)
+        terms = method.loss(batch, method.student, torch.Generator().manual_seed(0)).terms
+        kd_names.append({name for name in terms if name == "output_kd" or name.startswith("feature/")})
+        assert all(not m._forward_hooks for m in method.student.modules())
+    assert "output_kd" in kd_names[0] and any(name.startswith("feature/") for name in kd_names[0])
+    assert bool(kd_names[1]) == halving_has_kd, kd_names[1]
+
+
+def test_kd_rounds_imitation_without_an_imitation_round_is_refused():
+    from diffkd.errors import DiffkdError
+
+    with pytest.raises(DiffkdError, match="imitation_steps"):
+        parse_config({"method": {"name": "progressive", "kd_rounds": "imitation"}, "teacher": {"source": "x"}})

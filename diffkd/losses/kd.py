@@ -98,10 +98,11 @@ class AuxiliaryLosses:
 
     def add(self, terms: LossTerms, z: torch.Tensor, t: torch.Tensor, cond: Conditioning | None,
             student: tuple[torch.Tensor, torch.Tensor],
-            images: tuple[torch.Tensor, torch.Tensor] | None = None) -> LossTerms:
+            images: tuple[torch.Tensor, torch.Tensor] | None = None, teacher_terms: bool = True) -> LossTerms:
         """Append the configured terms; ``student`` is the student's (x0, eps) at (z, t) and ``images`` the
-        (student x0, reference x0) pair that LPIPS compares."""
-        if self.needs_teacher_pass:
+        (student x0, reference x0) pair that LPIPS compares. ``teacher_terms=False`` leaves out the terms against
+        the teacher's pass (output and feature KD) for a step where that pass is not the target."""
+        if self.needs_teacher_pass and teacher_terms:
             teacher_features, teacher_x0_eps = self._teacher_pass(z, t, cond)
             if self.config.output_kd > 0:
                 alpha, sigma = self.teacher.alpha_sigma(t.expand(z.shape[0]) if t.ndim == 0 else t)

@@ -8,6 +8,7 @@ the guided result in one conditional pass (guidance distillation, Meng et al. 20
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -26,6 +27,9 @@ from diffkd.methods.base import ExportSpec, LossTerms, Method, Round
 from diffkd.models import Denoiser
 
 
+KD_ROUNDS = ("all", "imitation")
+
+
 @dataclass
 class ProgressiveConfig(MethodConfig):
     """start_steps -> final_steps by halvings of ``steps_per_round`` training steps each.
@@ -33,6 +37,10 @@ class ProgressiveConfig(MethodConfig):
     ``imitation_steps`` > 0 adds a first round in which the student learns the teacher's own start_steps-step
     DDIM (one teacher step per student step): a compact student, most of whose tensors start fresh, first
     learns to denoise like the teacher before it learns to skip steps.
+
+    ``kd_rounds``: where the losses section's output and feature KD apply. Both compare the student with the
+    pipeline's teacher at the same noisy input, which is the target only when the student does the teacher's own
+    step; in a halving they pull against it. "imitation" keeps them to the imitation round, "all" to every round.
     """
 
     name: str = "progressive"
@@ -43,6 +51,7 @@ class ProgressiveConfig(MethodConfig):
     loss_weighting: str = "snr_trunc"
     student_prediction_type: str = "v_prediction"
     guidance_scale: float = 1.0
+    kd_rounds: str = "all"
 
     def __post_init__(self):
         check(self.final_steps >= 1, f"method.final_steps must be >= 1; got {self.final_steps}")
@@ -55,6 +64,10 @@ class ProgressiveConfig(MethodConfig):
               f"{self.final_steps * 2 ** max(1, round(math.log2(max(ratio, 2))))}")
         check(self.steps_per_round >= 1, f"method.steps_per_round must be >= 1; got {self.steps_per_round}")
         check(self.imitation_steps >= 0, f"method.imitation_steps must be >= 0 (0 = none); got {self.imitation_steps}")
+        check_choice("method.kd_rounds", self.kd_rounds, KD_ROUNDS)
+        check(self.kd_rounds == "all" or self.imitation_steps > 0,
+              'method.kd_rounds="imitation" needs an imitation round: set method.imitation_steps > 0, '
+              'or kd_rounds="all"')
         check_choice("method.loss_weighting", self.loss_weighting, schedule.LOSS_WEIGHTINGS)
         check_choice("method.student_prediction_type", self.student_prediction_type,
                      schedule.PREDICTION_TYPES + ("teacher",))
@@ -157,18 +170,20 @@ class ProgressiveDistillation(Method):
             x_target = schedule.progressive_target(z_t, z_target, alpha_t, sigma_t, alpha_s, sigma_s)
 
         model = Denoiser(student, self.teacher.denoiser.alphas_cumprod, self.prediction_type)
-        with self.auxiliary.watch(student):
+        teacher_terms = self.options.kd_rounds == "all" or per_step == 1
+        with self.auxiliary.watch(student) if teacher_terms else contextlib.nullcontext():
             x_pred, eps_pred = model.x0_eps(z_t, t, cond.unguided())
         weight = schedule.loss_weight(schedule.snr(self.teacher.denoiser.alphas_cumprod.to(x.device), t),
                                       self.options.loss_weighting)
         mse = (x_pred - x_target).pow(2).flatten(1).mean(1)
         terms = LossTerms({"distill": (weight * mse).mean()})
-        return self.auxiliary.add(terms, z_t, t, cond, (x_pred, eps_pred), images=(x_pred, x_target))
+        return self.auxiliary.add(terms, z_t, t, cond, (x_pred, eps_pred), images=(x_pred, x_target),
+                                  teacher_terms=teacher_terms)
 
     def export_spec(self) -> ExportSpec:
         k = self.options.final_steps
         scheduler = student_scheduler(self.teacher.scheduler, self.prediction_type, self.teacher.denoiser.clip_sample)
         return ExportSpec(scheduler, k, self.prediction_type, card={
             "start_steps": self.options.start_steps, "imitation_steps": self.options.imitation_steps,
-            "loss_weighting": self.options.loss_weighting,
+            "loss_weighting": self.options.loss_weighting, "kd_rounds": self.options.kd_rounds,
             "guidance_scale": self.options.guidance_scale})
