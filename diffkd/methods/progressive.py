@@ -26,7 +26,6 @@ from diffkd.losses.kd import AuxiliaryLosses
 from diffkd.methods.base import ExportSpec, LossTerms, Method, Round
 from diffkd.models import Denoiser
 
-
 KD_ROUNDS = ("all", "imitation")
 
 
