@@ -39,21 +39,21 @@ def main() -> None:
     args = parser.parse_args()
     work, started = Path(args.work), time.perf_counter()
 
+    shared = ["run_eval=false", f"train.device={args.device}", f"train.seed={args.seed}"]
+    base = load_config(CONFIG, shared)  # every k distils the same teacher with the same steps per round
     students, rounds = {}, {}
     for k in TARGET_DB:
-        config = load_config(CONFIG, [f"method.final_steps={k}", "run_eval=false", f"train.device={args.device}",
-                                      f"train.seed={args.seed}"])
         students[k] = str(work / f"k{k}" / "student")
         if not args.skip_distill:
-            distill(config, work / f"k{k}", overwrite=True)
+            distill(load_config(CONFIG, [f"method.final_steps={k}", *shared]), work / f"k{k}", overwrite=True)
         rounds[k] = json.loads((work / f"k{k}" / "training_summary.json").read_text())["round_seconds"]
 
-    teacher = config.teacher.source
+    teacher = base.teacher.source
     results = evaluate(EvalConfig(pipelines=[teacher, *students.values()], teacher=teacher, steps=list(TARGET_DB),
                                   num_samples=args.num_samples, device=args.device, seed=args.seed,
                                   output=str(work / "eval"))).to_dict()
     write_section("progressive-fidelity", report(results, students, rounds, args, time.perf_counter() - started,
-                                                 config.method.steps_per_round))
+                                                 base.method.steps_per_round))
 
 
 def report(results: dict, students: dict[int, str], rounds: dict[int, dict], args, seconds: float,
