@@ -37,19 +37,24 @@ def test_distilled_student_beats_teacher_ddim_at_same_steps(tiny_teacher, tmp_pa
     assert student_error < 0.5 * teacher_error, (student_error, teacher_error)
 
 
-def test_imitation_round_targets_the_teachers_own_step(tmp_path):
-    """A student identical to the teacher has zero loss when imitating it, and not when halving its steps."""
+def prepared_method(tmp_path, method: dict, **sections):
+    """The progressive method on a tiny epsilon teacher saved under tmp_path, ready to call loss() on."""
     from diffusers import DDIMPipeline
 
     from diffkd.api import prepare
     from tests.conftest import make_scheduler, make_tiny_unet
 
     DDIMPipeline(make_tiny_unet(), make_scheduler("epsilon")).save_pretrained(tmp_path / "teacher")
-    config = parse_config({
-        "method": {"name": "progressive", "start_steps": 8, "final_steps": 2, "imitation_steps": 5,
-                   "student_prediction_type": "teacher"},
-        "teacher": {"source": str(tmp_path / "teacher")}, "train": {"device": "cpu"}, "run_eval": False})
-    _, method, _ = prepare(config)
+    config = parse_config({"method": {"name": "progressive", **method}, **sections,
+                           "teacher": {"source": str(tmp_path / "teacher")}, "train": {"device": "cpu"},
+                           "run_eval": False})
+    return prepare(config)[1]
+
+
+def test_imitation_round_targets_the_teachers_own_step(tmp_path):
+    """A student identical to the teacher has zero loss when imitating it, and not when halving its steps."""
+    method = prepared_method(tmp_path, {"start_steps": 8, "final_steps": 2, "imitation_steps": 5,
+                                        "student_prediction_type": "teacher"})
     assert [(r.name, r.num_steps) for r in method.rounds()] == [("8 (imitate)", 5), ("8->4", 500), ("4->2", 500)]
     batch = {"x0": torch.rand(16, 1, 8, 8) * 2 - 1}
     losses = []
@@ -67,19 +72,10 @@ def test_imitation_round_targets_the_teachers_own_step(tmp_path):
 def test_kd_rounds_keeps_teacher_terms_to_the_imitation_round(tmp_path, kd_rounds, halving_has_kd):
     """Output and feature KD compare with the pipeline's teacher, the target only where the student does the
     teacher's own step; kd_rounds="imitation" drops them from the halvings and leaves no hook behind."""
-    from diffusers import DDIMPipeline
-
-    from diffkd.api import prepare
-    from tests.conftest import make_scheduler, make_tiny_unet
-
-    DDIMPipeline(make_tiny_unet(), make_scheduler("epsilon")).save_pretrained(tmp_path / "teacher")
-    config = parse_config({
-        "method": {"name": "progressive", "start_steps": 8, "final_steps": 4, "imitation_steps": 5,
-                   "kd_rounds": kd_rounds},
-        "student": {"architecture": "compact", "width_multiplier": 0.5, "latency_batch_size": 0},
-        "losses": {"output_kd": 1.0, "feature_kd": 1.0},
-        "teacher": {"source": str(tmp_path / "teacher")}, "train": {"device": "cpu"}, "run_eval": False})
-    _, method, _ = prepare(config)
+    method = prepared_method(
+        tmp_path, {"start_steps": 8, "final_steps": 4, "imitation_steps": 5, "kd_rounds": kd_rounds},
+        student={"architecture": "compact", "width_multiplier": 0.5, "latency_batch_size": 0},
+        losses={"output_kd": 1.0, "feature_kd": 1.0})
     batch = {"x0": torch.rand(16, 1, 8, 8) * 2 - 1}
     kd_names = []
     for index in (0, 1):
