@@ -28,9 +28,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from diffkd.errors import DiffkdError
+from diffkd.evaluation.samplers import teacher_sample
 from diffkd.io import LoadedPipeline
 from diffkd.models import Conditioning
-from diffkd.sampling import ddim_sample, scheduler_sample
 
 log = logging.getLogger(__name__)
 
@@ -91,17 +91,6 @@ def pair_noise(seed: int, start: int, count: int, shape: tuple[int, ...]) -> tor
     so any packing of (seed, i) into one torch seed would make different seeds collide."""
     return torch.stack([torch.from_numpy(np.random.default_rng([seed, i]).standard_normal(shape, dtype=np.float32))
                         for i in range(start, start + count)])
-
-
-def teacher_sample(teacher: LoadedPipeline, noise: torch.Tensor, sampler: str, steps: int,
-                   cond: Conditioning | None) -> torch.Tensor:
-    """The teacher's deterministic sample from ``noise`` (in its UNet's space: latents for latent teachers)."""
-    if sampler == "ddim":
-        return ddim_sample(teacher.denoiser, noise, steps, cond)
-    from diffkd.evaluation.samplers import make_scheduler
-
-    scheduler = make_scheduler(sampler, dict(teacher.scheduler.config), teacher.latent)
-    return scheduler_sample(teacher.denoiser, scheduler, noise, steps, cond)
 
 
 class SampleCache:

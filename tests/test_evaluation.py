@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,9 @@ from diffusers import DDIMPipeline
 from diffkd.errors import DiffkdError
 from diffkd.evaluation import EvalConfig, evaluate
 from diffkd.evaluation.report import fmt
-from diffkd.evaluation.sweep import display_name
+from diffkd.evaluation.sweep import Model, Setting, display_name, sample
 from diffkd.io import load_pipeline, save_pipeline, student_scheduler
+from diffkd.models import Denoiser
 from tests.conftest import make_scheduler, make_tiny_unet
 
 
@@ -161,3 +163,28 @@ def test_models_are_labelled_by_run_not_by_the_student_subfolder():
     assert display_name("runs/digits-progressive-k2/student/") == "digits-progressive-k2"
     assert display_name("teachers/digits-16") == "digits-16"
     assert display_name("google/ddpm-cifar10-32") == "ddpm-cifar10-32"
+
+
+class CleanImageOracle(torch.nn.Module):
+    """A 'UNet' whose epsilon prediction is exact for one known clean image: every sampler should end on it."""
+
+    def __init__(self, image: torch.Tensor, alphas_cumprod: torch.Tensor):
+        super().__init__()
+        self.image, self.alphas_cumprod = image, alphas_cumprod
+
+    def forward(self, z, t):
+        acp = self.alphas_cumprod[t.long()].view(-1, 1, 1, 1)
+        return types.SimpleNamespace(sample=(z - acp.sqrt() * self.image) / (1 - acp).sqrt())
+
+
+@pytest.mark.parametrize("steps", [3, 64])
+def test_teacher_ddim_row_ends_on_the_clean_sample_at_any_step_count(steps):
+    """64 does not divide 1000: diffusers' DDIMScheduler would end that run on t = 0, noise left in the sample."""
+    scheduler = make_scheduler("epsilon")
+    image = torch.rand(1, 1, 8, 8) * 2 - 1
+    oracle = CleanImageOracle(image, scheduler.alphas_cumprod)
+    pipe = types.SimpleNamespace(denoiser=Denoiser(oracle, scheduler.alphas_cumprod, "epsilon"),
+                                 scheduler=scheduler, latent=False)
+    setting = Setting(Model("oracle", "", pipe, {}, student=False), "ddim", steps)
+    noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(sample(setting, noise, None), image.expand(4, -1, -1, -1), atol=1e-4, rtol=0)

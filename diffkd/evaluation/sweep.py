@@ -23,7 +23,7 @@ from diffkd.evaluation.config import EvalConfig
 from diffkd.evaluation.features import load_feature_network, to_uint8
 from diffkd.evaluation.frechet import frechet_distance, gaussian_stats, kernel_distance
 from diffkd.evaluation.reference import auto_feature, default_cache_dir, load_real_set
-from diffkd.evaluation.samplers import make_scheduler, sampler_settings
+from diffkd.evaluation.samplers import sampler_settings, teacher_sample
 from diffkd.io import LoadedPipeline, load_pipeline
 from diffkd.models import Conditioning
 from diffkd.sampling import scheduler_sample
@@ -146,11 +146,13 @@ def make_settings(config: EvalConfig, models: list[Model], teacher: Model | None
     return settings
 
 
-def scheduler_for(setting: Setting):
+def sample(setting: Setting, noise: torch.Tensor, cond: Conditioning | None) -> torch.Tensor:
+    """Students run their exported scheduler, as ``DiffusionPipeline`` users will; teachers each sampler."""
     pipe = setting.model.pipe
     if setting.sampler == OWN:
-        return type(pipe.scheduler).from_config(pipe.scheduler.config)
-    return make_scheduler(setting.sampler, dict(pipe.scheduler.config), pipe.latent)
+        own = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        return scheduler_sample(pipe.denoiser, own, noise, setting.steps, cond)
+    return teacher_sample(pipe, noise, setting.sampler, setting.steps, cond)
 
 
 def batch_noise(shape: tuple[int, ...], seed: int, index: int, count: int, device: torch.device) -> torch.Tensor:
@@ -202,7 +204,7 @@ def run_setting(setting: Setting, noise: torch.Tensor, cond: Conditioning | None
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
     start = time.perf_counter()
-    latents = scheduler_sample(setting.model.pipe.denoiser, scheduler_for(setting), noise, setting.steps, cond)
+    latents = sample(setting, noise, cond)
     images = setting.model.pipe.denoiser.decode(latents)
     _sync(device)
     setting.seconds += time.perf_counter() - start
