@@ -96,5 +96,6 @@ def main() -> None:
             line += f" FD training pairs {fd(on_seen):.2f}, fresh noise {fd(on_fresh):.2f} |"
         print(line)
 
+
 if __name__ == "__main__":
     main()

@@ -3,7 +3,9 @@
 DDIM is diffkd's exact one (``ddim_sample``), not diffusers' ``DDIMScheduler``: that steps t -> t - T//k, which
 leaves the trailing grid when k does not divide T, and at k = 64 of T = 1000 its last step lands on t = 0 instead
 of the clean sample (on the digits teacher: FD 19.5 against 15.5 for the exact grid, same noise, measured
-2026-11-23). For the k that divide T (1, 2, 4, 8, ...) the two agree exactly. All use trailing timestep spacing (Lin et al. 2023): with few steps it is the only spacing that starts from pure
+2026-11-23). For the k that divide T (1, 2, 4, 8, ...) the two agree exactly.
+
+All use trailing timestep spacing (Lin et al. 2023): with few steps it is the only spacing that starts from pure
 noise, and it is the grid diffkd students run, so the comparison at equal k is like for like. A pixel-space teacher
 whose scheduler clips x0 (``clip_sample``) has DDIM clip and DPM-Solver++/UniPC threshold x0 at the same range
 (with ``sample_max_value`` = the clip range dynamic thresholding is that clip); without it both collapse at 4-8 steps
