@@ -53,17 +53,23 @@ class DataConfig:
 
 @dataclass
 class StudentConfig:
-    """The student network: a copy of the teacher's UNet, or a compact one derived from it (BK-SDM style)."""
+    """The student network: a copy of the teacher's UNet, or a compact one derived from it (BK-SDM style).
+
+    narrow_init: how a compact student's narrower tensors start: "slice" takes strided slices of the teacher's
+    (weight selection), "fresh" leaves them as diffusers initialises them.
+    """
 
     architecture: str = "copy"
     width_multiplier: float = 1.0
     layers_per_block: int | None = None
     drop_mid_block: bool = False
     norm_num_groups: int | None = None
+    narrow_init: str = "slice"
     latency_batch_size: int = 16
 
     def __post_init__(self):
         check_choice("student.architecture", self.architecture, ("copy", "compact"))
+        check_choice("student.narrow_init", self.narrow_init, ("slice", "fresh"))
         check(self.norm_num_groups is None or self.norm_num_groups >= 1,
               f"student.norm_num_groups must be >= 1 (or null: scale the teacher's); got {self.norm_num_groups}")
         check(self.latency_batch_size >= 0,

@@ -3,8 +3,11 @@
 A compact student is the teacher's own diffusers class built from the teacher's config with fewer resnet layers
 per block, optionally no mid-block, and narrower channels. It starts from the teacher wherever it can: every
 tensor whose role (its name after layer renumbering) and shape match the teacher's is copied, so dropping layers
-keeps the kept layers' weights (BK-SDM's initialisation, their sec. 3.2); what does not match is left as
-diffusers initialised it. The report says which is which, and how the two networks compare in size and speed.
+keeps the kept layers' weights (BK-SDM's initialisation, their sec. 3.2). A narrower tensor of the same role
+takes every r-th entry along each dimension that shrank r-fold (weight selection, Xu et al. 2024): the same
+stride on a layer's outputs and on the next layer's inputs, skip concatenations and sinusoidal time features
+included, keeps the kept channels wired as they were in the teacher. What fits neither way is left as diffusers
+initialised it. The report says which is which, and how the two networks compare in size and speed.
 """
 
 from __future__ import annotations
@@ -28,11 +31,11 @@ def build_student(teacher_unet: nn.Module, config: StudentConfig) -> tuple[nn.Mo
     """The student UNet and a report of how it was initialised from the teacher."""
     if config.architecture == "copy":
         student = copy.deepcopy(teacher_unet).requires_grad_(True).train()
-        return student, {"architecture": "copy", "copied": len(student.state_dict()), "initialised": 0}
+        return student, {"architecture": "copy", "copied": len(student.state_dict()), "sliced": 0, "initialised": 0}
     student_config = compact_config(teacher_unet, config)
     student = _instantiate(type(teacher_unet), student_config).to(_device_of(teacher_unet))
     sources = weight_sources(teacher_unet, student)
-    copied, initialised = transfer_weights(teacher_unet, student, sources)
+    copied, sliced, initialised = transfer_weights(teacher_unet, student, sources, config.narrow_init == "slice")
     student.requires_grad_(True).train()
     report = {
         "architecture": "compact",
@@ -42,6 +45,7 @@ def build_student(teacher_unet: nn.Module, config: StudentConfig) -> tuple[nn.Mo
         "norm_num_groups": [teacher_unet.config.norm_num_groups, student_config["norm_num_groups"]],
         "parameters": [count_parameters(teacher_unet), count_parameters(student)],
         "copied": len(copied),
+        "sliced": len(sliced),
         "initialised": len(initialised),
         "initialised_blocks": sorted({_block_of(name) for name in initialised}),
     }
@@ -168,19 +172,31 @@ def _teacher_name(name: str, down_t: list[int], up_t: list[int], up_s: list[int]
 
 
 @torch.no_grad()
-def transfer_weights(teacher: nn.Module, student: nn.Module, sources: dict[str, str | None]
-                     ) -> tuple[dict[str, str], list[str]]:
-    """Copy each student tensor from its teacher source when the shapes match; return (copied, initialised)."""
+def transfer_weights(teacher: nn.Module, student: nn.Module, sources: dict[str, str | None], slice_narrow: bool
+                     ) -> tuple[dict[str, str], dict[str, str], list[str]]:
+    """Copy each student tensor from its teacher source when the shapes match, or (``slice_narrow``) take its
+    strided slice when the student's shape divides the teacher's; return (copied, sliced, initialised)."""
     teacher_state, student_state = teacher.state_dict(), student.state_dict()
-    copied, initialised = {}, []
+    copied, sliced, initialised = {}, {}, []
     for name, tensor in student_state.items():
         source = sources.get(name)
-        if source is not None and teacher_state[source].shape == tensor.shape:
+        strides = None if source is None else narrowing_strides(teacher_state[source].shape, tensor.shape)
+        if strides is not None and all(r == 1 for r in strides):
             tensor.copy_(teacher_state[source])
             copied[name] = source
+        elif strides is not None and slice_narrow:
+            tensor.copy_(teacher_state[source][tuple(slice(None, None, r) for r in strides)])
+            sliced[name] = source
         else:
             initialised.append(name)
-    return copied, initialised
+    return copied, sliced, initialised
+
+
+def narrowing_strides(teacher_shape: torch.Size, student_shape: torch.Size) -> tuple[int, ...] | None:
+    """How many-fold each dimension shrank from teacher to student, or None where one is not a whole shrink."""
+    if len(teacher_shape) != len(student_shape) or any(t % s for t, s in zip(teacher_shape, student_shape)):
+        return None
+    return tuple(t // s for t, s in zip(teacher_shape, student_shape))
 
 
 def count_parameters(module: nn.Module) -> int:

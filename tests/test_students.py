@@ -1,12 +1,18 @@
 """Compact students: derived from the teacher's config, initialised tensor by tensor from the teacher's weights."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 
 from diffkd.config import StudentConfig
+from diffkd.data import load_digits
 from diffkd.errors import DiffkdError
+from diffkd.io import load_pipeline
 from diffkd.students import build_student, weight_sources
+
+SHIPPED_TEACHER = Path(__file__).resolve().parent.parent / "teachers" / "digits-16"
 
 
 def deep_teacher(layers: int = 2) -> UNet2DModel:
@@ -59,7 +65,7 @@ def test_dropping_the_mid_block():
 
 def test_half_width_scales_groups_reports_fresh_tensors_and_runs():
     teacher = deep_teacher(layers=1)
-    student, report = build_student(teacher, compact(width_multiplier=0.5))
+    student, report = build_student(teacher, compact(width_multiplier=0.5, narrow_init="fresh"))
     assert list(student.config.block_out_channels) == [8, 16]
     assert student.config.norm_num_groups == 4  # the teacher's 2 channels per group are kept
     assert report["initialised"] > 0 and "down_blocks.0" in report["initialised_blocks"]
@@ -67,10 +73,51 @@ def test_half_width_scales_groups_reports_fresh_tensors_and_runs():
     sources = weight_sources(teacher, student)
     teacher_state, student_state = teacher.state_dict(), student.state_dict()
     copied = [n for n, s in sources.items() if s is not None and teacher_state[s].shape == student_state[n].shape]
-    assert len(copied) == report["copied"]
+    assert len(copied) == report["copied"] and report["sliced"] == 0
     for name in copied:
         assert torch.equal(student_state[name], teacher_state[sources[name]]), name
     assert student(torch.randn(2, 1, 8, 8), torch.tensor([1, 999])).sample.shape == (2, 1, 8, 8)
+
+
+def test_half_width_takes_every_other_channel_of_the_teacher():
+    teacher = deep_teacher(layers=1)
+    student, report = build_student(teacher, compact(width_multiplier=0.5))
+    teacher_state, student_state = teacher.state_dict(), student.state_dict()
+    sources = weight_sources(teacher, student)
+    assert report["initialised"] == 0 and report["sliced"] > 0
+    assert report["copied"] + report["sliced"] == len(student_state)
+    for name, tensor in student_state.items():
+        source = teacher_state[sources[name]]
+        strides = [t // s for t, s in zip(source.shape, tensor.shape)]
+        assert set(strides) <= {1, 2}, name
+        assert torch.equal(tensor, source[tuple(slice(None, None, r) for r in strides)]), name
+
+
+def test_sliced_sinusoidal_time_features_are_the_students_own():
+    """Slicing the time embedding's input every other feature is right only because the half-width student's
+    sinusoids are the teacher's even-indexed ones; this pins that fact of diffusers' Timesteps."""
+    teacher = deep_teacher(layers=1)
+    student, _ = build_student(teacher, compact(width_multiplier=0.5))
+    t = torch.tensor([0, 17, 500, 999])
+    assert torch.allclose(student.time_proj(t), teacher.time_proj(t)[:, ::2], atol=1e-6)
+
+
+def test_sliced_student_starts_closer_to_a_trained_teacher_than_a_fresh_one():
+    pipeline = load_pipeline(str(SHIPPED_TEACHER))
+    teacher = pipeline.unet.eval()
+    t = torch.linspace(0, 999, 8).long().repeat_interleave(64)
+    alpha_bar = pipeline.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    images = load_digits(16)[:64].repeat(8, 1, 1, 1)
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
+    z = alpha_bar.sqrt() * images + (1 - alpha_bar).sqrt() * noise
+    errors = {}
+    with torch.no_grad():
+        target = teacher(z, t).sample
+        for init in ("slice", "fresh"):
+            torch.manual_seed(0)
+            student, _ = build_student(teacher, compact(width_multiplier=0.5, narrow_init=init))
+            errors[init] = (student(z, t).sample - target).pow(2).mean().item()
+    assert errors["slice"] < 0.7 * errors["fresh"], errors
 
 
 def test_latency_is_reported_when_asked():
@@ -110,3 +157,5 @@ def test_student_config_validates():
         StudentConfig(architecture="compact", width_multiplier=0)
     with pytest.raises(DiffkdError, match="norm_num_groups"):
         StudentConfig(norm_num_groups=0)
+    with pytest.raises(DiffkdError, match="student.narrow_init"):
+        StudentConfig(narrow_init="random")
