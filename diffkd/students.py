@@ -5,9 +5,11 @@ per block, optionally no mid-block, and narrower channels. It starts from the te
 tensor whose role (its name after layer renumbering) and shape match the teacher's is copied, so dropping layers
 keeps the kept layers' weights (BK-SDM's initialisation, their sec. 3.2). A narrower tensor of the same role
 takes every r-th entry along each dimension that shrank r-fold (weight selection, Xu et al. 2024): the same
-stride on a layer's outputs and on the next layer's inputs, skip concatenations and sinusoidal time features
-included, keeps the kept channels wired as they were in the teacher. What fits neither way is left as diffusers
-initialised it. The report says which is which, and how the two networks compare in size and speed.
+stride on a layer's outputs and on the next layer's inputs, skip concatenations included, keeps the kept channels
+wired as they were in the teacher. The sinusoidal time features are the teacher's even ones only when its
+freq_shift is 0 (Stable Diffusion, the digits teacher); with freq_shift 1 (DDPM-style configs) their frequencies
+differ, so the time embedding's first layer starts from a mismatched slice there. What fits neither way is left
+as diffusers initialised it. The report says which is which, and how the two networks compare in size and speed.
 """
 
 from __future__ import annotations

@@ -95,7 +95,8 @@ def test_half_width_takes_every_other_channel_of_the_teacher():
 
 def test_sliced_sinusoidal_time_features_are_the_students_own():
     """Slicing the time embedding's input every other feature is right only because the half-width student's
-    sinusoids are the teacher's even-indexed ones; this pins that fact of diffusers' Timesteps."""
+    sinusoids are the teacher's even-indexed ones (at freq_shift 0, the default); this pins that fact of diffusers'
+    Timesteps."""
     teacher = deep_teacher(layers=1)
     student, _ = build_student(teacher, compact(width_multiplier=0.5))
     t = torch.tensor([0, 17, 500, 999])
