@@ -21,7 +21,6 @@ from safetensors.torch import load_file
 from diffkd import sample_cache
 from diffkd.config import load_config
 from diffkd.evaluation.features import load_feature_network, to_uint8
-from diffkd.evaluation.frechet import frechet_distance, gaussian_stats
 from diffkd.evaluation.reference import auto_feature, default_cache_dir, load_real_set
 from diffkd.evaluation.sweep import psnr
 from diffkd.io import load_pipeline
@@ -57,8 +56,7 @@ class RealFD:
         self.real = load_real_set(reference, self.feature, image_size, channels, default_cache_dir())
 
     def __call__(self, images: torch.Tensor) -> float:
-        mu, sigma = gaussian_stats(self.feature(to_uint8(images)))
-        return frechet_distance(mu, sigma, self.real.mu, self.real.sigma)
+        return self.real.frechet_distance(self.feature(to_uint8(images)))
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from diffkd.errors import DiffkdError
 from diffkd.evaluation.features import FeatureNetwork, to_uint8
-from diffkd.evaluation.frechet import gaussian_stats
+from diffkd.evaluation.frechet import frechet_distance, gaussian_stats
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,10 @@ class RealSet:
     sigma: torch.Tensor
     features: torch.Tensor | None
     cache_file: str
+
+    def frechet_distance(self, generated: torch.Tensor) -> float:
+        """FD between generated images' features and this set."""
+        return frechet_distance(*gaussian_stats(generated), self.mu, self.sigma)
 
 
 def auto_feature(reference: str) -> str:

@@ -349,7 +349,7 @@ def _row(setting: Setting, real, config: EvalConfig, teacher: Model | None, sett
     if not torch.isfinite(features).all():  # a diverged sampler: say so in the table rather than crash
         log.warning("%s produced non-finite features; its FD/KID are left empty", setting.key)
     else:
-        fd = frechet_distance(*gaussian_stats(features), real.mu, real.sigma)
+        fd = real.frechet_distance(features)
         if real.features is not None:
             kid, kid_std = kernel_distance(real.features, features, config.kid_subsets, config.kid_subset_size,
                                            config.seed)
