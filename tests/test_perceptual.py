@@ -55,3 +55,42 @@ def test_missing_backbone_is_one_line_naming_file_and_place_without_network(tmp_
     assert "alexnet-owt-7be5be79.pth" in message and str(tmp_path / "hub" / "checkpoints") in message
     with pytest.raises(DiffkdError, match="vgg16-397923af.pth"):
         LPIPSLoss(net="vgg", backbone_weights=str(tmp_path / "nothing.pth"))
+
+
+class RecordingBackbone(torch.nn.Module):
+    """Wraps lpips' backbone and keeps what it is handed."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner, self.seen = inner, []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return self.inner(x)
+
+
+def test_images_in_minus_one_one_reach_the_backbone_through_lpips_own_scaling_only():
+    """LPIPS was calibrated on images in [-1, 1] (lpips' ``normalize=False``): the backbone must get exactly
+    (image - shift) / scale with lpips v0.1's ImageNet constants, nothing else (no [0, 1] -> [-1, 1] remap)."""
+    loss = LPIPSLoss(pnet_rand=True)
+    loss.lpips.net = RecordingBackbone(loss.lpips.net)
+    a = torch.linspace(-1, 1, 3 * 64 * 64).reshape(1, 3, 64, 64)
+    b = -a
+    loss(a, b)
+    shift = torch.tensor([-0.030, -0.088, -0.188]).reshape(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450]).reshape(1, 3, 1, 1)
+    first, second = loss.lpips.net.seen
+    torch.testing.assert_close(first, (a - shift) / scale)
+    torch.testing.assert_close(second, (b - shift) / scale)
+
+
+def test_distance_equals_lpips_on_zero_one_images_with_normalize_and_not_the_misread_range():
+    """The same number as lpips' own [0, 1] entry point on (x + 1) / 2; handing [-1, 1] images to that entry
+    point (reading them as [0, 1]) gives another number."""
+    torch.manual_seed(0)
+    loss = LPIPSLoss(pnet_rand=True)
+    a, b = torch.rand(2, 2, 3, 64, 64) * 2 - 1
+    ours = loss(a, b)
+    torch.testing.assert_close(ours, loss.lpips((a + 1) / 2, (b + 1) / 2, normalize=True).reshape(2))
+    misread = loss.lpips(a, b, normalize=True).reshape(2)
+    assert ((ours - misread).abs() > 1e-3 * ours).all(), (ours, misread)

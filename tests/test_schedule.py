@@ -6,13 +6,60 @@ from diffkd.models import Denoiser
 from tests.conftest import make_scheduler, make_tiny_unet
 
 
-def test_trailing_grid_matches_diffusers_and_nests():
-    sched = make_scheduler()
-    for k in (1, 2, 4, 8):
-        sched.set_timesteps(k)
-        assert schedule.trailing_grid(1000, k)[:-1] == sched.timesteps.tolist()
+def test_trailing_grid_golden_and_nested():
     assert schedule.trailing_grid(1000, 4) == [999, 749, 499, 249, -1]
     assert schedule.trailing_grid(1000, 64)[::2] == schedule.trailing_grid(1000, 32)
+
+
+def student_method(name: str, k: int):
+    """A progressive or generator method whose student samples in k steps, on a stub teacher (nothing runs)."""
+    from types import SimpleNamespace
+
+    from diffkd.config import parse_config
+    from diffkd.io import LoadedPipeline
+    from diffkd.methods import METHODS
+
+    scheduler = make_scheduler()
+    unet = make_tiny_unet()
+    teacher = LoadedPipeline("stub", SimpleNamespace(unet=unet, scheduler=scheduler),
+                             Denoiser(unet, scheduler.alphas_cumprod, "v_prediction"))
+    method = {"progressive": {"final_steps": k, "start_steps": 2 * k}, "generator": {"student_steps": k}}[name]
+    config = parse_config({"method": {"name": name, **method}, "teacher": {"source": "stub"},
+                           "train": {"device": "cpu"}, "run_eval": False})
+    return METHODS[name](config, teacher, unet)
+
+
+@pytest.mark.parametrize("name", ["progressive", "generator"])
+def test_every_student_grid_from_1_to_64_is_diffusers_or_refused(name):
+    """A k-step student is exported with a trailing DDIMScheduler, which steps t -> t - T // k: it reproduces the
+    student's trailing grid only when k divides T. Every k from 1 to 64 that the method accepts must match
+    diffusers' timesteps and steps exactly; every other k must be refused before any work."""
+    from diffkd.errors import DiffkdError
+
+    sched = make_scheduler()
+    accepted = []
+    for k in range(1, 65):
+        method = student_method(name, k)
+        if 1000 % k:
+            with pytest.raises(DiffkdError, match=f"={k} does not divide"):
+                method.check()
+            continue
+        method.check()
+        accepted.append(k)
+        grid = schedule.trailing_grid(1000, k)
+        sched.set_timesteps(k)
+        assert grid[:-1] == sched.timesteps.tolist(), k
+        assert [t - 1000 // k for t in grid[:-1]] == grid[1:], k  # DDIMScheduler.step's previous timestep
+    assert accepted == [1, 2, 4, 5, 8, 10, 20, 25, 40, 50]
+
+
+def test_teacher_grids_nest_for_every_accepted_student():
+    """A halving needs the teacher's 2k grid to contain the student's k grid: trailing_grid(T, 2k)[::2]."""
+    for k in (1, 2, 4, 5, 8, 10, 20, 25, 40, 50):
+        m = k
+        while 2 * m <= 1000:
+            assert schedule.trailing_grid(1000, 2 * m)[::2] == schedule.trailing_grid(1000, m), (k, m)
+            m *= 2
 
 
 @pytest.mark.parametrize("prediction_type", schedule.PREDICTION_TYPES)

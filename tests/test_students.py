@@ -1,5 +1,6 @@
 """Compact students: derived from the teacher's config, initialised tensor by tensor from the teacher's weights."""
 
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from diffkd.config import StudentConfig
 from diffkd.data import load_digits
 from diffkd.errors import DiffkdError
 from diffkd.io import load_pipeline
-from diffkd.students import build_student, weight_sources
+from diffkd.students import build_student, per_step_latency, weight_sources
 
 SHIPPED_TEACHER = Path(__file__).resolve().parent.parent / "teachers" / "digits-16"
 
@@ -127,7 +128,19 @@ def test_latency_is_reported_when_asked():
                                                              latency_batch_size=2))
     latency = report["latency_ms_per_step"]
     assert latency["batch_size"] == 2 and latency["teacher"] > 0 and latency["student"] > 0
-    assert latency["speedup"] == pytest.approx(latency["teacher"] / latency["student"], rel=0.01)
+
+
+def test_per_step_latency_times_each_network_and_divides_the_right_way():
+    """Each network's forward is made slower by a known sleep (100 ms teacher, 5 ms student): the reported
+    milliseconds must include it, per network, and the speed-up must be teacher / student, well above 1."""
+    teacher = deep_teacher(1)
+    student, _ = build_student(teacher, compact(width_multiplier=0.5))
+    teacher.register_forward_pre_hook(lambda *_: time.sleep(0.100))
+    student.register_forward_pre_hook(lambda *_: time.sleep(0.005))
+    latency = per_step_latency(teacher, student, batch_size=2, repeats=3)
+    assert latency["teacher"] >= 100 and 5 <= latency["student"] < latency["teacher"], latency
+    assert latency["speedup"] > 2, latency
+    assert latency["speedup"] == pytest.approx(latency["teacher"] / latency["student"], abs=0.01)
 
 
 def test_conditional_unet_compact_student_runs():
