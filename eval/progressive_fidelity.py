@@ -68,7 +68,8 @@ def report(results: dict, students: dict[int, str], rounds: dict[int, dict], arg
             "beforehand by the same config)" if args.skip_distill else
             f"` (seed {args.seed}; {seconds / 60:.1f} min in all)")),
         (f"- {args.num_samples} samples per setting, same noise for every setting; PSNR in dB to the teacher's "
-        f"{reference['sampler']}-{reference['steps']} output (images in [-1, 1]); speed-up = teacher "
+        f"{reference['sampler']}-{reference['steps']} output (per image on [0, 1] after uint8 rounding, averaged); "
+        f"speed-up = teacher "
         f"{reference['sampler']}-{reference['steps']} time / setting time, same batch."), "",
         ("| k | student | teacher DDIM | DPM-Solver++ | UniPC | student − best solver | target | met | "
         "student ms/image | speed-up vs DDIM-64 |"),

@@ -1,3 +1,5 @@
+from fractions import Fraction
+
 import pytest
 import torch
 
@@ -51,6 +53,19 @@ def test_every_student_grid_from_1_to_64_is_diffusers_or_refused(name):
         assert grid[:-1] == sched.timesteps.tolist(), k
         assert [t - 1000 // k for t in grid[:-1]] == grid[1:], k  # DDIMScheduler.step's previous timestep
     assert accepted == [1, 2, 4, 5, 8, 10, 20, 25, 40, 50]
+
+
+def test_every_grid_from_1_to_64_is_the_rounded_closed_form():
+    """Teacher grids (start_steps 16, 32, 64) and the sweep's own DDIM take any k, not only divisors of T:
+    t_i = round(T - i T / k) - 1, ties to even as np.round, computed here in exact fractions. diffusers'
+    DDIMScheduler.set_timesteps agrees except where its float np.arange misrounds a tie (k = 48: 937.5 -> 936) or
+    overshoots to a 62nd timestep, -1 (k = 61); neither k can be a student's (they do not divide T)."""
+    sched = make_scheduler()
+    for k in range(1, 65):
+        exact = [round(Fraction(1000) - Fraction(1000 * i, k)) - 1 for i in range(k + 1)]
+        assert schedule.trailing_grid(1000, k) == exact, k
+        sched.set_timesteps(k)
+        assert (sched.timesteps.tolist() == exact[:-1]) == (k not in (48, 61)), k
 
 
 def test_teacher_grids_nest_for_every_accepted_student():
