@@ -29,11 +29,10 @@ class StubNet(nn.Module):
     def __init__(self, scale: float, shift: float):
         super().__init__()
         self.scale, self.shift = scale, shift
-        self.anchor = nn.Parameter(torch.zeros(()))  # something for an optimiser to own
 
     def forward(self, z, t, **_):
         coef = self.scale + t.float().reshape(-1, 1, 1, 1) / 1000
-        return SimpleNamespace(sample=z * coef + self.shift + self.anchor)
+        return SimpleNamespace(sample=z * coef + self.shift)
 
 
 def alpha_sigma(abar: torch.Tensor, t: int) -> tuple[float, float]:

@@ -1,0 +1,275 @@
+"""Mutation check: does the fast test suite notice a deliberate bug in each formula?
+
+Each mutation replaces one piece of source text in diffkd/ (the schedule, the methods' losses, the KD losses, the
+Fréchet distance, PSNR) with a plausible wrong version. The mutants run one at a time in a temporary copy of the
+repository (the working tree is never edited) against the fast tests (not marked slow); a mutation is caught when
+they fail. A mutation whose text is not found exactly once is an error naming it, so a refactor of the mutated
+code shows up here instead of as a silently vacuous mutant: update the mutation's text, keeping its meaning.
+
+    python eval/mutation_score.py [--only ID ...] [--timeout 600] [--write]
+
+--write replaces the "mutation-score" section of eval/RESULTS.md with the caught/total table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from results_file import machine, write_section
+
+log = logging.getLogger("mutation_score")
+ROOT = Path(__file__).resolve().parent.parent
+
+# The fast tests that pin formulas, cheapest first: pytest -x stops at the first failure, so a caught mutant
+# usually costs one interpreter start and a few seconds.
+FAST_TESTS = ["tests/test_schedule.py", "tests/test_progressive_target.py", "tests/test_denoise.py",
+              "tests/test_psnr.py", "tests/test_frechet.py", "tests/test_kd_losses.py", "tests/test_generator.py",
+              "tests/test_progressive.py", "tests/test_perceptual.py"]
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str
+    old: str
+    new: str
+    bug: str
+
+
+MUTATIONS = [
+    Mutation("grid-no-minus-one", "diffkd/schedule.py", "num_steps) - 1 for i", "num_steps) for i",
+             "trailing grid starts at T instead of T - 1"),
+    Mutation("grid-truncated", "diffkd/schedule.py", "[round(num_train_timesteps - i", "[int(num_train_timesteps - i",
+             "trailing grid truncates T - i T / k instead of rounding it (as diffusers does)"),
+    Mutation("alpha-sigma-no-sqrt", "diffkd/schedule.py", "return abar.sqrt(), (1 - abar).sqrt()",
+             "return abar, 1 - abar", "alpha_t = abar_t instead of sqrt(abar_t)"),
+    Mutation("clean-end-not-clean", "diffkd/schedule.py", "torch.ones((), dtype=alphas_cumprod.dtype",
+             "alphas_cumprod[0] * torch.ones((), dtype=alphas_cumprod.dtype",
+             "t = -1 gives abar_0 instead of the clean sample (set_alpha_to_one)"),
+    Mutation("snr-not-squared", "diffkd/schedule.py", "return alpha**2 / sigma**2", "return alpha / sigma",
+             "SNR = alpha / sigma"),
+    Mutation("eps-to-x0", "diffkd/schedule.py", "return (z - s * output) / a, output",
+             "return (z - a * output) / s, output", "x0 from an eps prediction with alpha and sigma swapped"),
+    Mutation("v-to-x0-sign", "diffkd/schedule.py", "return a * z - s * output, a * output + s * z",
+             "return a * z + s * output, a * output - s * z", "v-prediction's sign flipped (eq. 31)"),
+    Mutation("sample-to-eps", "diffkd/schedule.py", "return output, (z - a * output) / s",
+             "return output, (z - s * output) / a", "eps from an x prediction with alpha and sigma swapped"),
+    Mutation("v-target", "diffkd/schedule.py", "return a * eps - s * x0", "return s * eps - a * x0",
+             "v = sigma eps - alpha x"),
+    Mutation("ddim-coefficients", "diffkd/schedule.py",
+             "broadcast(alpha_next, x0) * x0 + broadcast(sigma_next, x0) * eps",
+             "broadcast(sigma_next, x0) * x0 + broadcast(alpha_next, x0) * eps", "DDIM step with alpha and sigma swapped"),
+    Mutation("ddim-no-clip", "diffkd/schedule.py", "x0 = x0.clamp(-clip_sample, clip_sample)", "x0 = x0",
+             "DDIM step ignores clip_sample"),
+    Mutation("target-ratio", "diffkd/schedule.py", "ratio = broadcast(sigma_s / sigma_t, z_t)",
+             "ratio = broadcast(alpha_s / alpha_t, z_t)", "x_tilde with alpha_s / alpha_t for sigma_s / sigma_t"),
+    Mutation("target-denominator", "diffkd/schedule.py", "(broadcast(alpha_s, z_t) - ratio * broadcast(alpha_t, z_t))",
+             "(broadcast(alpha_s, z_t) + ratio * broadcast(alpha_t, z_t))", "x_tilde's denominator sign"),
+    Mutation("snr-trunc-clamp", "diffkd/schedule.py", "return snr_t.clamp(min=1.0)", "return snr_t.clamp(max=1.0)",
+             "truncated SNR weight is min(SNR, 1) instead of max(SNR, 1)"),
+    Mutation("min-snr-gamma", "diffkd/schedule.py", "return snr_t.clamp(max=5.0)", "return snr_t.clamp(max=1.0)",
+             "min-SNR weight with gamma 1 instead of 5"),
+    Mutation("progressive-no-weighting", "diffkd/methods/progressive.py", '{"distill": (weight * mse).mean()}',
+             '{"distill": mse.mean()}', "progressive loss drops its SNR weighting"),
+    Mutation("progressive-weight-at-s", "diffkd/methods/progressive.py",
+             "schedule.snr(self.teacher.denoiser.alphas_cumprod.to(x.device), t)",
+             "schedule.snr(self.teacher.denoiser.alphas_cumprod.to(x.device), s)",
+             "progressive weight taken at the step's end s instead of t"),
+    Mutation("progressive-teacher-order", "diffkd/methods/progressive.py",
+             "fine[per_step * i + j], fine[per_step * i + j + 1]",
+             "fine[per_step * (i + 1) - j], fine[per_step * (i + 1) - j - 1]",
+             "the teacher's two steps in reverse order (t'' -> t' -> t)"),
+    Mutation("progressive-target-at-t1", "diffkd/methods/progressive.py",
+             "alpha_s, sigma_s = self.round_teacher.alpha_sigma(s)",
+             "alpha_s, sigma_s = self.round_teacher.alpha_sigma(fine[per_step * i + 1])",
+             "x_tilde solved for t' instead of t'' (t' and t'' swapped in the target)"),
+    Mutation("progressive-student-at-s", "diffkd/methods/progressive.py",
+             "x_pred, eps_pred = model.x0_eps(z_t, t, cond.unguided())",
+             "x_pred, eps_pred = model.x0_eps(z_t, s.clamp(min=0), cond.unguided())",
+             "the student is asked at the step's end s instead of t"),
+    Mutation("progressive-noising", "diffkd/methods/progressive.py",
+             "z_t = schedule.broadcast(alpha_t, x) * x + schedule.broadcast(sigma_t, x) * eps",
+             "z_t = schedule.broadcast(sigma_t, x) * x + schedule.broadcast(alpha_t, x) * eps",
+             "z_t with alpha and sigma swapped"),
+    Mutation("denoise-eps-target", "diffkd/methods/denoise.py",
+             "target = schedule.from_x0_eps(x, eps, alpha, sigma, model.prediction_type)", "target = eps",
+             "denoise regresses every parameterisation onto eps"),
+    Mutation("generator-no-clip", "diffkd/methods/generator.py",
+             "z = schedule.ddim_step(x0, eps, alpha_s, sigma_s, self.teacher.denoiser.clip_sample)",
+             "z = schedule.ddim_step(x0, eps, alpha_s, sigma_s)",
+             "generator's intermediate step skips the exported scheduler's clip"),
+    Mutation("generator-l1", "diffkd/methods/generator.py", '{"mse": (x0 - target).pow(2).mean()}',
+             '{"mse": (x0 - target).abs().mean()}', "generator loss is L1, not MSE"),
+    Mutation("output-kd-parameterisation", "diffkd/losses/kd.py",
+             "target = schedule.from_x0_eps(*teacher, alpha, sigma, self.prediction_type)",
+             'target = schedule.from_x0_eps(*teacher, alpha, sigma, "epsilon")',
+             "output KD compares v with the teacher's eps"),
+    Mutation("feature-kd-weight-split", "diffkd/losses/kd.py", "self.config.feature_kd / len(per_tap)",
+             "self.config.feature_kd", "feature KD weight not split over the taps"),
+    Mutation("feature-loss-unnormalised", "diffkd/losses/features.py", "(error / (scale + self.eps)).mean()",
+             "error.mean()", "feature MSE not divided by the teacher feature's mean square"),
+    Mutation("lpips-range", "diffkd/losses/perceptual.py", "return self.lpips(a, b).reshape(a.shape[0])",
+             "return self.lpips(a, b, normalize=True).reshape(a.shape[0])",
+             "LPIPS reads [-1, 1] images as [0, 1]"),
+    Mutation("covariance-biased", "diffkd/evaluation/frechet.py", "/ (features.shape[0] - 1)",
+             "/ features.shape[0]", "covariance divides by N instead of N - 1"),
+    Mutation("frechet-trace-factor", "diffkd/evaluation/frechet.py", "- 2 * trace_sqrt", "- trace_sqrt",
+             "Fréchet distance drops the 2 in -2 tr(sqrt(...))"),
+    Mutation("frechet-mean-term", "diffkd/evaluation/frechet.py", "(mu1 - mu2).square().sum()",
+             "(mu1 - mu2).abs().sum()", "Fréchet mean term is the L1 norm of mu1 - mu2, not its square"),
+    Mutation("psnr-20log", "diffkd/evaluation/sweep.py", "return -10 * torch.log10(mse)",
+             "return -20 * torch.log10(mse)", "PSNR = -20 log10(MSE)"),
+    Mutation("psnr-peak", "diffkd/evaluation/sweep.py", "target.double()) / 255)", "target.double()) / 256)",
+             "PSNR with a peak of 256"),
+]
+
+
+def check_mutations(mutations: list[Mutation]) -> None:
+    """Every mutation's text must occur exactly once in its file; otherwise stop, naming each stale one."""
+    problems = []
+    for m in mutations:
+        path = ROOT / m.path
+        count = path.read_text().count(m.old) if path.exists() else -1
+        if count != 1:
+            where = "file not found" if count < 0 else f"found {count} times, need exactly once"
+            problems.append(f"mutation {m.name!r}: {m.old!r} in {m.path} ({where})")
+    if problems:
+        raise SystemExit("stale mutations (update their text in eval/mutation_score.py):\n" + "\n".join(problems))
+
+
+def copy_repository(target: Path) -> Path:
+    ignore = shutil.ignore_patterns(".git", "runs", "__pycache__", ".pytest_cache", ".ruff_cache", "*.egg-info")
+    shutil.copytree(ROOT, target, ignore=ignore)
+    return target
+
+
+def preload() -> None:
+    """Import the heavy dependencies once; every mutant's test run is a fork of this process, so it pays only for
+    importing (the mutated) diffkd and the tests, not torch and diffusers again (~35 s a run on the shared CPU)."""
+    import diffusers  # noqa: F401
+    import lpips  # noqa: F401
+    import pytest  # noqa: F401
+    import torchmetrics  # noqa: F401
+    import transformers  # noqa: F401
+
+    assert "diffkd" not in sys.modules, "the parent must not import diffkd: each mutant imports its own"
+
+
+def _pytest_in_copy(copy: Path, tests: list[str], output: Path) -> None:
+    """Child process: run the fast tests of ``copy`` with its diffkd, output to a file, exit with pytest's code."""
+    descriptor = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(descriptor, 1)
+    os.dup2(descriptor, 2)
+    os.chdir(copy)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    sys.path.insert(0, str(copy))
+    import pytest
+
+    import diffkd
+
+    if not Path(diffkd.__file__).is_relative_to(copy):
+        print(f"ERROR diffkd imported from {diffkd.__file__}, not the mutant copy", flush=True)
+        os._exit(3)
+    code = pytest.main(["-q", "-x", "-rfE", "-m", "not slow", "-p", "no:cacheprovider", *tests])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(code))
+
+
+def run_tests(copy: Path, tests: list[str], timeout: float) -> tuple[str, str, float]:
+    """('passed' | 'failed' | 'timeout', first failing test, seconds) of the fast tests in ``copy``."""
+    output = copy.parent / "pytest.log"
+    started = time.perf_counter()
+    child = multiprocessing.get_context("fork").Process(target=_pytest_in_copy, args=(copy, tests, output))
+    child.start()
+    child.join(timeout)
+    if child.is_alive():
+        child.kill()
+        child.join()
+        return "timeout", "", time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    if child.exitcode == 0:
+        return "passed", "", seconds
+    text = output.read_text(errors="replace")
+    match = re.search(r"^(?:FAILED|ERROR) (\S+)", text, re.MULTILINE)
+    return "failed", match.group(1) if match else f"exit {child.exitcode}", seconds
+
+
+def score(mutations: list[Mutation], timeout: float) -> list[dict]:
+    preload()
+    with tempfile.TemporaryDirectory(prefix="diffkd-mutants-") as tmp:
+        copy = copy_repository(Path(tmp) / "repo")
+        baseline, failing, seconds = run_tests(copy, FAST_TESTS, timeout)
+        if baseline != "passed":
+            raise SystemExit(f"the unmutated fast tests do not pass ({baseline}: {failing}); fix them first")
+        log.info("baseline: fast tests pass in %.0f s", seconds)
+        rows = []
+        for m in mutations:
+            source = copy / m.path
+            original = source.read_text()
+            source.write_text(original.replace(m.old, m.new, 1))
+            try:
+                outcome, test, seconds = run_tests(copy, FAST_TESTS, timeout)
+            finally:
+                source.write_text(original)
+            rows.append({"mutation": m, "caught": outcome != "passed", "outcome": outcome, "test": test,
+                         "seconds": seconds})
+            log.info("%-28s %-8s %5.0f s  %s", m.name, "caught" if outcome != "passed" else "MISSED", seconds, test)
+    return rows
+
+
+def report(rows: list[dict], seconds: float, command: str) -> str:
+    caught = sum(r["caught"] for r in rows)
+    lines = ["## Mutation score (issue 15)", "",
+             f"- machine: {machine('cpu')}, 2 cores shared with other developers' jobs; mutants one at a time",
+             f"- command: `{command}` ({seconds / 60:.1f} min)",
+             f"- tests: `pytest -x -m \"not slow\"` over {', '.join(Path(t).name for t in FAST_TESTS)}",
+             f"- **{caught}/{len(rows)} caught**", "",
+             "| mutation | file | deliberate bug | caught | first failing test |", "|---|---|---|---|---|"]
+    for r in rows:
+        m = r["mutation"]
+        verdict = "yes" if r["caught"] else "**NO**"
+        if r["outcome"] == "timeout":
+            verdict += " (timed out)"
+        lines.append(f"| {m.name} | {m.path} | {m.bug} | {verdict} | {r['test'] or '-'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", default=None, help="mutation names to run (default: all)")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per mutant's test run")
+    parser.add_argument("--write", action="store_true", help="write the table into eval/RESULTS.md")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    names = {m.name for m in MUTATIONS}
+    unknown = sorted(set(args.only or ()) - names)
+    if unknown:
+        raise SystemExit(f"unknown mutation(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    if args.write and args.only is not None:
+        raise SystemExit("--write records the full list only; run without --only")
+    mutations = [m for m in MUTATIONS if args.only is None or m.name in args.only]
+    check_mutations(mutations)
+    started = time.perf_counter()
+    rows = score(mutations, args.timeout)
+    body = report(rows, time.perf_counter() - started, "python eval/mutation_score.py" + (" --write" if args.write
+                                                                                          else ""))
+    log.info("%s", body)
+    if args.write:
+        write_section("mutation-score", body)
+
+
+if __name__ == "__main__":
+    main()
