@@ -1,14 +1,25 @@
 """A latent, text-conditioned teacher (Stable-Diffusion-shaped) goes through the same progressive method:
 prompts are encoded by the pipeline, images through its VAE, and guidance is distilled into the student."""
 
+import pytest
 import torch
 import yaml
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
 from diffkd.api import distill
-from diffkd.conditioning import batch_conditioning, encode_rows
+from diffkd.conditioning import batch_conditioning, encode_rows, read_prompts
 from diffkd.config import parse_config
+from diffkd.errors import DiffkdError
 from diffkd.io import load_pipeline
+
+
+def test_prompts_are_the_inline_ones_then_the_file_lines(tmp_path):
+    file = tmp_path / "prompts.txt"
+    file.write_text("a dog\n\n  a bird  \n")
+    assert read_prompts(["a cat"], str(file)) == ["a cat", "a dog", "a bird"]
+    assert read_prompts(["a cat"], None) == ["a cat"]
+    with pytest.raises(DiffkdError, match="^--prompts-file '.*missing.txt' not found: give a text file"):
+        read_prompts([], str(tmp_path / "missing.txt"), "--prompts-file")
 
 
 def test_prompts_are_encoded_with_an_unconditional_branch(tiny_sd):

@@ -48,6 +48,7 @@ def test_a_config_typo_names_the_key_and_its_fix(tmp_path):
     result, _ = imported_modules("distill", "configs/digits-progressive.yaml", "--output", str(tmp_path / "run"),
                                  "--set", "method.steps_per_rond=3")
     errors = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
-    assert errors == ["diffkd: error: unknown config key 'method.steps_per_rond'; did you mean "
-                      "'method.steps_per_round'? (valid: name, start_steps, final_steps, steps_per_round, "
-                      "imitation_steps, loss_weighting, student_prediction_type, guidance_scale, kd_rounds)"]
+    expected = ("diffkd: error: unknown config key 'method.steps_per_rond'; did you mean 'method.steps_per_round'? "
+                "(valid: name, start_steps, final_steps, steps_per_round, imitation_steps, loss_weighting, "
+                "student_prediction_type, guidance_scale, kd_rounds)")
+    assert errors == [expected]

@@ -42,7 +42,8 @@ def plan_metrics(config: EvalConfig, has_teacher: bool, text_conditioned: bool, 
         clip_off = "off (eval.clip_score = false)"
     elif not (text_conditioned and has_prompts):
         if config.clip_score:
-            raise DiffkdError("eval.clip_score needs a text-conditioned pipeline and prompts")
+            raise DiffkdError("eval.clip_score=true needs a text-conditioned pipeline and prompts (CLIPScore scores "
+                              "images against their prompts): set eval.clip_score to false, or leave it unset")
         clip, clip_off = False, "off (no text-conditioned pipeline)"
     return MetricPlan(feature, lpips, clip, lpips_off, clip_off)
 
