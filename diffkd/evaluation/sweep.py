@@ -234,7 +234,7 @@ def evaluate(config: EvalConfig) -> EvalResults:
     if plan.clip:
         clip_note = f"on: {locate_hf_model(config.clip_model, 'CLIPScore', 'eval.clip_model')}"
     settings = make_settings(config, models, teacher)
-    if prompts is not None and clip_note.startswith("on"):
+    if plan.clip:
         for setting in settings:
             if setting.model.pipe.text_conditioned:
                 setting.clip = clip_score_metric(config.clip_model).to(device)
