@@ -1,20 +1,26 @@
 """diffkd: distil diffusers pipelines into few-step and compact students, and measure what it bought.
 
 Public API: ``distill(config, output)``, ``evaluate(eval_config)``, ``load_student(folder)``, ``load_config(path)``.
-They are resolved lazily (PEP 562) so that ``import diffkd.schedule`` stays light and free of import cycles.
+They are resolved on first use (PEP 562) for start-up time: every ``diffkd`` command imports this package first,
+and ``diffkd --help`` or a config error must not pay for torch.
 """
 
 __version__ = "0.1.0"
 
-_API = {"distill": "diffkd.api", "load_student": "diffkd.api", "load_config": "diffkd.config",
-        "evaluate": "diffkd.evaluation"}
-
 
 def __getattr__(name: str):
-    if name in _API:
-        import importlib
+    if name in ("distill", "load_student"):
+        from diffkd import api  # deferred for start-up time (see above)
 
-        return getattr(importlib.import_module(_API[name]), name)
+        return getattr(api, name)
+    if name == "load_config":
+        from diffkd.config import load_config
+
+        return load_config
+    if name == "evaluate":
+        from diffkd.evaluation.sweep import evaluate  # deferred for start-up time (see above)
+
+        return evaluate
     raise AttributeError(f"module 'diffkd' has no attribute {name!r}")
 
 

@@ -1,215 +1,68 @@
 """The public entry points: distil (or train) per a Config into an output folder, and load the result.
 
-Everything that can be checked is checked before anything is written: the config, the output folder, the
-teacher and the method's own preconditions. Then the run writes ``config.yaml``, trains with checkpoints,
+Everything that can be checked is checked before anything is written: the config, the output folder
+(``diffkd.run_folder``), the teacher, the method's own preconditions and the weights the evaluation will need. Then the run writes ``config.yaml``, trains with checkpoints,
 exports the pipeline and (for distillation) evaluates it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import shutil
-import socket
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import diffusers
 import torch
-import yaml
 
-from diffkd import checkpoint
+from diffkd import run_folder
 from diffkd.config import Config, dump_config
-from diffkd.errors import DiffkdError
+from diffkd.eval_options import EvalConfig
+from diffkd.evaluation.plan import check_weights, plan_metrics
+from diffkd.evaluation.sweep import evaluate
 from diffkd.io import LoadedPipeline, load_pipeline, save_pipeline
-from diffkd.methods import METHODS, Method
+from diffkd.methods import Method, method_class
 from diffkd.students import build_student
 from diffkd.trainer import Trainer, make_accelerator
 
 log = logging.getLogger(__name__)
-
-FINISHED_MARKER = "finished.json"
-LOCK_FILE = "run.lock"
-CONFIG_FILE = "config.yaml"
-# What a run writes into its folder: --overwrite deletes these and nothing else.
-RUN_ENTRIES = ("checkpoints", "logs", "student", "pipeline", "eval", CONFIG_FILE, FINISHED_MARKER,
-               "training_summary.json", LOCK_FILE)
-# Config keys a resumed run may change: they do not touch the trained weights.
-RESUMABLE_CHANGES = ("run_eval", "eval.", "train.device", "train.log_every", "train.checkpoint_every",
-                     "train.keep_checkpoints", "train.nan_policy", "train.max_skipped_steps")
 
 
 def export_folder_name(method: type[Method]) -> str:
     return "student" if method.needs_teacher else "pipeline"
 
 
-def check_output(output: Path, resume: bool, overwrite: bool) -> None:
-    """Never silently overwrite a run, never run two jobs in one folder, never start a run that cannot write."""
-    if resume and overwrite:
-        raise DiffkdError("--resume and --overwrite contradict each other: pass --resume to continue the run in "
-                          f"{str(output)!r}, or --overwrite to discard it")
-    if output.exists() and not output.is_dir():
-        raise DiffkdError(f"--output {str(output)!r} is a file: pass a folder path")
-    _check_writable(output)
-    holder = lock_holder(output)
-    if holder is not None:
-        raise DiffkdError(f"{str(output)!r} is in use by a running job ({holder}): wait for it or stop it, then "
-                          "--resume; or choose another --output")
-    finished = (output / FINISHED_MARKER).exists()
-    if finished and not overwrite:
-        raise DiffkdError(f"{str(output)!r} holds a finished run: pass --overwrite to start again, or choose "
-                          "another --output")
-    if has_run(output) and not (resume or overwrite):
-        raise DiffkdError(f"{str(output)!r} holds an unfinished run: pass --resume to continue it or --overwrite "
-                          "to start again")
-
-
-def has_run(output: Path) -> bool:
-    return any((output / name).exists() for name in ("checkpoints", CONFIG_FILE, FINISHED_MARKER, LOCK_FILE))
-
-
-def _check_writable(output: Path) -> None:
-    """Probe with a real file (os.access says yes to root even on a read-only or immutable folder)."""
-    folder = output if output.exists() else next(p for p in output.absolute().parents if p.exists())
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise DiffkdError(f"--output {str(output)!r} is not writable ({error.strerror}): choose a folder you can "
-                          "write to") from None
-
-
-def _process_start(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _boot_id() -> str | None:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return None
-
-
-def lock_holder(output: Path) -> str | None:
-    """Who holds OUTPUT/run.lock, if that job is still alive; None for no lock or a stale one (a killed job)."""
-    try:
-        lock = json.loads((output / LOCK_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    pid, host = lock.get("pid"), lock.get("host")
-    who = f"pid {pid} on {host}, started {lock.get('started', '?')}"
-    if host != socket.gethostname():
-        return (f"{who}; it may be alive on that machine: if it is not, delete {str(output / LOCK_FILE)!r}")
-    if lock.get("boot_id") and lock.get("boot_id") != _boot_id():
-        return None
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return None
-    except (PermissionError, TypeError, ValueError):
-        return who
-    started = lock.get("process_start")
-    return None if started and started != _process_start(int(pid)) else who
-
-
-@contextlib.contextmanager
-def run_lock(output: Path, main: bool):
-    """OUTPUT/run.lock while the job runs (main process only); a SIGKILL leaves it, and check_output treats a
-    lock whose process is gone as stale, so --resume recovers."""
-    path = output / LOCK_FILE
-    if main:
-        holder = lock_holder(output)
-        if holder is None:
-            path.unlink(missing_ok=True)  # stale: its process is gone
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-        except FileExistsError:
-            raise DiffkdError(f"{str(output)!r} was just taken by another job ({holder or 'starting'}): "
-                              "choose another --output") from None
-        with os.fdopen(fd, "w") as handle:
-            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "process_start": _process_start(os.getpid()),
-                       "boot_id": _boot_id(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}, handle)
-    try:
-        yield
-    finally:
-        if main:
-            path.unlink(missing_ok=True)
-
-
-def check_resumable_config(config: Config, output: Path) -> None:
-    """A resumed run must train what it started training; only keys in RESUMABLE_CHANGES may differ."""
-    saved_file = output / CONFIG_FILE
-    if not saved_file.is_file():
-        return
-    try:
-        saved = yaml.safe_load(saved_file.read_text())
-    except yaml.YAMLError:
-        raise DiffkdError(f"{str(saved_file)!r} is not valid YAML: restore it or start again with --overwrite") from None
-    current = yaml.safe_load(dump_config(config))
-    changed = [key for key in _diff(saved, current, "") if not key.startswith(RESUMABLE_CHANGES)]
-    if changed:
-        key = changed[0]
-        raise DiffkdError(f"--resume: {key} differs from the run's {str(saved_file)!r} "
-                          f"({_lookup(saved, key)!r} there, {_lookup(current, key)!r} now); resume with that config, "
-                          "or --overwrite to start again")
-
-
-def _diff(a, b, prefix: str) -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [k for key in sorted(set(a) | set(b), key=str)
-                for k in _diff(a.get(key), b.get(key), f"{prefix}{key}.")]
-    return [] if a == b else [prefix.rstrip(".")]
-
-
-def _lookup(data, key: str):
-    for part in key.split("."):
-        data = data.get(part) if isinstance(data, dict) else None
-    return data
-
-
 def prepare(config: Config, device: str = "cpu") -> tuple[LoadedPipeline, Method, dict]:
     """Teacher, student and method, with the method's preconditions checked (nothing written)."""
-    method_class = METHODS[config.method.name]
-    if method_class.needs_teacher:
+    method_type = method_class(config.method.name)
+    if method_type.needs_teacher:
         teacher = load_pipeline(config.teacher.source, device=device,
                                 trust_remote_code=config.teacher.trust_remote_code)
     else:
-        teacher = method_class.template(config)
+        teacher = method_type.template(config)
     teacher.unet.requires_grad_(False).eval()
     student, report = build_student(teacher.unet, config.student)
-    method = method_class(config, teacher, student.to(device))
+    method = method_type(config, teacher, student.to(device))
     method.check()
     return teacher, method, report
+
+
+def evaluation_options(config: Config, **fields) -> EvalConfig:
+    """The config's ``eval`` section as the evaluation after training runs it: a text teacher is evaluated on the
+    training prompts unless the section names its own."""
+    return replace(config.eval, prompts=config.eval.prompts or config.data.prompts,
+                   prompts_file=config.eval.prompts_file or config.data.prompts_file, **fields)
 
 
 def check_evaluation(config: Config, teacher: LoadedPipeline) -> None:
     """The evaluation that follows training needs weights that cannot be downloaded offline (Inception, LPIPS's
     backbone, CLIP): find them now, so a missing file costs seconds, not the night of training before it."""
-    from diffkd.evaluation.reference import auto_feature
-    from diffkd.weights import INCEPTION, TORCHVISION, locate_checkpoint, locate_hf_model
-
-    options = config.eval
-    feature = auto_feature(options.reference) if options.feature == "auto" else options.feature
-    if feature == "inception":
-        locate_checkpoint(*INCEPTION, options.feature_weights, "FID (Inception) in the evaluation after training",
-                          "eval.feature_weights")
-    elif feature != "digits-classifier" and not Path(feature).expanduser().is_file():
-        raise DiffkdError(f"eval.feature {feature!r} is neither digits-classifier, inception nor a TorchScript file")
-    if options.fidelity and options.lpips:
-        locate_checkpoint(*TORCHVISION[options.lpips_net], options.lpips_backbone_weights,
-                          f"LPIPS ({options.lpips_net}) in the evaluation after training",
-                          "eval.lpips_backbone_weights")
-    wants_clip = options.clip_score or (options.clip_score is None and teacher.text_conditioned
-                                        and (options.prompts or options.prompts_file))
-    if wants_clip:
-        locate_hf_model(options.clip_model, "CLIPScore in the evaluation after training", "eval.clip_model")
+    options = evaluation_options(config)
+    plan = plan_metrics(options, has_teacher=True, text_conditioned=teacher.text_conditioned,
+                        has_prompts=bool(options.prompts or options.prompts_file))
+    check_weights(options, plan, "in the evaluation after training")
 
 
 def distill(config: Config, output: str | Path, resume: bool | str | Path = False, overwrite: bool = False
@@ -222,10 +75,10 @@ def distill(config: Config, output: str | Path, resume: bool | str | Path = Fals
     that always passes --resume); ``resume=PATH`` continues from that checkpoint.
     """
     output = Path(output)
-    check_output(output, bool(resume), overwrite)
-    resume_from = _resume_point(output, resume)
+    run_folder.check_output(output, bool(resume), overwrite)
+    resume_from = run_folder.resume_point(output, resume)
     if resume:
-        check_resumable_config(config, output)
+        run_folder.check_resumable_config(config, output)
     accelerator = make_accelerator(config.train, output)
     torch.manual_seed(config.train.seed)
     teacher, method, report = prepare(config, accelerator.device)
@@ -240,15 +93,11 @@ def distill(config: Config, output: str | Path, resume: bool | str | Path = Fals
     main = accelerator.is_main_process
     if main:
         output.mkdir(parents=True, exist_ok=True)
-    with run_lock(output, main):
+    with run_folder.run_lock(output, main):
         if main:
             if overwrite:
-                for entry in (output / name for name in RUN_ENTRIES if name != LOCK_FILE):
-                    if entry.is_dir():
-                        shutil.rmtree(entry)
-                    else:
-                        entry.unlink(missing_ok=True)
-            (output / CONFIG_FILE).write_text(dump_config(config))
+                run_folder.clear(output)
+            (output / run_folder.CONFIG_FILE).write_text(dump_config(config))
             trainer.trim_logs()
         accelerator.wait_for_everyone()
         started = time.perf_counter()
@@ -265,25 +114,10 @@ def distill(config: Config, output: str | Path, resume: bool | str | Path = Fals
             log.info("saved %s", folder)
             if config.run_eval and method.needs_teacher:
                 run_evaluation(config, folder, output / "eval", str(accelerator.device))
-            (output / FINISHED_MARKER).write_text(json.dumps({"pipeline": str(folder)}))
+            (output / run_folder.FINISHED_MARKER).write_text(json.dumps({"pipeline": str(folder)}))
         accelerator.wait_for_everyone()
     accelerator.end_training()  # last: it also tears down the process group of a multi-process run
     return folder
-
-
-def _resume_point(output: Path, resume: bool | str | Path) -> Path | None:
-    if resume is True:
-        found = checkpoint.latest(output / "checkpoints")
-        if found is None:
-            log.warning("--resume: no complete checkpoint in %s yet; starting from step 0", output / "checkpoints")
-        return found
-    if resume:
-        path = Path(resume)
-        if not path.is_dir():
-            raise DiffkdError(f"--resume {str(resume)!r}: no such checkpoint folder; pass one of "
-                              f"{output / 'checkpoints'!s}/ckpt-* or --resume alone for the newest")
-        return path
-    return None
 
 
 def model_card(config: Config, method: Method, spec, report: dict, student: torch.nn.Module,
@@ -307,12 +141,8 @@ def model_card(config: Config, method: Method, spec, report: dict, student: torc
 def run_evaluation(config: Config, student: Path, output: Path, device: str) -> None:
     """Evaluate the exported student against its teacher with the config's ``eval`` section; a text teacher is
     evaluated on the training prompts unless the section names its own."""
-    from diffkd.evaluation import evaluate
-
-    prompts = config.eval.prompts or config.data.prompts
-    prompts_file = config.eval.prompts_file or config.data.prompts_file
-    evaluate(replace(config.eval, pipelines=[str(student)], teacher=config.teacher.source, output=str(output),
-                     device=device, prompts=prompts, prompts_file=prompts_file))
+    evaluate(evaluation_options(config, pipelines=[str(student)], teacher=config.teacher.source, output=str(output),
+                                device=device))
 
 
 def load_student(folder: str | Path, device: str = "cpu") -> diffusers.DiffusionPipeline:

@@ -1,4 +1,9 @@
-"""The ``diffkd`` command: a thin layer over the API. Bad input is one line on stderr and exit code 2."""
+"""The ``diffkd`` command: a thin layer over the API. Bad input is one line on stderr and exit code 2.
+
+Start-up time matters here: ``diffkd --help`` and a config error answer without importing torch. This module and
+what it imports at the top (config, options, the eval command's arguments) are torch-free; the few imports inside
+the command handlers are deferred for that reason and no other.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,10 @@ import signal
 import sys
 import threading
 
+from diffkd.config import dump_config, load_config
 from diffkd.errors import DiffkdError
+from diffkd.evaluation import cli as eval_cli
+from diffkd.validation import SAMPLERS
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -27,29 +35,52 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation after distillation")
 
 
-def run_job(args: argparse.Namespace, teacher_training: bool) -> int:
-    from diffkd.api import distill
-    from diffkd.config import dump_config, load_config
+def add_teacher_samples_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--teacher", required=True, help="teacher pipeline: a diffusers folder or hub id")
+    parser.add_argument("--num-samples", type=int, required=True, help="pairs the cache must hold")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="teacher sampler (default ddim)")
+    parser.add_argument("--steps", type=int, default=32, help="teacher sampling steps (default 32)")
+    parser.add_argument("--output", required=True, help="cache folder (resumed if it holds a matching cache)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed: pair i's noise depends on (seed, i)")
+    parser.add_argument("--batch-size", type=int, default=250, help="pairs per teacher batch")
+    parser.add_argument("--shard-size", type=int, default=1000, help="pairs per safetensors shard")
+    parser.add_argument("--prompts-file", default=None, help="text teachers: prompts, one a line (cycled)")
+    parser.add_argument("--guidance-scale", type=float, default=1.0, help="text teachers: classifier-free guidance")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
 
+
+def run_job(args: argparse.Namespace, teacher_training: bool) -> int:
     config = load_config(args.config, args.overrides)
-    if teacher_training != (config.method.name == "denoise"):
-        wanted = "train-teacher" if config.method.name == "denoise" else "distill"
-        raise DiffkdError(f"{args.config} is a method.name={config.method.name} config: run `diffkd {wanted}`")
+    check_command(config.method.name, args.config, teacher_training)
     if args.no_eval:
         config.run_eval = False
     if args.dry_run:
         sys.stdout.write(dump_config(config))
         return 0
+    from diffkd.api import distill  # deferred for start-up time
+
     folder = distill(config, args.output, resume=args.resume, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") == "0":
         print(f"saved {folder}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from diffkd import sample_cache
-    from diffkd.evaluation import cli as eval_cli
+def check_command(method: str, config_file: str, teacher_training: bool) -> None:
+    """``train-teacher`` runs the methods that train without a teacher, ``distill`` the others."""
+    from diffkd.methods import method_class  # deferred for start-up time: a method's module imports torch
 
+    if teacher_training == method_class(method).needs_teacher:
+        wanted = "distill" if teacher_training else "train-teacher"
+        raise DiffkdError(f"{config_file} is a method.name={method} config: run `diffkd {wanted}`")
+
+
+def run_teacher_samples(args: argparse.Namespace) -> int:
+    from diffkd import sample_cache  # deferred for start-up time
+
+    return sample_cache.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffkd", description="Distil diffusers pipelines into few-step students.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -64,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(handler=eval_cli.run)
     samples = commands.add_parser("teacher-samples", help="generate (or resume) a cache of teacher samples for the "
                                                           "generator method")
-    sample_cache.add_arguments(samples)
-    samples.set_defaults(handler=sample_cache.run)
+    add_teacher_samples_arguments(samples)
+    samples.set_defaults(handler=run_teacher_samples)
     return parser
 
 

@@ -6,35 +6,37 @@ prompt as the unconditional branch); unconditional teachers get nothing, and eve
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from diffkd.config import DataConfig
 from diffkd.errors import DiffkdError
 from diffkd.io import LoadedPipeline
 from diffkd.models import Conditioning
 
 
-def read_prompts(data: DataConfig) -> list[str]:
-    prompts = list(data.prompts)
-    if data.prompts_file:
-        file = Path(data.prompts_file)
+def read_prompts(prompts: Sequence[str], prompts_file: str | None, option: str = "data.prompts_file") -> list[str]:
+    """``prompts`` followed by the lines of ``prompts_file`` (blank lines skipped); ``option`` names the file's
+    setting in the error a missing file gets."""
+    prompts = list(prompts)
+    if prompts_file:
+        file = Path(prompts_file).expanduser()
         if not file.is_file():
-            raise DiffkdError(f"data.prompts_file {data.prompts_file!r} not found: give a text file, one prompt a line")
+            raise DiffkdError(f"{option} {prompts_file!r} not found: give a text file, one prompt a line")
         prompts += [line.strip() for line in file.read_text().splitlines() if line.strip()]
     return prompts
 
 
 @torch.no_grad()
-def encode_rows(teacher: LoadedPipeline, data: DataConfig, num_rows: int) -> dict[str, torch.Tensor]:
-    """Conditioning columns for ``num_rows`` training rows (prompts are cycled over the rows)."""
+def encode_rows(teacher: LoadedPipeline, prompts: Sequence[str], num_rows: int) -> dict[str, torch.Tensor]:
+    """Conditioning columns for ``num_rows`` training rows (``prompts`` are cycled over the rows)."""
     if not teacher.text_conditioned:
         return {}
-    prompts = read_prompts(data)
     if not prompts:
         raise DiffkdError("the teacher is text-conditioned but no prompts were given: set data.prompts or "
                           "data.prompts_file")
+    prompts = list(prompts)
     device = teacher.unet.device
     embeds, negative = teacher.pipeline.encode_prompt(prompts, device, 1, True, [""] * len(prompts))
     rows = torch.arange(num_rows) % len(prompts)

@@ -2,7 +2,8 @@
 
 Every key is checked against the dataclass fields (a typo gets the closest valid key), every value is coerced to
 the field's type, and each section validates its ranges in ``__post_init__``. A bad config costs one line on
-stderr before any work starts.
+stderr before any work starts. Like everything it imports (the option dataclasses of ``diffkd.method_options`` and
+``diffkd.eval_options``, the checks of ``diffkd.validation``), it imports no torch and nothing above it.
 """
 
 from __future__ import annotations
@@ -18,17 +19,9 @@ from typing import Any
 import yaml
 
 from diffkd.errors import DiffkdError
-from diffkd.evaluation.config import EvalConfig
-
-
-def check(condition: bool, message: str) -> None:
-    if not condition:
-        raise DiffkdError(message)
-
-
-def check_choice(key: str, value: Any, choices: typing.Iterable) -> None:
-    choices = tuple(choices)
-    check(value in choices, f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+from diffkd.eval_options import EvalConfig
+from diffkd.method_options import METHODS, MethodConfig
+from diffkd.validation import check, check_choice
 
 
 @dataclass
@@ -134,13 +127,6 @@ class TrainConfig:
 
 
 @dataclass
-class MethodConfig:
-    """Base of each method's own section; ``name`` picks the method (see diffkd.methods.METHODS)."""
-
-    name: str = "progressive"
-
-
-@dataclass
 class Config:
     """A whole job: what to distil, into what, how to train, and how to evaluate the result."""
 
@@ -159,14 +145,12 @@ class Config:
 
 def parse_config(data: dict) -> Config:
     """Build a Config from nested plain values; the method section's type comes from ``method.name``."""
-    from diffkd.methods import METHODS
-
     data = dict(data or {})
     method = dict(data.pop("method", None) or {})
     name = method.get("name", MethodConfig.name)
     check_choice("method.name", name, METHODS)
     config = build(Config, data, "")
-    config.method = build(METHODS[name].config_class, method, "method")
+    config.method = build(METHODS[name].options, method, "method")
     return config
 
 

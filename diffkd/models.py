@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
+from diffusers import UNet2DConditionModel
 from torch import nn
 
 from diffkd import schedule
@@ -123,3 +124,20 @@ def _cat_pair(uncond: torch.Tensor | None, cond: torch.Tensor | None) -> torch.T
     if cond is None:
         return None
     return torch.cat([uncond if uncond is not None else torch.zeros_like(cond), cond])
+
+
+def dummy_inputs(unet: nn.Module, batch_size: int, sample_size: int | None = None) -> dict:
+    """Zero inputs of the right shapes for one UNet pass (for timing and for probing feature widths)."""
+    config = unet.config
+    size = sample_size or config.sample_size
+    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    parameter = next(unet.parameters())
+    device, dtype = parameter.device, parameter.dtype
+    inputs = {"sample": torch.zeros(batch_size, config.in_channels, *size, device=device, dtype=dtype),
+              "timestep": torch.full((batch_size,), 500, device=device, dtype=torch.long)}
+    if isinstance(unet, UNet2DConditionModel):
+        inputs["encoder_hidden_states"] = torch.zeros(batch_size, 1, config.cross_attention_dim, device=device,
+                                                      dtype=dtype)
+    if config.get("num_class_embeds"):
+        inputs["class_labels"] = torch.zeros(batch_size, device=device, dtype=torch.long)
+    return inputs

@@ -27,14 +27,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from diffkd.conditioning import encode_rows, read_prompts
 from diffkd.errors import DiffkdError
-from diffkd.evaluation.samplers import teacher_sample
-from diffkd.io import LoadedPipeline
+from diffkd.io import LoadedPipeline, load_pipeline
 from diffkd.models import Conditioning
+from diffkd.sampling import SAMPLERS, teacher_sample
 
 log = logging.getLogger(__name__)
 
-SAMPLERS = ("ddim", "dpmsolver++", "unipc")
 MANIFEST = "manifest.json"
 FORMAT = 1
 
@@ -173,10 +173,7 @@ class SampleCache:
     def _conditioning(self, teacher: LoadedPipeline) -> dict[str, torch.Tensor]:
         if not self.key.prompts:
             return {}
-        from diffkd.conditioning import encode_rows
-        from diffkd.config import DataConfig
-
-        return encode_rows(teacher, DataConfig(prompts=list(self.key.prompts)), len(self.key.prompts))
+        return encode_rows(teacher, self.key.prompts, len(self.key.prompts))
 
     def _batch_conditioning(self, rows: dict, first: int, size: int, device) -> Conditioning | None:
         if not rows:
@@ -244,29 +241,11 @@ def ensure(teacher: LoadedPipeline, num_samples: int, sampler: str = "ddim", ste
         return cache.generate(teacher, num_samples, progress)
 
 
-# ---- the `diffkd teacher-samples` command ---------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--teacher", required=True, help="teacher pipeline: a diffusers folder or hub id")
-    parser.add_argument("--num-samples", type=int, required=True, help="pairs the cache must hold")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="teacher sampler (default ddim)")
-    parser.add_argument("--steps", type=int, default=32, help="teacher sampling steps (default 32)")
-    parser.add_argument("--output", required=True, help="cache folder (resumed if it holds a matching cache)")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed: pair i's noise depends on (seed, i)")
-    parser.add_argument("--batch-size", type=int, default=250, help="pairs per teacher batch")
-    parser.add_argument("--shard-size", type=int, default=1000, help="pairs per safetensors shard")
-    parser.add_argument("--prompts-file", default=None, help="text teachers: prompts, one a line (cycled)")
-    parser.add_argument("--guidance-scale", type=float, default=1.0, help="text teachers: classifier-free guidance")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
-
-
 def run(args: argparse.Namespace) -> int:
-    from diffkd.conditioning import read_prompts
-    from diffkd.config import DataConfig
-    from diffkd.io import load_pipeline
-
+    """The ``diffkd teacher-samples`` command (its options are in diffkd.cli)."""
     if args.num_samples < 1:
         raise DiffkdError(f"--num-samples must be >= 1; got {args.num_samples}")
-    prompts = tuple(read_prompts(DataConfig(prompts_file=args.prompts_file))) if args.prompts_file else ()
+    prompts = tuple(read_prompts((), args.prompts_file, "--prompts-file"))
     teacher = load_pipeline(args.teacher, device=args.device)
     teacher.unet.requires_grad_(False).eval()
     cache = ensure(teacher, args.num_samples, args.sampler, args.steps, args.seed, args.output, args.batch_size,

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+from diffkd.validation import LOSS_WEIGHTINGS, PREDICTION_TYPES
+
 CLEAN = -1
 
 
@@ -107,5 +108,3 @@ def loss_weight(snr_t: torch.Tensor, kind: str) -> torch.Tensor:
         return snr_t.clamp(max=5.0)
     raise ValueError(f"loss weighting must be one of {LOSS_WEIGHTINGS}, got {kind!r}")
 
-
-LOSS_WEIGHTINGS = ("snr_trunc", "snr", "constant", "min_snr")

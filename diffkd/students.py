@@ -24,6 +24,7 @@ from torch import nn
 
 from diffkd.config import StudentConfig
 from diffkd.errors import DiffkdError
+from diffkd.models import dummy_inputs
 
 SUPPORTED = (UNet2DModel, UNet2DConditionModel)
 _BLOCK_LAYER = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)$")
@@ -203,23 +204,6 @@ def narrowing_strides(teacher_shape: torch.Size, student_shape: torch.Size) -> t
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def dummy_inputs(unet: nn.Module, batch_size: int, sample_size: int | None = None) -> dict:
-    """Zero inputs of the right shapes for one UNet pass (for timing and for probing feature widths)."""
-    config = unet.config
-    size = sample_size or config.sample_size
-    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-    device = _device_of(unet)
-    dtype = next(unet.parameters()).dtype
-    inputs = {"sample": torch.zeros(batch_size, config.in_channels, *size, device=device, dtype=dtype),
-              "timestep": torch.full((batch_size,), 500, device=device, dtype=torch.long)}
-    if isinstance(unet, UNet2DConditionModel):
-        inputs["encoder_hidden_states"] = torch.zeros(batch_size, 1, config.cross_attention_dim, device=device,
-                                                      dtype=dtype)
-    if config.get("num_class_embeds"):
-        inputs["class_labels"] = torch.zeros(batch_size, device=device, dtype=torch.long)
-    return inputs
 
 
 @torch.no_grad()

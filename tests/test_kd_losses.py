@@ -10,7 +10,7 @@ from diffkd.config import LossConfig, StudentConfig
 from diffkd.io import LoadedPipeline, denoiser_of
 from diffkd.losses.features import FeatureAlignment, block_taps, capture, probe_widths
 from diffkd.losses.kd import AuxiliaryLosses, OutputKD
-from diffkd.methods.base import LossTerms
+from diffkd.losses.terms import LossTerms
 from diffkd.models import Denoiser
 from diffkd.students import build_student
 from tests.conftest import make_scheduler

@@ -1,19 +1,30 @@
 """A latent, text-conditioned teacher (Stable-Diffusion-shaped) goes through the same progressive method:
 prompts are encoded by the pipeline, images through its VAE, and guidance is distilled into the student."""
 
+import pytest
 import torch
 import yaml
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
 from diffkd.api import distill
-from diffkd.conditioning import batch_conditioning, encode_rows
-from diffkd.config import DataConfig, parse_config
+from diffkd.conditioning import batch_conditioning, encode_rows, read_prompts
+from diffkd.config import parse_config
+from diffkd.errors import DiffkdError
 from diffkd.io import load_pipeline
+
+
+def test_prompts_are_the_inline_ones_then_the_file_lines(tmp_path):
+    file = tmp_path / "prompts.txt"
+    file.write_text("a dog\n\n  a bird  \n")
+    assert read_prompts(["a cat"], str(file)) == ["a cat", "a dog", "a bird"]
+    assert read_prompts(["a cat"], None) == ["a cat"]
+    with pytest.raises(DiffkdError, match="^--prompts-file '.*missing.txt' not found: give a text file"):
+        read_prompts([], str(tmp_path / "missing.txt"), "--prompts-file")
 
 
 def test_prompts_are_encoded_with_an_unconditional_branch(tiny_sd):
     teacher = load_pipeline(tiny_sd)
-    rows = encode_rows(teacher, DataConfig(prompts=["a cat", "a dog"]), 5)
+    rows = encode_rows(teacher, ["a cat", "a dog"], 5)
     assert rows["encoder_hidden_states"].shape == (5, 8, 16)
     torch.testing.assert_close(rows["encoder_hidden_states"][0], rows["encoder_hidden_states"][2])
     assert not torch.allclose(rows["encoder_hidden_states"][0], rows["encoder_hidden_states"][1])
@@ -24,7 +35,7 @@ def test_prompts_are_encoded_with_an_unconditional_branch(tiny_sd):
 
 def test_guided_teacher_output_is_the_cfg_combination(tiny_sd):
     teacher = load_pipeline(tiny_sd)
-    cond = batch_conditioning(encode_rows(teacher, DataConfig(prompts=["a cat"]), 2), guidance_scale=4.0)
+    cond = batch_conditioning(encode_rows(teacher, ["a cat"], 2), guidance_scale=4.0)
     z, t = torch.randn(2, 4, 4, 4), torch.tensor(500)
     with torch.no_grad():
         guided = teacher.denoiser.output(z, t, cond)

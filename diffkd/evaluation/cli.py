@@ -11,8 +11,10 @@ from pathlib import Path
 
 import yaml
 
+from diffkd.config import build
 from diffkd.errors import DiffkdError
-from diffkd.evaluation.config import FEATURES, SAMPLERS, EvalConfig
+from diffkd.eval_options import FEATURES, EvalConfig
+from diffkd.validation import SAMPLERS
 
 # option dest -> EvalConfig field, for options whose names differ from the field.
 _RENAMED = {"pipeline": "pipelines", "prompt": "prompts", "no_fidelity": "fidelity"}
@@ -52,8 +54,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
     """The EvalConfig that ``args`` (and the YAML file it names) describe."""
-    from diffkd.config import build
-
     data = _read_yaml(args.config) if args.config else {}
     names = {f.name for f in fields(EvalConfig)}
     for dest, value in vars(args).items():
@@ -83,8 +83,9 @@ def _read_yaml(path: str) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print the summary table; the report is in ``--output``."""
-    from diffkd.evaluation import evaluate
+    # deferred for start-up time: `diffkd --help` imports this module
     from diffkd.evaluation.report import summary_table
+    from diffkd.evaluation.sweep import evaluate
 
     config = config_from_args(args)
     results = evaluate(config)

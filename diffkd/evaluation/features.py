@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffkd.data import load_digits
 from diffkd.errors import DiffkdError
 from diffkd.weights import INCEPTION, file_sha256, locate_checkpoint
 
@@ -138,8 +139,6 @@ def train_digits_classifier(seed: int = 0, epochs: int = 30, test_fraction: floa
     details (test accuracy on the held-out split, the recipe).
     """
     from sklearn.datasets import load_digits as sklearn_digits
-
-    from diffkd.data import load_digits
 
     torch.manual_seed(seed)
     images = to_uint8(load_digits(DIGITS_SIZE)).float() / 127.5 - 1

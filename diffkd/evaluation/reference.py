@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from diffkd.data import load_images
 from diffkd.errors import DiffkdError
 from diffkd.evaluation.features import FeatureNetwork, to_uint8
 from diffkd.evaluation.frechet import frechet_distance, gaussian_stats
@@ -83,8 +84,6 @@ def load_real_set(reference: str, feature: FeatureNetwork, size: int, channels: 
     if path.is_file():
         log.info("real-set statistics from cache %s", path)
         return _from_file(path, feature, reference)
-    from diffkd.data import load_images
-
     images = load_images(reference, size, channels)
     features = torch.cat([feature(to_uint8(batch).to(_device(feature))) for batch in images.split(batch_size)])
     mu, sigma = gaussian_stats(features)

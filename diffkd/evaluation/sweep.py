@@ -16,17 +16,22 @@ from pathlib import Path
 import torch
 import yaml
 
+from diffkd.conditioning import read_prompts
 from diffkd.errors import DiffkdError
+from diffkd.eval_options import EvalConfig
 from diffkd.evaluation import protocol
 from diffkd.evaluation.clip import clip_score_metric
-from diffkd.evaluation.config import EvalConfig
 from diffkd.evaluation.features import load_feature_network, to_uint8
 from diffkd.evaluation.frechet import frechet_distance, gaussian_stats, kernel_distance
-from diffkd.evaluation.reference import auto_feature, default_cache_dir, load_real_set
-from diffkd.evaluation.samplers import sampler_settings, teacher_sample
+from diffkd.evaluation.plan import MetricPlan, plan_metrics
+from diffkd.evaluation.reference import default_cache_dir, load_real_set
+from diffkd.evaluation.report import write_report
 from diffkd.io import LoadedPipeline, load_pipeline
+from diffkd.losses.perceptual import LPIPSLoss
+from diffkd.methods import METHODS, method_class
 from diffkd.models import Conditioning
-from diffkd.sampling import scheduler_sample
+from diffkd.sampling import sampler_settings, scheduler_sample, teacher_sample
+from diffkd.weights import file_sha256, locate_hf_model
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +103,10 @@ def read_card(source: str) -> dict:
 
 
 def is_student(card: dict) -> bool:
-    """A diffkd student's card names its distillation method; a teacher's names none (or 'denoise')."""
-    return card.get("method") not in (None, "denoise")
+    """A diffkd student's card names the method that made it; a pipeline that names none, or a method that trains
+    without a teacher (``Method.needs_teacher``), is a teacher."""
+    name = card.get("method")
+    return name is not None and (name not in METHODS or method_class(name).needs_teacher)
 
 
 def display_name(source: str) -> str:
@@ -181,16 +188,6 @@ class Prompts:
         return cond.unguided() if float(model.card.get("guidance_scale", 1.0)) > 1 else cond
 
 
-def read_prompts(config: EvalConfig) -> list[str]:
-    prompts = list(config.prompts)
-    if config.prompts_file:
-        file = Path(config.prompts_file).expanduser()
-        if not file.is_file():
-            raise DiffkdError(f"eval.prompts_file {config.prompts_file!r} not found: give a text file, one prompt a line")
-        prompts += [line.strip() for line in file.read_text().splitlines() if line.strip()]
-    return prompts
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -227,15 +224,17 @@ def evaluate(config: EvalConfig) -> EvalResults:
     models, teacher = load_models(config, device)
     first = teacher or models[0]
     size, channels = first.pipe.image_size, first.pipe.image_channels
-    feature_name = auto_feature(config.reference) if config.feature == "auto" else config.feature
-    feature = load_feature_network(feature_name, device, config.feature_weights)
+    prompts = _prompts(config, models)
+    plan = plan_metrics(config, teacher is not None, any(m.pipe.text_conditioned for m in models), prompts is not None)
+    feature = load_feature_network(plan.feature, device, config.feature_weights)
     cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
     real = load_real_set(config.reference, feature, size, channels, cache_dir)
-    lpips_model, lpips_note = _lpips(config, teacher, device)
-    prompts = _prompts(config, models)
-    clip_note = _clip(config, models, prompts, device)
+    lpips_model, lpips_note = _lpips(config, plan, device)
+    clip_note = plan.clip_off
+    if plan.clip:
+        clip_note = f"on: {locate_hf_model(config.clip_model, 'CLIPScore', 'eval.clip_model')}"
     settings = make_settings(config, models, teacher)
-    if prompts is not None and clip_note.startswith("on"):
+    if plan.clip:
         for setting in settings:
             if setting.model.pipe.text_conditioned:
                 setting.clip = clip_score_metric(config.clip_model).to(device)
@@ -270,8 +269,6 @@ def evaluate(config: EvalConfig) -> EvalResults:
         models=[_model_info(m, teacher) for m in models], rows=rows, noise_floor=_noise_floor(real, config),
         elapsed_seconds=round(time.perf_counter() - started, 2))
     if config.output:
-        from diffkd.evaluation.report import write_report
-
         results.output = str(Path(config.output))
         write_report(results, {s.key: s.grid for s in settings}, Path(config.output))
     return results
@@ -294,46 +291,28 @@ def _rgb(images: torch.Tensor) -> torch.Tensor:
     return images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images
 
 
-def _lpips(config: EvalConfig, teacher: Model | None, device: torch.device):
+def _lpips(config: EvalConfig, plan: MetricPlan, device: torch.device):
     """The LPIPS model for fidelity, or None and the reason."""
-    if not config.fidelity or teacher is None:
-        return None, "off (no fidelity)"
-    if config.lpips is False:
-        return None, "off (eval.lpips = false)"
-    from diffkd.losses.perceptual import LPIPSLoss
-
+    if plan.lpips is False:
+        return None, plan.lpips_off
     try:
         model = LPIPSLoss(config.lpips_net, config.lpips_backbone_weights).to(device)
     except DiffkdError as error:
-        if config.lpips:
+        if plan.lpips:
             raise
         log.warning("LPIPS skipped: %s", error)
         return None, f"off: {error}"
-    from diffkd.weights import file_sha256
-
     return model, f"on: {config.lpips_net}, backbone sha256 {file_sha256(model.weights_path)}"
 
 
 def _prompts(config: EvalConfig, models: list[Model]) -> Prompts | None:
     if not any(m.pipe.text_conditioned for m in models):
         return None
-    prompts = read_prompts(config)
+    prompts = read_prompts(config.prompts, config.prompts_file, "eval.prompts_file")
     if not prompts:
         raise DiffkdError("a text-conditioned pipeline is evaluated but no prompts were given: set eval.prompts "
                           "(--prompt) or eval.prompts_file")
     return Prompts(prompts, config.guidance_scale)
-
-
-def _clip(config: EvalConfig, models: list[Model], prompts: Prompts | None, device: torch.device) -> str:
-    if config.clip_score is False:
-        return "off (eval.clip_score = false)"
-    if prompts is None:
-        if config.clip_score:
-            raise DiffkdError("eval.clip_score needs a text-conditioned pipeline and prompts")
-        return "off (no text-conditioned pipeline)"
-    from diffkd.weights import locate_hf_model
-
-    return f"on: {locate_hf_model(config.clip_model, 'CLIPScore', 'eval.clip_model')}"
 
 
 def _mean(values: list[torch.Tensor]) -> float | None:

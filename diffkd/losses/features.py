@@ -22,6 +22,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from diffkd.errors import DiffkdError
+from diffkd.models import dummy_inputs
 
 DDP_PREFIX = "module."
 
@@ -183,8 +184,6 @@ def _module_key(key: str) -> str:
 @torch.no_grad()
 def probe_widths(teacher: nn.Module, student: nn.Module, taps: Sequence[tuple[str, str]]) -> dict[str, tuple[int, int]]:
     """Channel widths at each tap, found by one dummy forward of each network at batch size 1."""
-    from diffkd.students import dummy_inputs
-
     widths: dict[str, list[int]] = {Tap(t, s).key: [0, 0] for t, s in taps}
     for side, model in enumerate((unwrap(teacher), unwrap(student))):
         paths = sorted({pair[side] for pair in taps})

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -18,10 +17,9 @@ from diffkd import schedule
 from diffkd.config import LossConfig
 from diffkd.io import LoadedPipeline
 from diffkd.losses.features import FeatureAlignment, block_taps, capture, parse_taps, probe_widths
+from diffkd.losses.perceptual import LPIPSLoss
+from diffkd.losses.terms import LossTerms
 from diffkd.models import Conditioning
-
-if TYPE_CHECKING:  # methods import this module; a runtime import back would be circular
-    from diffkd.methods.base import LossTerms
 
 
 class OutputKD:
@@ -43,8 +41,6 @@ class PerceptualKD:
     latent teachers; images are clamped to [-1, 1], the range LPIPS was calibrated on."""
 
     def __init__(self, teacher: LoadedPipeline, net: str, backbone_weights: str | None, pnet_rand: bool = False):
-        from diffkd.losses.perceptual import LPIPSLoss
-
         self.decode = teacher.denoiser.decode
         self.lpips = LPIPSLoss(net=net, backbone_weights=backbone_weights, pnet_rand=pnet_rand)
         self.lpips.to(teacher.unet.device)

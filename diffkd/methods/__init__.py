@@ -1,10 +1,18 @@
-"""The registry of methods: ``method.name`` in a config picks one of these."""
+"""The methods a config's ``method.name`` picks (registered in ``diffkd.method_options.METHODS``).
 
-from diffkd.methods.base import ExportSpec, LossTerms, Method, Round
-from diffkd.methods.denoise import DenoisingTraining
-from diffkd.methods.generator import GeneratorDistillation
-from diffkd.methods.progressive import ProgressiveDistillation
+A method's module is imported when a run asks for it, not when the config is read.
+"""
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (ProgressiveDistillation, GeneratorDistillation, DenoisingTraining)}
+import importlib
 
-__all__ = ["METHODS", "ExportSpec", "LossTerms", "Method", "Round"]
+from diffkd.method_options import METHODS
+from diffkd.methods.base import ExportSpec, Method, Round
+
+
+def method_class(name: str) -> type[Method]:
+    """The class that implements method ``name`` (a key of ``METHODS``), importing its module."""
+    module, _, cls = METHODS[name].implementation.partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+__all__ = ["METHODS", "ExportSpec", "Method", "Round", "method_class"]

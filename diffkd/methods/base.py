@@ -14,6 +14,7 @@ from torch import nn
 
 from diffkd.config import Config, MethodConfig
 from diffkd.io import LoadedPipeline
+from diffkd.losses.terms import LossTerms
 
 
 @dataclass
@@ -22,27 +23,6 @@ class Round:
 
     name: str
     num_steps: int
-
-
-@dataclass
-class LossTerms:
-    """Named loss terms (each a scalar) and their weights; ``total`` is the weighted sum that is optimised."""
-
-    terms: dict[str, torch.Tensor]
-    weights: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def total(self) -> torch.Tensor:
-        return sum(self.weights.get(name, 1.0) * value for name, value in self.terms.items())
-
-    def add(self, name: str, value: torch.Tensor, weight: float = 1.0) -> None:
-        self.terms[name] = value
-        self.weights[name] = weight
-
-    def logs(self) -> dict[str, float]:
-        values = {f"loss/{name}": float(value.detach()) for name, value in self.terms.items()}
-        values["loss/total"] = float(self.total.detach())
-        return values
 
 
 @dataclass

@@ -6,42 +6,17 @@ with the project is reproducible with ``diffkd train-teacher configs/digits-teac
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
 from torch import nn
 
 from diffkd import schedule
-from diffkd.config import Config, MethodConfig, check, check_choice
+from diffkd.config import Config
 from diffkd.data import load_images
 from diffkd.io import LoadedPipeline, denoiser_of
-from diffkd.methods.base import ExportSpec, LossTerms, Method, Round
-
-
-@dataclass
-class DenoiseConfig(MethodConfig):
-    """A small pixel-space UNet2DModel and its noise schedule."""
-
-    name: str = "denoise"
-    num_steps: int = 3000
-    sample_size: int = 16
-    channels: int = 1
-    block_out_channels: list[int] = (32, 64, 64)
-    layers_per_block: int = 1
-    attention_at_lowest: bool = True
-    prediction_type: str = "v_prediction"
-    beta_schedule: str = "squaredcos_cap_v2"
-    num_train_timesteps: int = 1000
-    clip_sample: bool = True
-    sample_steps: int = 64
-
-    def __post_init__(self):
-        check(self.num_steps >= 1, f"method.num_steps must be >= 1; got {self.num_steps}")
-        check(self.sample_size >= 4, f"method.sample_size must be >= 4; got {self.sample_size}")
-        check(len(self.block_out_channels) >= 1, "method.block_out_channels needs at least one entry")
-        check_choice("method.prediction_type", self.prediction_type, schedule.PREDICTION_TYPES)
-        check_choice("method.beta_schedule", self.beta_schedule, ("linear", "scaled_linear", "squaredcos_cap_v2"))
+from diffkd.losses.terms import LossTerms
+from diffkd.method_options import DenoiseConfig
+from diffkd.methods.base import ExportSpec, Method, Round
 
 
 class DenoisingTraining(Method):

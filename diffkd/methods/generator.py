@@ -11,58 +11,19 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from diffkd import sample_cache, schedule
 from diffkd.conditioning import batch_conditioning, encode_rows, read_prompts
-from diffkd.config import DataConfig, MethodConfig, check, check_choice
 from diffkd.errors import DiffkdError
 from diffkd.io import student_scheduler
 from diffkd.losses.kd import AuxiliaryLosses
-from diffkd.methods.base import ExportSpec, LossTerms, Method, Round
+from diffkd.losses.terms import LossTerms
+from diffkd.method_options import GeneratorConfig
+from diffkd.methods.base import ExportSpec, Method, Round
 from diffkd.models import Denoiser
-
-
-@dataclass
-class GeneratorConfig(MethodConfig):
-    """num_samples pairs of the teacher's ``teacher_sampler`` at ``teacher_steps``; a ``student_steps``-step student.
-
-    cache: the pair cache folder ("" = ~/.cache/diffkd/teacher-samples/<key>, or under $DIFFKD_CACHE), made or
-    completed before training and reused by every run with the same teacher, sampler, steps and seed.
-    mse: weight of the x-space MSE to the teacher's sample (the losses section adds the KD terms).
-    """
-
-    name: str = "generator"
-    num_steps: int = 2000
-    student_steps: int = 1
-    student_prediction_type: str = "v_prediction"
-    mse: float = 1.0
-    num_samples: int = 6000
-    teacher_sampler: str = "ddim"
-    teacher_steps: int = 32
-    sample_seed: int = 0
-    cache: str = ""
-    cache_batch_size: int = 250
-    cache_shard_size: int = 1000
-    guidance_scale: float = 1.0
-
-    def __post_init__(self):
-        check(self.num_steps >= 1, f"method.num_steps must be >= 1; got {self.num_steps}")
-        check(self.student_steps >= 1, f"method.student_steps must be >= 1; got {self.student_steps}")
-        check_choice("method.student_prediction_type", self.student_prediction_type,
-                     schedule.PREDICTION_TYPES + ("teacher",))
-        check(self.mse >= 0, f"method.mse must be >= 0; got {self.mse}")
-        check(self.num_samples >= 1, f"method.num_samples must be >= 1; got {self.num_samples}")
-        check_choice("method.teacher_sampler", self.teacher_sampler, sample_cache.SAMPLERS)
-        check(self.teacher_steps >= 1, f"method.teacher_steps must be >= 1; got {self.teacher_steps}")
-        check(self.sample_seed >= 0, f"method.sample_seed must be >= 0; got {self.sample_seed}")
-        check(self.cache_batch_size >= 1 and self.cache_shard_size >= 1,
-              "method.cache_batch_size and method.cache_shard_size must be >= 1")
-        check(self.guidance_scale >= 1, f"method.guidance_scale must be >= 1 (1 = no guidance); "
-                                        f"got {self.guidance_scale}")
 
 
 class GeneratorDistillation(Method):
@@ -91,14 +52,15 @@ class GeneratorDistillation(Method):
 
     def dataset(self) -> dict[str, torch.Tensor]:
         o = self.options
-        prompts = tuple(read_prompts(self.config.data)) if self.teacher.text_conditioned else ()
+        data = self.config.data
+        prompts = tuple(read_prompts(data.prompts, data.prompts_file)) if self.teacher.text_conditioned else ()
         cache = sample_cache.ensure(self.teacher, o.num_samples, o.teacher_sampler, o.teacher_steps, o.sample_seed,
                                     o.cache or None, o.cache_batch_size, o.cache_shard_size, prompts,
                                     o.guidance_scale)
         pairs = cache.load(o.num_samples)
         rows = {"noise": pairs["noise"], "sample": pairs["sample"]}
         if prompts:
-            encoded = encode_rows(self.teacher, DataConfig(prompts=list(prompts)), len(prompts))
+            encoded = encode_rows(self.teacher, prompts, len(prompts))
             rows.update({k: v[pairs["prompt_index"]] for k, v in encoded.items()})
         return rows
 

@@ -10,68 +10,20 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from diffkd import schedule
-from diffkd.conditioning import batch_conditioning, encode_rows
-from diffkd.config import MethodConfig, check, check_choice
+from diffkd.conditioning import batch_conditioning, encode_rows, read_prompts
 from diffkd.data import load_images
 from diffkd.errors import DiffkdError
 from diffkd.io import student_scheduler
 from diffkd.losses.kd import AuxiliaryLosses
-from diffkd.methods.base import ExportSpec, LossTerms, Method, Round
+from diffkd.losses.terms import LossTerms
+from diffkd.method_options import ProgressiveConfig
+from diffkd.methods.base import ExportSpec, Method, Round
 from diffkd.models import Denoiser
-
-KD_ROUNDS = ("all", "imitation")
-
-
-@dataclass
-class ProgressiveConfig(MethodConfig):
-    """start_steps -> final_steps by halvings of ``steps_per_round`` training steps each.
-
-    ``imitation_steps`` > 0 adds a first round in which the student learns the teacher's own start_steps-step
-    DDIM (one teacher step per student step): a compact student, most of whose tensors start fresh, first
-    learns to denoise like the teacher before it learns to skip steps.
-
-    ``kd_rounds``: where the losses section's output and feature KD apply. Both compare the student with the
-    pipeline's teacher at the same noisy input, which is the target only when the student does the teacher's own
-    step; in a halving they pull against it. "imitation" keeps them to the imitation round, "all" to every round.
-    """
-
-    name: str = "progressive"
-    start_steps: int = 64
-    final_steps: int = 4
-    steps_per_round: int = 500
-    imitation_steps: int = 0
-    loss_weighting: str = "snr_trunc"
-    student_prediction_type: str = "v_prediction"
-    guidance_scale: float = 1.0
-    kd_rounds: str = "all"
-
-    def __post_init__(self):
-        check(self.final_steps >= 1, f"method.final_steps must be >= 1; got {self.final_steps}")
-        check(self.start_steps > self.final_steps,
-              f"method.start_steps ({self.start_steps}) must be larger than method.final_steps ({self.final_steps})")
-        ratio = self.start_steps / self.final_steps
-        check(ratio == int(ratio) and math.log2(ratio) == int(math.log2(ratio)),
-              f"method.start_steps ({self.start_steps}) must be a power-of-two multiple of method.final_steps "
-              f"({self.final_steps}) to be reached by halving; try start_steps="
-              f"{self.final_steps * 2 ** max(1, round(math.log2(max(ratio, 2))))}")
-        check(self.steps_per_round >= 1, f"method.steps_per_round must be >= 1; got {self.steps_per_round}")
-        check(self.imitation_steps >= 0, f"method.imitation_steps must be >= 0 (0 = none); got {self.imitation_steps}")
-        check_choice("method.kd_rounds", self.kd_rounds, KD_ROUNDS)
-        check(self.kd_rounds == "all" or self.imitation_steps > 0,
-              'method.kd_rounds="imitation" needs an imitation round: set method.imitation_steps > 0, '
-              'or kd_rounds="all"')
-        check_choice("method.loss_weighting", self.loss_weighting, schedule.LOSS_WEIGHTINGS)
-        check_choice("method.student_prediction_type", self.student_prediction_type,
-                     schedule.PREDICTION_TYPES + ("teacher",))
-        check(self.guidance_scale >= 1, f"method.guidance_scale must be >= 1 (1 = no guidance); "
-                                        f"got {self.guidance_scale}")
 
 
 class ProgressiveDistillation(Method):
@@ -118,7 +70,9 @@ class ProgressiveDistillation(Method):
         with torch.no_grad():
             latents = torch.cat([self.teacher.denoiser.encode(chunk.to(self.teacher.unet.device)).cpu()
                                  for chunk in images.split(64)])
-        return {"x0": latents, **encode_rows(self.teacher, self.config.data, len(latents))}
+        data = self.config.data
+        prompts = read_prompts(data.prompts, data.prompts_file) if self.teacher.text_conditioned else []
+        return {"x0": latents, **encode_rows(self.teacher, prompts, len(latents))}
 
     def begin_round(self, index: int) -> None:
         """The first halving distils the pipeline's teacher; each later one round r-1's student, frozen as it ended."""
