@@ -19,7 +19,7 @@ def student_method(name: str, k: int):
 
     from diffkd.config import parse_config
     from diffkd.io import LoadedPipeline
-    from diffkd.methods import METHODS
+    from diffkd.methods import method_class
 
     scheduler = make_scheduler()
     unet = make_tiny_unet()
@@ -28,7 +28,7 @@ def student_method(name: str, k: int):
     method = {"progressive": {"final_steps": k, "start_steps": 2 * k}, "generator": {"student_steps": k}}[name]
     config = parse_config({"method": {"name": name, **method}, "teacher": {"source": "stub"},
                            "train": {"device": "cpu"}, "run_eval": False})
-    return METHODS[name](config, teacher, unet)
+    return method_class(name)(config, teacher, unet)
 
 
 @pytest.mark.parametrize("name", ["progressive", "generator"])
