@@ -14,7 +14,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from diffkd import schedule
 from diffkd.conditioning import batch_conditioning, encode_rows
@@ -23,7 +22,7 @@ from diffkd.data import load_images
 from diffkd.errors import DiffkdError
 from diffkd.io import student_scheduler
 from diffkd.losses.kd import AuxiliaryLosses
-from diffkd.methods.base import ExportSpec, LossTerms, Method, Round
+from diffkd.methods.base import ExportSpec, LossTerms, Method, Network, Round
 from diffkd.models import Denoiser
 
 KD_ROUNDS = ("all", "imitation")
@@ -131,8 +130,10 @@ class ProgressiveDistillation(Method):
         return Denoiser(unet, self.teacher.denoiser.alphas_cumprod, self.prediction_type,
                         self.teacher.denoiser.clip_sample)
 
-    def extra_modules(self) -> nn.ModuleDict:
-        return self.auxiliary.modules()
+    def networks(self) -> dict[str, Network]:
+        """The student, and the feature-KD projections when the losses section uses any."""
+        projections = self.auxiliary.modules()
+        return {**super().networks(), **({"projections": Network(projections)} if len(projections) else {})}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         if self.round_teacher is self.teacher.denoiser:
@@ -147,7 +148,8 @@ class ProgressiveDistillation(Method):
             self.round_teacher.unet.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
                                                      if k.startswith(prefix)})
 
-    def loss(self, batch: dict[str, torch.Tensor], student: nn.Module, generator: torch.Generator) -> LossTerms:
+    def loss(self, phase: str, batch: dict[str, torch.Tensor], generator: torch.Generator) -> LossTerms:
+        student = self.student
         x = batch["x0"]
         k, total = self.student_steps, self.teacher.denoiser.num_train_timesteps
         per_step = self.teacher_steps // k  # 2 in a halving, 1 when imitating
