@@ -91,19 +91,22 @@ def step_seed(seed: int, round_index: int, step: int, shard: int, update: int = 
 
 def check_layout(method: str, networks: dict[str, Network], phases: list[Phase],
                  followers: dict[str, nn.Module]) -> None:
-    """A method's networks, phases and followers fit together: one exported network, each network in exactly one
-    phase, names that can be checkpoint file names."""
-    named = [*networks, *followers]
-    bad = [name for name in named if not name.isidentifier() or name == "method"]
-    in_phases = [name for phase in phases for name in phase.networks]
-    problems = ([f"names {bad} are not identifiers (or are 'method')"] if bad else []) + (
-        [f"{sum(n.exported for n in networks.values())} networks are exported, not one"]
-        if sum(n.exported for n in networks.values()) != 1 else []) + (
-        [f"phases {[p.name for p in phases]} do not update each of {list(networks)} exactly once"]
-        if sorted(in_phases) != sorted(networks) else []) + (
-        ["a phase has repeats < 1"] if any(p.repeats < 1 for p in phases) else []) + (
-        ["phase names repeat, or a network is also a follower"]
-        if len({p.name for p in phases}) != len(phases) or len(set(named)) != len(named) else [])
+    """A method's networks, phases and followers fit together: one exported network, each network updated by
+    exactly one phase, names that can be checkpoint file names."""
+    problems = []
+    names = [*networks, *followers]
+    bad = [name for name in names if not name.isidentifier() or name == "method"]
+    if bad:
+        problems.append(f"names {bad} are not identifiers (or are 'method')")
+    if len(set(names)) != len(names):
+        problems.append("a follower has a network's name")
+    exported = sum(network.exported for network in networks.values())
+    if exported != 1:
+        problems.append(f"{exported} networks are exported, not one")
+    if sorted(name for phase in phases for name in phase.networks) != sorted(networks):
+        problems.append(f"phases {[p.name for p in phases]} do not update each of {list(networks)} exactly once")
+    if len({phase.name for phase in phases}) != len(phases) or any(phase.repeats < 1 for phase in phases):
+        problems.append("phase names repeat, or a phase has repeats < 1")
     if problems:
         raise DiffkdError(f"method {method} declares its networks wrongly: {'; '.join(problems)}")
 
@@ -333,29 +336,28 @@ class Trainer:
         tensors, state = checkpoint.load(folder)
         try:
             progress = Progress(**state["progress"])
+            if progress.round > len(self.method.rounds()):
+                raise ValueError(f"it is at round {progress.round + 1} of a {len(self.method.rounds())}-round run")
             for name, network in self.networks.items():
                 network.module.load_state_dict(tensors.get(name, {}))
             for phase, optimizer in self.optimizers.items():
                 optimizer.load_state_dict(checkpoint.join_optimizer_state(tensors.get(f"optimizer.{phase}", {}),
                                                                           state["optimizers"][phase]))
-            if progress.round > len(self.method.rounds()):
-                raise ValueError(f"it is at round {progress.round + 1} of a {len(self.method.rounds())}-round run")
+            for name, follower in self.method.followers().items():
+                follower.load_state_dict(tensors[f"follower.{name}"])
+            if progress.step > 0:
+                self.method.load_state_tensors(progress.round, tensors.get("method", {}))
+                self.emas = self._new_emas()
+                for name, ema in self.emas.items():
+                    for index, shadow in enumerate(ema.shadow_params):
+                        shadow.data.copy_(tensors[f"ema.{name}"][str(index)])
+                    ema.optimization_step = state["ema_steps"][name]
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
             raise DiffkdError(f"checkpoint {str(folder)!r} does not fit this config ({str(error).splitlines()[0]}); "
                               "resume with the config the run was started with (OUTPUT/config.yaml)") from None
         self.progress = progress
         if self.acc.scaler is not None and state.get("scaler"):
             self.acc.scaler.load_state_dict(state["scaler"])
-        if self.progress.step > 0:
-            self.method.load_state_tensors(self.progress.round, tensors.get("method", {}))
-            self.emas = self._new_emas()
-            for name, ema in self.emas.items():
-                saved = tensors[f"ema.{name}"]
-                for index, shadow in enumerate(ema.shadow_params):
-                    shadow.data.copy_(saved[str(index)])
-                ema.optimization_step = state["ema_steps"][name]
-        for name, follower in self.method.followers().items():
-            follower.load_state_dict(tensors[f"follower.{name}"])
         log.info("resuming from %s (round %d, step %d)", folder, self.progress.round + 1, self.progress.step)
 
     def trim_logs(self) -> None:

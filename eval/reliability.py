@@ -78,8 +78,10 @@ def markdown(kills: list[KillResult], cases: list[CaseResult], command: str, sec
               "below (by a patched function in a wrapper process, or a timer), resumed with `--resume` until it "
               "finished, and its exported UNet compared tensor-by-tensor (`torch.equal`) with an uninterrupted run "
               "of the same config. Progressive: 8 -> 4 -> 2 -> 1 steps, 6 steps a round, checkpoint every 2 (last 2 "
-              "kept), EMA 0.9; denoise: 12 steps, checkpoint every 4; generator: 64 teacher DDIM-8 pairs cached in 4 shards, "
-              "then 8 steps, checkpoint every 2. 'resumed from' is the checkpoint each resume started from."), "",
+              "kept), EMA 0.9; denoise: 12 steps, checkpoint every 4; generator: 64 teacher DDIM-8 pairs cached in 4 "
+              "shards, then 8 steps, checkpoint every 2; two networks (`tests/two_networks.py`, issue 17): per step 3 "
+              "critic updates then 1 student update, a target network following the student, 6 steps, checkpoint "
+              "every 2, EMA 0.9. 'resumed from' is the checkpoint each resume started from."), "",
              "| # | method | kill point | resumed from | result |", "|---|---|---|---|---|"]
     for index, r in enumerate(kills, 1):
         lines.append(f"| {index} | {r.point.method} | {r.point.name} | {', '.join(r.resumed_from) or '-'} | "
@@ -93,38 +95,42 @@ def markdown(kills: list[KillResult], cases: list[CaseResult], command: str, sec
     return "\n".join(lines) + "\n"
 
 
-def two_ranks(teacher: str, work: Path) -> tuple[float, float]:
+def two_ranks(teacher: str, work: Path, method: str) -> tuple[float, float]:
     """torchrun with 2 ranks (gloo) vs one process with the same global batch as 2 accumulation shards: the max
-    absolute weight difference, and for scale the max absolute weight."""
+    absolute weight difference, and for scale the max absolute weight. The CLI is tests/kill_wrapper.py without a
+    kill (the plain CLI, with the tests' two-network method registered)."""
     from safetensors.torch import load_file
 
-    config = write_yaml({**progressive_config(teacher), "train": {**progressive_config(teacher)["train"],
-                                                                   "batch_size": 16}}, work / "two-ranks.yaml")
-    outputs = {"two": work / "two-ranks", "one": work / "one-process"}
+    make = {"progressive": progressive_config, "two-networks": two_networks_config}[method]
+    config = write_yaml({**make(teacher), "train": {**make(teacher)["train"], "batch_size": 16}},
+                        work / f"two-ranks-{method}.yaml")
+    outputs = {"two": work / f"two-ranks-{method}", "one": work / f"one-process-{method}"}
     for folder in outputs.values():
         shutil.rmtree(folder, ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    commands = {"two": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534", "-m",
-                        "diffkd", "distill", str(config), "--output", str(outputs["two"])],
-                "one": ["-m", "diffkd", "distill", str(config), "--output", str(outputs["one"]), "--set",
-                        "train.gradient_accumulation_steps=2"]}
+    cli = ["-m", "tests.kill_wrapper", "distill", str(config), "--output"]
+    commands = {"two": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534", *cli,
+                        str(outputs["two"])],
+                "one": [*cli, str(outputs["one"]), "--set", "train.gradient_accumulation_steps=2"]}
     for name, command in commands.items():
         result = subprocess.run([sys.executable, *command], capture_output=True, text=True, env=env, cwd=ROOT,
                                 check=False)
         if result.returncode != 0:
             raise RuntimeError(f"{name}: {result.stderr[-2000:]}")
-    two, one = (load_file(exported_weights(outputs[n], "progressive")) for n in ("two", "one"))
+    two, one = (load_file(exported_weights(outputs[n], method)) for n in ("two", "one"))
     return (max((two[k] - one[k]).abs().max().item() for k in two), max(v.abs().max().item() for v in one.values()))
 
 
-def two_ranks_markdown(difference: float, scale: float, command: str) -> str:
+def two_ranks_markdown(results: dict[str, tuple[float, float]], command: str) -> str:
+    figures = "; ".join(f"{method}: **{difference:.3g}** (weights up to {scale:.3g})"
+                        for method, (difference, scale) in results.items())
     return "\n".join([
-        "## Two ranks (issue 5)", "",
+        "## Two ranks (issues 5, 17)", "",
         f"Machine: {machine()}. Command: `{command}`.", "",
-        ("`torchrun --nproc_per_node 2 -m diffkd distill` (gloo on CPU, the progressive config of the kill table, "
-        "global batch 16) against one process with `train.gradient_accumulation_steps=2` (the same global batch "
-        "as the same two shards): max absolute difference of the exported UNet weights "
-        f"**{difference:.3g}** (weights up to {scale:.3g}); the test (`tests/test_two_ranks.py`) allows 1e-6."), ""])
+        ("`torchrun --nproc_per_node 2 -m diffkd distill` (gloo on CPU, global batch 16; the progressive and the "
+         "two-network configs of the kill table) against one process with `train.gradient_accumulation_steps=2` "
+         "(the same global batch as the same two shards): max absolute difference of the exported UNet weights, "
+         f"{figures}; the test (`tests/test_two_ranks.py`) allows 1e-6."), ""])
 
 
 def main() -> None:
@@ -140,7 +146,7 @@ def main() -> None:
     teacher = ensure_teacher(work, args.teacher)
     command = " ".join(["python eval/reliability.py", *sys.argv[1:]])
     if args.only in (None, "two-ranks"):
-        text = two_ranks_markdown(*two_ranks(teacher, work), command)
+        text = two_ranks_markdown({m: two_ranks(teacher, work, m) for m in ("progressive", "two-networks")}, command)
         print(text)
         if args.write:
             write_section("reliability-two-ranks", text)
