@@ -1,21 +1,25 @@
 """The one training loop, on accelerate: rounds of optimiser steps with EMA, checkpoints, logs and resume.
 
-Everything random in a step (which rows, which noise, which timesteps) is drawn from a generator seeded by
-(seed, round, step, shard), the global RNGs (python, numpy, torch, CUDA: dropout, say) are re-seeded from the same
-numbers, and the LR is a pure function of the step, so a run resumed from a checkpoint continues bit-identically:
-a checkpoint only needs weights, EMA, optimiser moments, the fp16 loss scale and counters. That is also why we do
-not use accelerate's ``save_state``: it pickles the optimiser and RNG states, and checkpoints here are
-pickle-free.
+A method names its trainable networks and the phases of one optimiser step (``Method.networks``, ``Method.phases``;
+one phase for a plain distillation, "critic x3, then student x1" for a two-time-scale method). Each phase has one
+AdamW with a parameter group per network (its own LR, betas and weight decay); each update of a phase draws its own
+batch, accumulates, averages gradients over processes, clips and checks for non-finite values on its own.
 
-``train.batch_size`` is the global batch of one optimiser step. It is cut into ``processes x accumulation``
-shards; shard j takes rows [j*b, (j+1)*b) of the step's batch and draws its noise from generator (step, j), so a
-run on 2 processes equals a single process with ``gradient_accumulation_steps`` doubled, up to float summation
-order.
+Everything random in an update (which rows, which noise, which timesteps) is drawn from a generator seeded by
+(seed, round, step, shard, update), the global RNGs (python, numpy, torch, CUDA: dropout, say) are re-seeded from
+the same numbers, and the LR is a pure function of the step, so a run resumed from a checkpoint continues
+bit-identically: a checkpoint only needs weights, EMA, optimiser moments, followers, the fp16 loss scale and
+counters. That is also why we do not use accelerate's ``save_state``: it pickles the optimiser and RNG states, and
+checkpoints here are pickle-free.
+
+``train.batch_size`` is the global batch of one update. It is cut into ``processes x accumulation`` shards; shard j
+takes rows [j*b, (j+1)*b) of the update's batch and draws its noise from generator (step, j), and the gradients are
+averaged over processes by hand (one all-reduce per update, no DDP wrapper), so a run on 2 processes equals a
+single process with ``gradient_accumulation_steps`` doubled, up to float summation order.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import json
@@ -36,7 +40,8 @@ from diffkd import checkpoint
 from diffkd.config import TrainConfig
 from diffkd.data import batch_indices
 from diffkd.errors import DiffkdError, TrainingDiverged
-from diffkd.methods.base import LossTerms, Method
+from diffkd.losses.terms import LossTerms
+from diffkd.methods.base import Method, Network, Phase
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +80,36 @@ def lr_factor(train: TrainConfig, step: int, num_steps: int) -> float:
     return 1.0
 
 
-def step_seed(seed: int, round_index: int, step: int, shard: int) -> int:
-    """The seed of one shard of one step (shards past 64 are hashed so they never collide with the next step)."""
-    if shard < 64:
+def step_seed(seed: int, round_index: int, step: int, shard: int, update: int = 0) -> int:
+    """The seed of one shard of one update of one step. Shards past 64 and updates past a step's first are hashed,
+    so they never collide with the next step (and the first update keeps the seeds of a one-update step)."""
+    if shard < 64 and update == 0:
         return ((seed * 1_000 + round_index) * 10_000_000 + step) * 64 + shard
-    digest = hashlib.blake2b(f"{seed},{round_index},{step},{shard}".encode(), digest_size=8).digest()
+    key = f"{seed},{round_index},{step},{shard}" + (f",{update}" if update else "")
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+def check_layout(method: str, networks: dict[str, Network], phases: list[Phase],
+                 followers: dict[str, nn.Module]) -> None:
+    """A method's networks, phases and followers fit together: one exported network, each network updated by
+    exactly one phase, names that can be checkpoint file names."""
+    problems = []
+    names = [*networks, *followers]
+    bad = [name for name in names if not name.isidentifier() or name == "method"]
+    if bad:
+        problems.append(f"names {bad} are not identifiers (or are 'method')")
+    if len(set(names)) != len(names):
+        problems.append("a follower has a network's name")
+    exported = sum(network.exported for network in networks.values())
+    if exported != 1:
+        problems.append(f"{exported} networks are exported, not one")
+    if sorted(name for phase in phases for name in phase.networks) != sorted(networks):
+        problems.append(f"phases {[p.name for p in phases]} do not update each of {list(networks)} exactly once")
+    if len({phase.name for phase in phases}) != len(phases) or any(phase.repeats < 1 for phase in phases):
+        problems.append("phase names repeat, or a phase has repeats < 1")
+    if problems:
+        raise DiffkdError(f"method {method} declares its networks wrongly: {'; '.join(problems)}")
 
 
 class Trainer:
@@ -97,14 +126,24 @@ class Trainer:
                               f"of {self.shards}")
         self.data: dict[str, torch.Tensor] = {}
         self.num_rows = 0
-        self.extras = method.extra_modules()
-        params = list(method.student.parameters()) + list(self.extras.parameters())
-        self.optimizer = torch.optim.AdamW(params, lr=train.learning_rate, betas=train.adam_betas,
-                                           weight_decay=train.weight_decay)
-        self.student, self.optimizer = self.acc.prepare(method.student, self.optimizer)
-        self.extras.to(self.acc.device)
-        self.ema: EMAModel | None = None
+        self.networks, self.phases = method.networks(), method.phases()
+        check_layout(type(method).__name__, self.networks, self.phases, method.followers())
+        for network in self.networks.values():
+            self.acc.prepare_model(network.module.to(self.acc.device), evaluation_mode=True)  # no DDP: see above
+        self.student = next(n.module for n in self.networks.values() if n.exported)
+        self.optimizers = {phase.name: self.acc.prepare_optimizer(torch.optim.AdamW(
+            [self._param_group(name) for name in phase.networks])) for phase in self.phases}
+        self.emas: dict[str, EMAModel] = {}
         self.progress = Progress()
+
+    def _param_group(self, name: str) -> dict:
+        network = self.networks[name]
+        return {"params": list(network.module.parameters()), "name": name, "lr": self._base_lr(name),
+                "betas": network.adam_betas or self.train.adam_betas,
+                "weight_decay": self.train.weight_decay if network.weight_decay is None else network.weight_decay}
+
+    def _base_lr(self, name: str) -> float:
+        return self.networks[name].learning_rate or self.train.learning_rate
 
     # ---- the loop ------------------------------------------------------------------------------------------
     def load_data(self) -> None:
@@ -133,7 +172,7 @@ class Trainer:
                 self.progress.round_seconds[current.name] = time.perf_counter() - started
                 bar.update(1)
                 if logs is not None:
-                    bar.set_postfix(loss=f"{logs['loss/total']:.4g}")
+                    bar.set_postfix(loss=f"{logs[self._headline]:.4g}")
                     if self.progress.step % self.train.log_every == 0 or self.progress.step == current.num_steps:
                         self._log(index, logs)
                 if self.progress.step % self.train.checkpoint_every == 0 and self.progress.step < current.num_steps:
@@ -142,66 +181,99 @@ class Trainer:
             self._end_round()
         return self.progress
 
+    @property
+    def _headline(self) -> str:
+        """The logged value the progress bar shows: the last phase's total loss."""
+        return self._log_key(self.phases[-1], "loss/total")
+
+    def _log_key(self, phase: Phase, key: str) -> str:
+        """A single-phase method logs plain keys (loss/total); several phases prefix theirs (critic/loss/total)."""
+        return key if len(self.phases) == 1 else f"{phase.name}/{key}"
+
     def _optimizer_step(self, round_index: int, num_steps: int) -> dict[str, float] | None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.train.learning_rate * lr_factor(self.train, self.progress.step, num_steps)
+        """Every phase's updates in order, then the export EMA and the method's ``after_step``; None if skipped."""
+        factor = lr_factor(self.train, self.progress.step, num_steps)
+        logs: dict[str, float] = {}
+        update = 0
+        for phase in self.phases:
+            for group in self.optimizers[phase.name].param_groups:
+                group["lr"] = self._base_lr(group["name"]) * factor
+            for _ in range(phase.repeats):
+                update_logs = self._update(phase, round_index, update)
+                if update_logs is None:
+                    return None
+                for key, value in update_logs.items():
+                    key = self._log_key(phase, key)
+                    logs[key] = logs.get(key, 0.0) + value / phase.repeats
+                update += 1
+        for name, ema in self.emas.items():
+            ema.step(self.networks[name].module.parameters())
+        self.method.after_step()
+        return logs
+
+    def _update(self, phase: Phase, round_index: int, update: int) -> dict[str, float] | None:
+        """One update of ``phase``: accumulate its loss over the shards of its own batch, average over processes,
+        clip, check, step its optimiser. Update 0 of a step draws what a one-update step always drew."""
         accumulation = self.train.gradient_accumulation_steps
         world, rank = self.acc.num_processes, self.acc.process_index
         rows = batch_indices(self.num_rows, self.train.batch_size, self.progress.step,
-                             self.train.seed + 7919 * round_index)
+                             self.train.seed + 7919 * round_index + 104_729 * update)
         size = self.train.batch_size // self.shards
         logs: dict[str, float] = {}
         try:
             for micro in range(accumulation):
                 shard = micro * world + rank
                 batch = {k: v[rows[shard * size:(shard + 1) * size]].to(self.acc.device) for k, v in self.data.items()}
-                seed = step_seed(self.train.seed, round_index, self.progress.step, shard)
+                seed = step_seed(self.train.seed, round_index, self.progress.step, shard, update)
                 set_seed(seed % 2**32)
                 generator = torch.Generator().manual_seed(seed)
-                sync = self.acc.no_sync(self.student) if micro < accumulation - 1 else contextlib.nullcontext()
-                with sync, self.acc.autocast():
-                    terms = self.method.loss(batch, self.student, generator)
-                    self._check_finite(terms)
+                with self.acc.autocast():
+                    terms = self.method.loss(phase.name, batch, generator)
+                    self._check_finite(terms, phase)
                     self.acc.backward(terms.total / accumulation)
                 for key, value in terms.logs().items():
                     logs[key] = logs.get(key, 0.0) + value / accumulation
         except _SkipStep:
-            self.optimizer.zero_grad(set_to_none=True)
+            self._zero_grad()
             return None
-        self._sync_extras()
-        norm = self.acc.clip_grad_norm_(self._params(), self.train.grad_clip or float("inf"))
+        params = [p for name in phase.networks for p in self.networks[name].module.parameters()]
+        self._reduce_gradients(params)
+        clip = self.train.grad_clip if phase.grad_clip is None else phase.grad_clip
+        norm = self.acc.clip_grad_norm_(params, clip or float("inf"))
         finite = norm is None or bool(torch.isfinite(torch.as_tensor(norm)))
         if not finite and self.acc.scaler is None:
-            self._nonfinite(f"gradient (norm {float(norm)})")
-            self.optimizer.zero_grad(set_to_none=True)
+            self._nonfinite(f"gradient (norm {float(norm)}) in phase {phase.name}")
+            self._zero_grad()
             return None
-        self.optimizer.step()  # with fp16 the accelerate GradScaler skips an overflowed step and lowers its scale
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.optimizer.step_was_skipped:
+        optimizer = self.optimizers[phase.name]
+        optimizer.step()  # with fp16 the accelerate GradScaler skips an overflowed step and lowers its scale
+        self._zero_grad()
+        if optimizer.step_was_skipped:
             log.debug("fp16 gradient overflow at step %d: the loss scaler skipped it", self.progress.step + 1)
             return None
-        if self.ema is not None:
-            self.ema.step(self.acc.unwrap_model(self.student).parameters())
-        logs["lr"] = self.optimizer.param_groups[0]["lr"]
+        logs["lr"] = optimizer.param_groups[0]["lr"]
         logs["grad_norm"] = float(norm) if norm is not None else float("nan")
         return logs
 
-    def _params(self) -> list[nn.Parameter]:
-        return list(self.student.parameters()) + list(self.extras.parameters())
+    def _zero_grad(self) -> None:
+        """Every network's gradients, not only the phase's: a student loss through the critic reaches the critic."""
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
 
-    def _sync_extras(self) -> None:
-        """Modules outside the DDP wrapper (feature projections) get their gradients averaged by hand."""
+    def _reduce_gradients(self, params: list[nn.Parameter]) -> None:
+        """Average the gradients over processes, in one flat all-reduce (what DDP's buckets do, for any network)."""
         if self.acc.num_processes == 1:
             return
-        for p in self.extras.parameters():
-            if p.grad is not None:
-                p.grad = self.acc.reduce(p.grad, reduction="mean")
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = self.acc.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
+        for grad, averaged in zip(grads, flat.split([g.numel() for g in grads])):
+            grad.copy_(averaged.view_as(grad))
 
     # ---- numerical faults ----------------------------------------------------------------------------------
-    def _check_finite(self, terms: LossTerms) -> None:
+    def _check_finite(self, terms: LossTerms, phase: Phase) -> None:
         bad = [name for name, value in terms.terms.items() if not torch.isfinite(value.detach()).all()]
         if bad:
-            self._nonfinite(f"loss term(s) {', '.join(bad)}")
+            self._nonfinite(f"loss term(s) {', '.join(bad)} in phase {phase.name}")
             raise _SkipStep
 
     def _nonfinite(self, what: str) -> None:
@@ -219,34 +291,42 @@ class Trainer:
     def _begin_round(self, index: int) -> None:
         self.progress.round, self.progress.step = index, 0
         self.method.begin_round(index)
-        self.optimizer.optimizer.state.clear()
-        self.ema = self._new_ema()
+        for optimizer in self.optimizers.values():
+            optimizer.optimizer.state.clear()
+        self.emas = self._new_emas()
 
-    def _new_ema(self) -> EMAModel | None:
+    def _new_emas(self) -> dict[str, EMAModel]:
         if self.train.ema_decay <= 0:
-            return None
-        return EMAModel(self.acc.unwrap_model(self.student).parameters(), decay=self.train.ema_decay)
+            return {}
+        return {name: EMAModel(network.module.parameters(), decay=self.train.ema_decay)
+                for name, network in self.networks.items() if network.export_ema}
 
     def _end_round(self) -> None:
-        """The student leaves each round with its EMA weights (the next round's teacher and starting point)."""
-        if self.ema is not None:
-            self.ema.copy_to(self.acc.unwrap_model(self.student).parameters())
+        """Each network leaves the round with its EMA weights (for progressive: the next round's teacher and
+        starting point)."""
+        for name, ema in self.emas.items():
+            ema.copy_to(self.networks[name].module.parameters())
         self.progress.round += 1
         self.progress.step = 0
         self._save()
 
     def _save(self) -> None:
+        """One checkpoint of every network, every phase's optimiser, the followers and (mid-round) the EMAs."""
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            optimizer_tensors, optimizer_json = checkpoint.split_optimizer_state(self.optimizer.state_dict())
-            tensors = {"student": self.acc.unwrap_model(self.student).state_dict(),
-                       "extras": self.extras.state_dict(), "optimizer": optimizer_tensors}
+            tensors = {name: network.module.state_dict() for name, network in self.networks.items()}
+            skeletons = {}
+            for phase, optimizer in self.optimizers.items():
+                tensors[f"optimizer.{phase}"], skeletons[phase] = checkpoint.split_optimizer_state(
+                    optimizer.state_dict())
             if self.progress.step > 0:
                 tensors["method"] = self.method.state_tensors()
-                if self.ema is not None:
-                    tensors["ema"] = {str(i): p for i, p in enumerate(self.ema.shadow_params)}
-            state = {"progress": self.progress.__dict__, "optimizer": optimizer_json,
-                     "ema_steps": self.ema.optimization_step if self.ema is not None else 0,
+                for name, ema in self.emas.items():
+                    tensors[f"ema.{name}"] = {str(i): p for i, p in enumerate(ema.shadow_params)}
+            for name, follower in self.method.followers().items():
+                tensors[f"follower.{name}"] = follower.state_dict()
+            state = {"progress": self.progress.__dict__, "optimizers": skeletons,
+                     "ema_steps": {name: ema.optimization_step for name, ema in self.emas.items()},
                      "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None}
             checkpoint.save(self.checkpoints, self.progress.round, self.progress.step,
                             {k: v for k, v in tensors.items() if v}, state, self.train.keep_checkpoints)
@@ -257,27 +337,28 @@ class Trainer:
         tensors, state = checkpoint.load(folder)
         try:
             progress = Progress(**state["progress"])
-            self.acc.unwrap_model(self.student).load_state_dict(tensors["student"])
-            if "extras" in tensors or len(self.extras.state_dict()):
-                self.extras.load_state_dict(tensors["extras"])
-            self.optimizer.load_state_dict(checkpoint.join_optimizer_state(tensors.get("optimizer", {}),
-                                                                           state["optimizer"]))
             if progress.round > len(self.method.rounds()):
                 raise ValueError(f"it is at round {progress.round + 1} of a {len(self.method.rounds())}-round run")
+            for name, network in self.networks.items():
+                network.module.load_state_dict(tensors.get(name, {}))
+            for phase, optimizer in self.optimizers.items():
+                optimizer.load_state_dict(checkpoint.join_optimizer_state(tensors.get(f"optimizer.{phase}", {}),
+                                                                          state["optimizers"][phase]))
+            for name, follower in self.method.followers().items():
+                follower.load_state_dict(tensors[f"follower.{name}"])
+            if progress.step > 0:
+                self.method.load_state_tensors(progress.round, tensors.get("method", {}))
+                self.emas = self._new_emas()
+                for name, ema in self.emas.items():
+                    for index, shadow in enumerate(ema.shadow_params):
+                        shadow.data.copy_(tensors[f"ema.{name}"][str(index)])
+                    ema.optimization_step = state["ema_steps"][name]
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
             raise DiffkdError(f"checkpoint {str(folder)!r} does not fit this config ({str(error).splitlines()[0]}); "
                               "resume with the config the run was started with (OUTPUT/config.yaml)") from None
         self.progress = progress
         if self.acc.scaler is not None and state.get("scaler"):
             self.acc.scaler.load_state_dict(state["scaler"])
-        if self.progress.step > 0:
-            self.method.load_state_tensors(self.progress.round, tensors.get("method", {}))
-            self.ema = self._new_ema()
-            if self.ema is not None:
-                for shadow, (_, value) in zip(self.ema.shadow_params, sorted(tensors["ema"].items(),
-                                                                             key=lambda kv: int(kv[0]))):
-                    shadow.data.copy_(value)
-                self.ema.optimization_step = state["ema_steps"]
         log.info("resuming from %s (round %d, step %d)", folder, self.progress.round + 1, self.progress.step)
 
     def trim_logs(self) -> None:

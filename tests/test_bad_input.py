@@ -1,22 +1,15 @@
-"""Every bad input of eval/reliability.py's CASES, in process: exit code 2, one line on stderr naming the problem
+"""Every bad input of tests/bad_inputs.py's CASES, in process: exit code 2, one line on stderr naming the problem
 and the fix, the output folder untouched, no crafted payload run. A few also through the real command line."""
 
 import contextlib
-import importlib.util
 import io
 import logging
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
 from diffkd.cli import main
-
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("reliability", ROOT / "eval" / "reliability.py")
-reliability = sys.modules.setdefault("reliability", importlib.util.module_from_spec(spec))
-spec.loader.exec_module(reliability)
+from tests.bad_inputs import CASES, check_case, run_subprocess
 
 
 def run_in_process(argv: list[str], env: dict) -> tuple[int, str]:
@@ -40,14 +33,14 @@ def run_in_process(argv: list[str], env: dict) -> tuple[int, str]:
     return code, stream.getvalue()
 
 
-@pytest.mark.parametrize("case", reliability.CASES, ids=[c.name for c in reliability.CASES])
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_input_is_refused_cleanly(case, tiny_teacher, tmp_path):
-    result = reliability.check_case(case, tmp_path / "case", tiny_teacher, run_in_process)
+    result = check_case(case, tmp_path / "case", tiny_teacher, run_in_process)
     assert result.ok, f"{result.problem}: {result.message}"
 
 
 def test_there_are_at_least_30_cases():
-    assert len(reliability.CASES) >= 30
+    assert len(CASES) >= 30
 
 
 ONE_LINE = ["unknown config key (closest suggested)", "teacher weights as a crafted pickle (.bin)",
@@ -56,6 +49,6 @@ ONE_LINE = ["unknown config key (closest suggested)", "teacher weights as a craf
 
 @pytest.mark.parametrize("name", ONE_LINE)
 def test_real_command_line_prints_exactly_one_line(name, tiny_teacher, tmp_path):
-    case = next(c for c in reliability.CASES if c.name == name)
-    result = reliability.check_case(case, tmp_path / "case", tiny_teacher, reliability.run_subprocess)
+    case = next(c for c in CASES if c.name == name)
+    result = check_case(case, tmp_path / "case", tiny_teacher, run_subprocess)
     assert result.ok, f"{result.problem}: {result.message}"

@@ -44,7 +44,7 @@ def test_denoise_loss_regresses_the_parameterisations_own_target(kind):
     z = a * x + s * eps
     target = {"epsilon": eps, "v_prediction": a * eps - s * x, "sample": x}[kind]
     expected = (0.5 * z - t.float().reshape(-1, 1, 1, 1) / 2000 - target).pow(2).mean()
-    loss = method.loss({"x0": x}, method.student, torch.Generator().manual_seed(5)).terms["denoise"]
+    loss = method.loss("student", {"x0": x}, torch.Generator().manual_seed(5)).terms["denoise"]
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
 
 
@@ -52,6 +52,6 @@ def test_the_three_targets_differ_on_this_batch():
     """Guards the test above: on its batch, regressing one parameterisation's target onto another's changes the
     loss."""
     x = torch.linspace(-1, 1, 24).reshape(6, 1, 2, 2)
-    losses = [denoise_method(kind).loss({"x0": x}, StubNet(), torch.Generator().manual_seed(5)).total.item()
+    losses = [denoise_method(kind).loss("student", {"x0": x}, torch.Generator().manual_seed(5)).total.item()
               for kind in ("epsilon", "v_prediction", "sample")]
     assert min(abs(a - b) for a, b in zip(losses, losses[1:] + losses[:1])) > 1e-2, losses

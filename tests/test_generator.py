@@ -43,7 +43,7 @@ def test_k_step_loss_is_the_mse_of_the_students_exported_sampler(random_teacher,
     assert set(data) == {"noise", "sample"} and data["noise"].shape == (12, 1, 8, 8)
     torch.testing.assert_close(data["sample"], ddim_sample(method.teacher.denoiser, data["noise"], 4))
     batch = {k: v[:5] for k, v in data.items()}
-    terms = method.loss(batch, method.student, torch.Generator())
+    terms = method.loss("student", batch, torch.Generator())
     # the student's own 2-step DDIM, x0 clipped between steps and not at the end (gradients flow there)
     model = Denoiser(method.student, method.teacher.denoiser.alphas_cumprod, "v_prediction", clip_sample=1.0)
     z = model.ddim_step(batch["noise"], torch.tensor(999), torch.tensor(499))

@@ -39,14 +39,14 @@ def fault_at(monkeypatch, bad_steps: set[int], where: str = "loss"):
     original = ProgressiveDistillation.loss
     calls = {"n": 0}
 
-    def loss(self, batch, student, generator):
+    def loss(self, phase, batch, generator):
         calls["n"] += 1
-        terms = original(self, batch, student, generator)
+        terms = original(self, phase, batch, generator)
         if calls["n"] in bad_steps:
             if where == "loss":
                 terms.terms["distill"] = terms.terms["distill"] * float("nan")
             else:
-                weight = next(student.parameters())
+                weight = next(self.student.parameters())
                 terms.terms["distill"] = terms.terms["distill"] + 0 * _NanGradient.apply(weight).sum()
         return terms
 

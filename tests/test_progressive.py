@@ -61,7 +61,7 @@ def test_imitation_round_targets_the_teachers_own_step(tmp_path):
     for index in (0, 1):
         method.begin_round(index)
         assert method.round_teacher is method.teacher.denoiser  # both learn from the pipeline's teacher
-        losses.append(method.loss(batch, method.student, torch.Generator().manual_seed(0)).total.item())
+        losses.append(method.loss("student", batch, torch.Generator().manual_seed(0)).total.item())
     assert losses[0] < 1e-5, losses  # float32 round-off only
     assert losses[1] > 1e-2, losses  # a real gap: two teacher steps are not one
     method.begin_round(2)
@@ -80,7 +80,7 @@ def test_kd_rounds_keeps_teacher_terms_to_the_imitation_round(tmp_path, kd_round
     kd_names = []
     for index in (0, 1):
         method.begin_round(index)
-        terms = method.loss(batch, method.student, torch.Generator().manual_seed(0)).terms
+        terms = method.loss("student", batch, torch.Generator().manual_seed(0)).terms
         kd_names.append({name for name in terms if name == "output_kd" or name.startswith("feature/")})
         assert all(not m._forward_hooks for m in method.student.modules())
     assert "output_kd" in kd_names[0] and any(name.startswith("feature/") for name in kd_names[0])

@@ -96,7 +96,7 @@ def test_halving_loss_equals_the_hand_computation(teacher_kind, weighting):
     index = torch.randint(0, 4, (16,), generator=draws)  # the method draws i, then eps, from its generator
     eps = torch.randn(x.shape, generator=draws)
     assert set(index.tolist()) == {0, 1, 2, 3}  # every student step, the clean end point included
-    loss = method.loss({"x0": x}, method.student, torch.Generator().manual_seed(7)).terms["distill"]
+    loss = method.loss("student", {"x0": x}, torch.Generator().manual_seed(7)).terms["distill"]
     expected = hand_loss(x, eps, index, method.round_teacher.unet, method.student, abar, teacher_kind,
                          "v_prediction", weighting)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
@@ -109,7 +109,7 @@ def test_the_students_parameterisation_is_how_its_output_becomes_x(student_kind)
     draws = torch.Generator().manual_seed(3)
     index = torch.randint(0, 4, (8,), generator=draws)
     eps = torch.randn(x.shape, generator=draws)
-    loss = method.loss({"x0": x}, method.student, torch.Generator().manual_seed(3)).terms["distill"]
+    loss = method.loss("student", {"x0": x}, torch.Generator().manual_seed(3)).terms["distill"]
     kind = "epsilon" if student_kind == "teacher" else student_kind
     expected = hand_loss(x, eps, index, method.round_teacher.unet, method.student, abar, "epsilon", kind,
                          "snr_trunc")
@@ -120,6 +120,6 @@ def test_the_weighting_changes_the_loss():
     """Guards the test above against a batch on which the weightings happen to coincide."""
     x = torch.rand(16, 1, 2, 2) * 2 - 1
     values = {w: progressive_method("epsilon", "v_prediction", w)[0].loss(
-        {"x0": x}, StubNet(-0.2, 0.05), torch.Generator().manual_seed(7)).total.item()
+        "student", {"x0": x}, torch.Generator().manual_seed(7)).total.item()
         for w in ("snr_trunc", "constant", "min_snr")}
     assert len({round(v, 6) for v in values.values()}) == 3, values

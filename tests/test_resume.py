@@ -1,25 +1,20 @@
 """Resume: a run SIGKILLed at arbitrary moments (mid-step, mid-checkpoint-write, mid-export, twice) and resumed with
 --resume ends bit-identical to an uninterrupted run; run folders are never silently reused or overwritten.
 
-The kill harness and the full table of 20 kill points live in eval/reliability.py; three of them run here."""
+The kill harness and the full table of kill points live in tests/faults.py (eval/reliability.py runs them all);
+three of them run here, and tests/test_two_networks.py runs the two-network ones."""
 
 import csv
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from diffkd.api import distill
 from diffkd.config import parse_config
 from diffkd.errors import DiffkdError
-
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("reliability", ROOT / "eval" / "reliability.py")
-reliability = sys.modules.setdefault("reliability", importlib.util.module_from_spec(spec))
-spec.loader.exec_module(reliability)
+from tests import faults
 
 SUITE_POINTS = [  # the double kill's second resume restores round 2's frozen teacher mid-round
     "during a checkpoint write: EMA file half-written",
@@ -31,16 +26,16 @@ SUITE_POINTS = [  # the double kill's second resume restores round 2's frozen te
 @pytest.fixture(scope="module")
 def progressive_reference(tiny_teacher, tmp_path_factory):
     work = tmp_path_factory.mktemp("kill")
-    config = reliability.write_yaml(reliability.progressive_config(tiny_teacher), work / "progressive.yaml")
-    return config, reliability.reference_run("progressive", config, work), work
+    config = faults.write_yaml(faults.progressive_config(tiny_teacher), work / "progressive.yaml")
+    return config, faults.reference_run("progressive", config, work), work
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SUITE_POINTS)
 def test_killed_run_resumes_bit_identical(name, progressive_reference):
     config, reference, work = progressive_reference
-    point = next(p for p in reliability.KILL_POINTS if p.name == name)
-    result = reliability.kill_and_resume(point, config, reference, work / f"kill-{SUITE_POINTS.index(name)}")
+    point = next(p for p in faults.KILL_POINTS if p.name == name)
+    result = faults.kill_and_resume(point, config, reference, work / f"kill-{SUITE_POINTS.index(name)}")
     assert result.killed and result.identical, result.detail
     with (work / f"kill-{SUITE_POINTS.index(name)}" / "logs" / "metrics.csv").open() as handle:
         rows = [(r["round"], r["step"]) for r in csv.DictReader(handle)]
@@ -78,7 +73,7 @@ def test_resume_without_a_run_starts_from_step_zero(tiny_teacher, tmp_path):
     distill(tiny(tiny_teacher), fresh)
     distill(tiny(tiny_teacher), resumed, resume=True)  # what a scheduler that always passes --resume does first
     weights = "student/unet/diffusion_pytorch_model.safetensors"
-    assert reliability.same_weights(fresh / weights, resumed / weights)
+    assert faults.same_weights(fresh / weights, resumed / weights)
 
 
 def test_overwrite_replaces_the_run_and_nothing_else(tiny_teacher, tmp_path):

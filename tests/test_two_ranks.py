@@ -1,6 +1,7 @@
 """Two ranks on CPU (gloo, started by torchrun): gradients are synchronised, only rank 0 writes, and the result equals
 a single process running the same global batch as two accumulation shards (measured: bit-identical; the test
-allows 1e-6, for float summation order on other builds)."""
+allows 1e-6, for float summation order on other builds), for progressive and for the tests' two-network method
+(critic x3, then student), whose critic is averaged over ranks like the student."""
 
 import csv
 import os
@@ -11,6 +12,7 @@ import pytest
 import yaml
 
 from diffkd import checkpoint
+from tests.faults import ROOT, two_networks_config
 
 TOLERANCE = 1e-6
 
@@ -27,20 +29,33 @@ def max_difference(a, b) -> float:
     return max((left[k] - right[k]).abs().max().item() for k in left)
 
 
+def progressive(teacher: str) -> dict:
+    return {"method": {"name": "progressive", "start_steps": 8, "final_steps": 2, "steps_per_round": 4},
+            "teacher": {"source": teacher},
+            "train": {"batch_size": 16, "learning_rate": 1e-3, "ema_decay": 0.9, "checkpoint_every": 2,
+                      "keep_checkpoints": 10, "log_every": 1, "device": "cpu"},
+            "run_eval": False}
+
+
+def two_networks(teacher: str) -> dict:
+    data = two_networks_config(teacher)
+    data["method"]["num_steps"] = 8
+    data["train"]["keep_checkpoints"] = 10
+    return data
+
+
 @pytest.mark.slow
-def test_two_ranks_match_one_process_with_the_same_global_batch(tiny_teacher, tmp_path):
+@pytest.mark.parametrize("make, port", [(progressive, 29533), (two_networks, 29535)], ids=["progressive",
+                                                                                          "two-networks"])
+def test_two_ranks_match_one_process_with_the_same_global_batch(make, port, tiny_teacher, tmp_path):
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "method": {"name": "progressive", "start_steps": 8, "final_steps": 2, "steps_per_round": 4},
-        "teacher": {"source": tiny_teacher},
-        "train": {"batch_size": 16, "learning_rate": 1e-3, "ema_decay": 0.9, "checkpoint_every": 2,
-                  "keep_checkpoints": 10, "log_every": 1, "device": "cpu"},
-        "run_eval": False}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m", "diffkd",
+    config.write_text(yaml.safe_dump(make(tiny_teacher)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cli = ["-m", "tests.kill_wrapper"]  # the plain CLI, with the two-network method registered
+    two = run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *cli,
                "distill", str(config), "--output", str(tmp_path / "two")], env)
     assert two.returncode == 0, two.stderr[-3000:]
-    one = run(["-m", "diffkd", "distill", str(config), "--output", str(tmp_path / "one"),
+    one = run([*cli, "distill", str(config), "--output", str(tmp_path / "one"),
                "--set", "train.gradient_accumulation_steps=2"], env)
     assert one.returncode == 0, one.stderr[-3000:]
 

@@ -1,8 +1,10 @@
-"""What every method is: a small object that computes one batch's loss from (teacher, student, batch).
+"""What every method is: a small object that names its trainable networks and computes one batch's loss.
 
-The trainer drives ``rounds()``, calls ``begin_round`` at each round's start and ``loss`` at each step; it never
-knows which method it runs. A method never knows about accelerate: it gets the (possibly wrapped) student as a
-plain callable module.
+The trainer drives ``rounds()``, calls ``begin_round`` at each round's start, and in each optimiser step runs the
+method's ``phases()`` in order, calling ``loss(phase, batch, generator)`` for each update and ``after_step`` once
+the step is done; it never knows which method it runs. It owns every optimiser, the gradient accumulation,
+clipping, the non-finite policy, the export EMA, checkpoints and resume, for all networks alike. A method never
+knows about accelerate: its networks are plain modules, used as such in ``loss``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,34 @@ class Round:
 
 
 @dataclass
+class Network:
+    """A trainable network and its optimiser settings (None: the ``train`` section's value).
+
+    ``exported``: the one network saved as the pipeline's UNet (the student). ``export_ema``: the export EMA
+    (``train.ema_decay``) follows it and replaces its weights at each round's end.
+    """
+
+    module: nn.Module
+    learning_rate: float | None = None
+    adam_betas: tuple[float, float] | None = None
+    weight_decay: float | None = None
+    exported: bool = False
+    export_ema: bool = False
+
+
+@dataclass
+class Phase:
+    """Part of one optimiser step: ``repeats`` updates of ``networks``, each from its own ``Method.loss(name, ...)``
+    (e.g. DMD2's two-time-scale rule: a "critic" phase of 5 updates, then a "student" phase of 1). Each update has
+    its own batch, gradient clipping (None: ``train.grad_clip``) and finite checks; a network is in one phase."""
+
+    name: str
+    networks: tuple[str, ...]
+    repeats: int = 1
+    grad_clip: float | None = None
+
+
+@dataclass
 class ExportSpec:
     """How the trained student is saved: its scheduler, its step count and model-card facts."""
 
@@ -36,7 +66,8 @@ class ExportSpec:
 
 
 class Method:
-    """Base class; subclasses set ``config_class`` and ``name`` and implement the four hooks below."""
+    """Base class; subclasses set ``config_class`` and ``name`` and implement ``dataset``, ``rounds``, ``loss`` and
+    ``export_spec``; a method with more than the student to train also overrides ``networks`` and ``phases``."""
 
     name: str = ""
     config_class: type[MethodConfig] = MethodConfig
@@ -68,12 +99,25 @@ class Method:
     def begin_round(self, index: int) -> None:
         """Called when round ``index`` starts fresh (not when it is resumed mid-way)."""
 
-    def extra_modules(self) -> nn.ModuleDict:
-        """Trainable modules that are not exported (e.g. feature projections)."""
-        return nn.ModuleDict()
+    def networks(self) -> dict[str, Network]:
+        """Every trainable network by name; built once (in ``__init__``), the same modules at every call."""
+        return {"student": Network(self.student, exported=True, export_ema=True)}
 
-    def loss(self, batch: dict[str, torch.Tensor], student: nn.Module, generator: torch.Generator) -> LossTerms:
+    def phases(self) -> list[Phase]:
+        """The updates of one optimiser step, in order; by default one update of every network."""
+        return [Phase("student", tuple(self.networks()))]
+
+    def followers(self) -> dict[str, nn.Module]:
+        """Frozen networks that ``after_step`` updates from the trained ones (a consistency model's target network);
+        checkpoints save and restore them."""
+        return {}
+
+    def loss(self, phase: str, batch: dict[str, torch.Tensor], generator: torch.Generator) -> LossTerms:
+        """The loss of one update of ``phase`` on ``batch``; all randomness is drawn from ``generator``."""
         raise NotImplementedError
+
+    def after_step(self) -> None:
+        """Called after every completed optimiser step (all phases applied, the export EMA updated)."""
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Tensors a resumed run needs that are not the student's (a round's frozen teacher, say)."""

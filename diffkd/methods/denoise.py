@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
-from torch import nn
 
 from diffkd import schedule
 from diffkd.config import Config
@@ -50,7 +49,7 @@ class DenoisingTraining(Method):
     def dataset(self) -> dict[str, torch.Tensor]:
         return {"x0": load_images(self.config.data.source, self.options.sample_size, self.options.channels)}
 
-    def loss(self, batch: dict[str, torch.Tensor], student: nn.Module, generator: torch.Generator) -> LossTerms:
+    def loss(self, phase: str, batch: dict[str, torch.Tensor], generator: torch.Generator) -> LossTerms:
         x = batch["x0"]
         model = self.teacher.denoiser
         t = torch.randint(0, model.num_train_timesteps, (x.shape[0],), generator=generator).to(x.device)
@@ -58,7 +57,7 @@ class DenoisingTraining(Method):
         alpha, sigma = model.alpha_sigma(t)
         z = schedule.broadcast(alpha, x) * x + schedule.broadcast(sigma, x) * eps
         target = schedule.from_x0_eps(x, eps, alpha, sigma, model.prediction_type)
-        return LossTerms({"denoise": (student(z, t).sample - target).pow(2).mean()})
+        return LossTerms({"denoise": (self.student(z, t).sample - target).pow(2).mean()})
 
     def export_spec(self) -> ExportSpec:
         return ExportSpec(self.teacher.scheduler, self.options.sample_steps, self.options.prediction_type)

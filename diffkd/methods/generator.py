@@ -13,7 +13,6 @@ import contextlib
 import itertools
 
 import torch
-from torch import nn
 
 from diffkd import sample_cache, schedule
 from diffkd.conditioning import batch_conditioning, encode_rows, read_prompts
@@ -22,7 +21,7 @@ from diffkd.io import student_scheduler
 from diffkd.losses.kd import AuxiliaryLosses
 from diffkd.losses.terms import LossTerms
 from diffkd.method_options import GeneratorConfig
-from diffkd.methods.base import ExportSpec, Method, Round
+from diffkd.methods.base import ExportSpec, Method, Network, Round
 from diffkd.models import Denoiser
 
 
@@ -64,10 +63,13 @@ class GeneratorDistillation(Method):
             rows.update({k: v[pairs["prompt_index"]] for k, v in encoded.items()})
         return rows
 
-    def extra_modules(self) -> nn.ModuleDict:
-        return self.auxiliary.modules()
+    def networks(self) -> dict[str, Network]:
+        """The student, and the feature-KD projections when the losses section uses any."""
+        projections = self.auxiliary.modules()
+        return {**super().networks(), **({"projections": Network(projections)} if len(projections) else {})}
 
-    def loss(self, batch: dict[str, torch.Tensor], student: nn.Module, generator: torch.Generator) -> LossTerms:
+    def loss(self, phase: str, batch: dict[str, torch.Tensor], generator: torch.Generator) -> LossTerms:
+        student = self.student
         noise, target = batch["noise"], batch["sample"]
         cond = batch_conditioning(batch, self.options.guidance_scale)
         model = Denoiser(student, self.teacher.denoiser.alphas_cumprod, self.prediction_type)

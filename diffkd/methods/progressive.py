@@ -12,7 +12,6 @@ import contextlib
 import copy
 
 import torch
-from torch import nn
 
 from diffkd import schedule
 from diffkd.conditioning import batch_conditioning, encode_rows, read_prompts
@@ -22,7 +21,7 @@ from diffkd.io import student_scheduler
 from diffkd.losses.kd import AuxiliaryLosses
 from diffkd.losses.terms import LossTerms
 from diffkd.method_options import ProgressiveConfig
-from diffkd.methods.base import ExportSpec, Method, Round
+from diffkd.methods.base import ExportSpec, Method, Network, Round
 from diffkd.models import Denoiser
 
 
@@ -85,8 +84,10 @@ class ProgressiveDistillation(Method):
         return Denoiser(unet, self.teacher.denoiser.alphas_cumprod, self.prediction_type,
                         self.teacher.denoiser.clip_sample)
 
-    def extra_modules(self) -> nn.ModuleDict:
-        return self.auxiliary.modules()
+    def networks(self) -> dict[str, Network]:
+        """The student, and the feature-KD projections when the losses section uses any."""
+        projections = self.auxiliary.modules()
+        return {**super().networks(), **({"projections": Network(projections)} if len(projections) else {})}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         if self.round_teacher is self.teacher.denoiser:
@@ -101,7 +102,8 @@ class ProgressiveDistillation(Method):
             self.round_teacher.unet.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
                                                      if k.startswith(prefix)})
 
-    def loss(self, batch: dict[str, torch.Tensor], student: nn.Module, generator: torch.Generator) -> LossTerms:
+    def loss(self, phase: str, batch: dict[str, torch.Tensor], generator: torch.Generator) -> LossTerms:
+        student = self.student
         x = batch["x0"]
         k, total = self.student_steps, self.teacher.denoiser.num_train_timesteps
         per_step = self.teacher_steps // k  # 2 in a halving, 1 when imitating

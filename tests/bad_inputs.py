@@ -1,0 +1,454 @@
+"""The bad-input catalogue: each case prepares files and a command line that the CLI must refuse with exit code 2,
+exactly one line on stderr naming the problem and the fix, the output folder untouched and no crafted payload run.
+
+tests/test_bad_input.py runs every case; ``python eval/reliability.py`` runs them all and writes the table in
+eval/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.faults import ROOT, run_cli
+
+
+@dataclass
+class Case:
+    """One bad input: ``make(tmp, teacher)`` prepares files and returns (argv, a fragment the message must contain,
+    the --output folder that must stay untouched)."""
+
+    name: str
+    make: Callable[[Path, str], tuple[list[str], str, Path]]
+    env: dict[str, str] = field(default_factory=dict)  # "{tmp}" becomes the case's scratch folder
+
+
+def _distill(tmp: Path, teacher: str, *sets: str, config: str = "configs/digits-progressive.yaml",
+             output: Path | None = None, extra: tuple[str, ...] = ()) -> tuple[list[str], Path]:
+    output = output or tmp / "run"
+    base = [f"teacher.source={teacher}", "method.start_steps=8", "method.final_steps=2", "method.steps_per_round=2",
+            "train.batch_size=8", "train.device=cpu", "run_eval=false"]
+    argv = ["distill", str(ROOT / config) if not Path(config).is_absolute() else config, "--output", str(output)]
+    for assignment in (*base, *sets):
+        argv += ["--set", assignment]
+    return argv + list(extra), output
+
+
+def _set(fragment: str, *sets: str) -> Callable:
+    def make(tmp: Path, teacher: str):
+        argv, output = _distill(tmp, teacher, *sets)
+        return argv, fragment, output
+    return make
+
+
+def _copy_teacher(teacher: str, tmp: Path) -> Path:
+    copy = tmp / "teacher-copy"
+    shutil.copytree(teacher, copy)
+    return copy
+
+
+def _teacher_case(fragment: str, damage: Callable[[Path], None]) -> Callable:
+    def make(tmp: Path, teacher: str):
+        copy = _copy_teacher(teacher, tmp)
+        damage(copy)
+        argv, output = _distill(tmp, str(copy))
+        return argv, fragment, output
+    return make
+
+
+def _unet_weights(teacher: Path) -> Path:
+    return teacher / "unet" / "diffusion_pytorch_model.safetensors"
+
+
+def _truncate(teacher: Path) -> None:
+    file = _unet_weights(teacher)
+    data = file.read_bytes()
+    file.write_bytes(data[:len(data) // 2])
+
+
+def _pickle_as_safetensors(teacher: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    file = _unet_weights(teacher)
+    tensors = {k: v.clone() for k, v in load_file(file).items()}  # clone: load_file maps the file it reads
+    torch.save(tensors, file)  # a torch pickle under the safetensors name
+
+
+class Payload:
+    """Unpickling this runs ``touch <marker>``: what a crafted pickle does."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _malicious_bin(teacher: Path) -> None:
+    import pickle
+
+    file = _unet_weights(teacher)
+    file.unlink()
+    (file.parent / "diffusion_pytorch_model.bin").write_bytes(
+        pickle.dumps({"weight": Payload(str(teacher.parent / "PWNED"))}))
+
+
+def _unsupported_scheduler(teacher: Path) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    index = json.loads((teacher / "model_index.json").read_text())
+    index["_class_name"] = "DDPMPipeline"
+    index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    (teacher / "model_index.json").write_text(json.dumps(index))
+    shutil.rmtree(teacher / "scheduler")
+    FlowMatchEulerDiscreteScheduler().save_pretrained(teacher / "scheduler")
+
+
+def _remote_code(teacher: Path) -> None:
+    index = json.loads((teacher / "model_index.json").read_text())
+    index["_class_name"] = ["pipeline", "EvilPipeline"]
+    (teacher / "model_index.json").write_text(json.dumps(index))
+    (teacher / "pipeline.py").write_text(
+        f"import pathlib\npathlib.Path({str(teacher.parent / 'PWNED')!r}).touch()\n"
+        "from diffusers import DDIMPipeline\nclass EvilPipeline(DDIMPipeline):\n    pass\n")
+
+
+def _images(folder: Path, specs: list[tuple[str, tuple[int, int]]]) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, (mode, size) in enumerate(specs):
+        Image.new(mode, size, color=128 if mode == "L" else (128, 64, 32)).save(folder / f"{index:03d}.png")
+    return folder
+
+
+def _data_case(fragment: str, prepare: Callable[[Path], Path | str]) -> Callable:
+    def make(tmp: Path, teacher: str):
+        argv, output = _distill(tmp, teacher, f"data.source={prepare(tmp)}")
+        return argv, fragment, output
+    return make
+
+
+def _garbage_image(tmp: Path) -> Path:
+    folder = _images(tmp / "images", [("L", (8, 8))] * 3)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    return folder
+
+
+def _output_case(fragment: str, prepare: Callable[[Path], Path], *extra: str) -> Callable:
+    def make(tmp: Path, teacher: str):
+        output = prepare(tmp)
+        argv, _ = _distill(tmp, teacher, output=output, extra=extra)
+        return argv, fragment, output
+    return make
+
+
+def _file(tmp: Path) -> Path:
+    (tmp / "run").write_text("not a folder")
+    return tmp / "run"
+
+
+def _read_only(tmp: Path) -> Path:
+    """chmod is no obstacle to root, so as root the folder is made immutable (chattr +i) instead; where the file
+    system cannot do that (overlayfs), a folder under /proc, which no one can write, stands in."""
+    folder = tmp / "readonly"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+    elif subprocess.run(["chattr", "+i", str(folder)], capture_output=True, check=False).returncode != 0:
+        return Path("/proc/diffkd-read-only/run")
+    return folder / "run"
+
+
+def _fake_run(tmp: Path, finished: bool = False, lock: dict | None = None) -> Path:
+    output = tmp / "run"
+    (output / "checkpoints").mkdir(parents=True)
+    (output / "config.yaml").write_text("method: {name: progressive}\n")
+    if finished:
+        (output / "finished.json").write_text("{}")
+    if lock is not None:
+        (output / "run.lock").write_text(json.dumps(lock))
+    return output
+
+
+def _live_lock(tmp: Path) -> Path:
+    """A lock held by a process that is alive (a sleeping child that outlives the check)."""
+    import socket
+
+    sleeper = subprocess.Popen(["sleep", "600"])
+    (tmp / "sleeper.pid").write_text(str(sleeper.pid))
+    stat = Path(f"/proc/{sleeper.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    return _fake_run(tmp, lock={"pid": sleeper.pid, "host": socket.gethostname(), "process_start": stat})
+
+
+def stop_sleeper(tmp: Path) -> None:
+    pid_file = tmp / "sleeper.pid"
+    if pid_file.exists():
+        try:
+            os.kill(int(pid_file.read_text()), 9)
+            os.waitpid(int(pid_file.read_text()), 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
+def _real_run(tmp: Path, teacher: str) -> Path:
+    """A finished 2-step run (made once per session and copied), with its checkpoints, minus the finished marker."""
+    source = real_run_template(teacher)
+    output = tmp / "run"
+    shutil.copytree(source, output)
+    (output / "finished.json").unlink()
+    return output
+
+
+_TEMPLATE: dict[str, Path] = {}
+
+
+def real_run_template(teacher: str) -> Path:
+    if teacher not in _TEMPLATE:
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix="diffkd-run-template-")) / "run"
+        atexit.register(shutil.rmtree, folder.parent, True)
+        argv, _ = _distill(folder.parent, teacher, "train.checkpoint_every=1", output=folder)
+        from diffkd.cli import main
+
+        if main(argv) != 0:
+            raise RuntimeError("could not make the template run")
+        _TEMPLATE[teacher] = folder
+    return _TEMPLATE[teacher]
+
+
+def _resume_case(fragment: str, damage: Callable[[Path], list[str]], *sets: str) -> Callable:
+    def make(tmp: Path, teacher: str):
+        output = _real_run(tmp, teacher)
+        extra = damage(output)
+        argv, _ = _distill(tmp, teacher, *sets, output=output, extra=tuple(extra))
+        return argv, fragment, output
+    return make
+
+
+def _newest(output: Path) -> Path:
+    return max((output / "checkpoints").glob("ckpt-*"))
+
+
+def _garble_checkpoint(output: Path) -> list[str]:
+    file = _newest(output) / "student.safetensors"
+    file.write_bytes(b"\xff" * file.stat().st_size)  # same size: only reading it can tell
+    return ["--resume"]
+
+
+def _truncate_checkpoint(output: Path) -> list[str]:
+    file = _newest(output) / "student.safetensors"
+    file.write_bytes(file.read_bytes()[:100])
+    return ["--resume", str(_newest(output))]
+
+
+def _pickle_in_checkpoint(output: Path) -> list[str]:
+    import pickle
+
+    (_newest(output) / "rng_state.pkl").write_bytes(pickle.dumps(Payload(str(output.parent / "PWNED"))))
+    return ["--resume"]
+
+
+def _pickle_named_safetensors(output: Path) -> list[str]:
+    import pickle
+
+    file = _newest(output) / "optimizer.student.safetensors"
+    file.write_bytes(pickle.dumps(Payload(str(output.parent / "PWNED"))))
+    state = json.loads((_newest(output) / "state.json").read_text())
+    state["files"][file.name] = file.stat().st_size
+    (_newest(output) / "state.json").write_text(json.dumps(state))
+    return ["--resume"]
+
+
+def _not_a_checkpoint(output: Path) -> list[str]:
+    (output.parent / "elsewhere").mkdir()
+    return ["--resume", str(output.parent / "elsewhere")]
+
+
+def _other_shape_checkpoint(output: Path) -> list[str]:
+    """A checkpoint from a different network (shapes do not fit); config.yaml removed so only the weights can tell."""
+    import torch
+
+    from diffkd import checkpoint
+
+    folder = output.parent / "foreign"
+    checkpoint.save(folder, 0, 1, {"student": {"conv_in.weight": torch.zeros(3, 3)}},
+                    {"progress": {"round": 0, "step": 1}, "optimizer": {"state": {}, "param_groups": []}}, 1)
+    (output / "config.yaml").unlink()
+    return ["--resume", str(checkpoint.latest(folder))]
+
+
+def _no_cuda() -> tuple[str, str]:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"train.device=cuda:{torch.cuda.device_count()}", "not available"
+    return "train.device=cuda", "CUDA is not available"
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _cuda_case(tmp: Path, teacher: str):
+    setting, fragment = _no_cuda()
+    argv, output = _distill(tmp, teacher, setting)
+    return argv, fragment, output
+
+
+def _config_file_case(content: str | None, fragment: str) -> Callable:
+    def make(tmp: Path, teacher: str):
+        path = tmp / "config.yaml"
+        if content is not None:
+            path.write_text(content)
+        argv, output = _distill(tmp, teacher, config=str(path))
+        return argv, fragment, output
+    return make
+
+
+def _teacher_config_case(tmp: Path, teacher: str):
+    output = tmp / "run"
+    return ["distill", str(ROOT / "configs/digits-teacher.yaml"), "--output", str(output)], "train-teacher", output
+
+
+def _teacher_steps_case(tmp: Path, teacher: str):
+    output = tmp / "run"
+    return (["train-teacher", str(ROOT / "configs/digits-teacher.yaml"), "--output", str(output), "--set",
+             "method.num_steps=-5"], "method.num_steps must be >= 1", output)
+
+
+CASES = [
+    Case("unknown config key (closest suggested)", _set("did you mean 'train.learning_rate'", "train.learning_rat=1")),
+    Case("unknown config section", _set("did you mean 'train'", "trian.batch_size=4")),
+    Case("wrong type: text for an integer", _set("train.batch_size' must be an integer", "train.batch_size=abc")),
+    Case("wrong type: fraction for an integer", _set("must be an integer", "train.batch_size=2.5")),
+    Case("wrong type: not a boolean", _set("must be true or false", "teacher.trust_remote_code=maybe")),
+    Case("zero batch size", _set("train.batch_size must be > 0", "train.batch_size=0")),
+    Case("negative batch size", _set("train.batch_size must be > 0", "train.batch_size=-4")),
+    Case("zero learning rate", _set("train.learning_rate must be > 0", "train.learning_rate=0")),
+    Case("negative learning rate", _set("train.learning_rate must be > 0", "train.learning_rate=-1e-3")),
+    Case("zero steps per round", _set("method.steps_per_round must be >= 1", "method.steps_per_round=0")),
+    Case("negative teacher-training steps", _teacher_steps_case),
+    Case("N not a power-of-two multiple of k", _set("power-of-two multiple", "method.start_steps=48",
+                                                    "method.final_steps=4")),
+    Case("k does not divide the teacher's timesteps", _set("does not divide", "method.start_steps=12",
+                                                           "method.final_steps=3")),
+    Case("N beyond the teacher's timesteps", _set("exceeds the teacher's", "method.start_steps=2048",
+                                                  "method.final_steps=1")),
+    Case("unknown method", _set("method.name must be one of", "method.name=consistencyy")),
+    Case("unknown choice (LR schedule)", _set("train.lr_schedule must be one of", "train.lr_schedule=exp")),
+    Case("EMA decay of 1", _set("train.ema_decay must be in [0, 1)", "train.ema_decay=1")),
+    Case("batch not divisible into accumulation steps", _set("must divide into", "train.batch_size=10",
+                                                             "train.gradient_accumulation_steps=3")),
+    Case("config file missing", _config_file_case(None, "not found")),
+    Case("config file not YAML", _config_file_case("method: [unclosed\n", "not valid YAML")),
+    Case("teacher config given to distill", _teacher_config_case),
+    Case("--set without =", _set("--set expects key=value", "train.batch_size")),
+    Case("teacher path missing", _set("does not exist", "teacher.source=/nonexistent/teacher")),
+    Case("teacher folder that is not a diffusers pipeline",
+         _teacher_case("no model_index.json", lambda t: (t / "model_index.json").unlink())),
+    Case("teacher without a supported scheduler", _teacher_case("no discrete alphas_cumprod", _unsupported_scheduler)),
+    Case("teacher weights truncated", _teacher_case("corrupt", _truncate)),
+    Case("teacher pickle where safetensors is expected", _teacher_case("corrupt", _pickle_as_safetensors)),
+    Case("teacher weights as a crafted pickle (.bin)", _teacher_case("weights_only", _malicious_bin)),
+    Case("teacher with custom pipeline code, no trust_remote_code", _teacher_case("trust_remote_code", _remote_code)),
+    Case("hub teacher offline", _set("could not load pipeline", "teacher.source=nobody/no-such-model")),
+    Case("data folder missing", _data_case("does not exist", lambda tmp: tmp / "no-images")),
+    Case("data folder empty", _data_case("holds no PNG/JPEG", lambda tmp: _images(tmp / "empty", []))),
+    Case("unreadable image", _data_case("cannot read image", _garbage_image)),
+    Case("images of mixed sizes", _data_case("mixed sizes", lambda tmp: _images(
+        tmp / "images", [("L", (8, 8)), ("L", (8, 8)), ("L", (12, 10))]))),
+    Case("images of mixed channels", _data_case("mixed channels", lambda tmp: _images(
+        tmp / "images", [("L", (8, 8)), ("RGB", (8, 8))]))),
+    Case("CUDA asked for on a machine without it", _cuda_case),
+    Case("fp16 asked for on a machine without CUDA" if not _has_cuda() else "fp16 on CPU",
+         _set("mixed_precision=fp16 needs a CUDA GPU" if not _has_cuda() else "fp16", "train.mixed_precision=fp16",
+              *(() if not _has_cuda() else ("train.device=cpu",)))),
+    Case("student config that cannot be derived from the teacher",
+         _set("student", "student.architecture=compact", "student.width_multiplier=0.1")),
+    Case("LPIPS loss without its backbone weights (offline)", _set("alexnet-owt-7be5be79.pth", "losses.lpips=0.5"),
+         {"TORCH_HOME": "{tmp}/torch-home"}),
+    Case("evaluation needs Inception weights (offline)",
+         _set("weights-inception-2015-12-05-6726825d.pth", "run_eval=true", "eval.feature=inception"),
+         {"TORCH_HOME": "{tmp}/torch-home"}),
+    Case("evaluation needs LPIPS weights (offline)",
+         _set("alexnet-owt-7be5be79.pth", "run_eval=true", "eval.lpips=true"), {"TORCH_HOME": "{tmp}/torch-home"}),
+    Case("evaluation needs CLIP weights (offline)",
+         _set("CLIPScore", "run_eval=true", "eval.clip_score=true", "eval.clip_model=nobody/no-clip-model")),
+    Case("output is a file", _output_case("is a file", _file)),
+    Case("output folder read-only", _output_case("not writable", _read_only)),
+    Case("output holds a finished run", _output_case("holds a finished run", lambda t: _fake_run(t, finished=True))),
+    Case("output holds an unfinished run", _output_case("--resume to continue", _fake_run)),
+    Case("output in use by a running job", _output_case("in use by a running job", _live_lock, "--resume")),
+    Case("--resume with --overwrite", _output_case("contradict", _fake_run, "--resume", "--overwrite")),
+    Case("--resume PATH that is not a checkpoint", _resume_case("not a diffkd checkpoint", _not_a_checkpoint)),
+    Case("checkpoint safetensors corrupt", _resume_case("not a readable safetensors", _garble_checkpoint)),
+    Case("checkpoint safetensors truncated", _resume_case("incomplete", _truncate_checkpoint)),
+    Case("crafted pickle in a checkpoint folder", _resume_case("refusing", _pickle_in_checkpoint)),
+    Case("pickle named .safetensors in a checkpoint", _resume_case("refusing", _pickle_named_safetensors)),
+    Case("checkpoint of another network", _resume_case("does not fit", _other_shape_checkpoint)),
+    Case("resume with a changed config", _resume_case("train.learning_rate differs",
+                                                      lambda o: ["--resume"], "train.learning_rate=0.5")),
+]
+
+
+def snapshot(path: Path) -> dict | None:
+    """Every entry under ``path`` with its size and mtime (None if it does not exist)."""
+    if not path.exists():
+        return None
+    if path.is_file():
+        return {".": (path.stat().st_size, path.stat().st_mtime_ns)}
+    return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*"))}
+
+
+@dataclass
+class CaseResult:
+    case: Case
+    ok: bool
+    message: str
+    problem: str = ""
+
+
+def check_case(case: Case, tmp: Path, teacher: str, run: Callable[[list[str], dict], tuple[int, str]]
+               ) -> CaseResult:
+    """Prepare, run via ``run(argv, env) -> (exit code, stderr)``, and check: exit 2, exactly one stderr line with the
+    expected fragment, the output folder as it was, no crafted payload executed."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    argv, fragment, output = case.make(tmp, teacher)
+    env = {k: v.replace("{tmp}", str(tmp)) for k, v in case.env.items()}
+    before = snapshot(output)
+    try:
+        code, stderr = run(argv, env)
+    finally:
+        stop_sleeper(tmp)
+        if os.geteuid() == 0 and (tmp / "readonly").exists():
+            subprocess.run(["chattr", "-i", str(tmp / "readonly")], check=False)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    message = lines[-1] if lines else ""
+    problems = []
+    if code != 2:
+        problems.append(f"exit code {code}")
+    if len(lines) != 1:
+        problems.append(f"{len(lines)} stderr lines")
+    if fragment not in message:
+        problems.append(f"message lacks {fragment!r}")
+    if snapshot(output) != before:
+        problems.append("output changed")
+    if list(tmp.rglob("PWNED")):
+        problems.append("a crafted payload ran")
+    return CaseResult(case, not problems, message, "; ".join(problems))
+
+
+def run_subprocess(argv: list[str], env: dict) -> tuple[int, str]:
+    result = run_cli(argv, env=env)
+    return result.returncode, result.stderr
