@@ -192,11 +192,12 @@ def prepare(config: Config, device: str = "cpu") -> tuple[LoadedPipeline, Method
 def check_evaluation(config: Config, teacher: LoadedPipeline) -> None:
     """The evaluation that follows training needs weights that cannot be downloaded offline (Inception, LPIPS's
     backbone, CLIP): find them now, so a missing file costs seconds, not the night of training before it."""
-    from diffkd.evaluation.reference import auto_feature
+    from diffkd.evaluation.reference import auto_feature, check_reference
     from diffkd.weights import INCEPTION, TORCHVISION, locate_checkpoint, locate_hf_model
 
     options = config.eval
     feature = auto_feature(options.reference) if options.feature == "auto" else options.feature
+    check_reference(options.reference, feature, teacher.image_size, teacher.image_channels)
     if feature == "inception":
         locate_checkpoint(*INCEPTION, options.feature_weights, "FID (Inception) in the evaluation after training",
                           "eval.feature_weights")
@@ -279,6 +280,9 @@ def _resume_point(output: Path, resume: bool | str | Path) -> Path | None:
         return found
     if resume:
         path = Path(resume)
+        if path.is_file():
+            raise DiffkdError(f"--resume {str(resume)!r} is a file, not a checkpoint folder: pass one of "
+                              f"{output / 'checkpoints'!s}/ckpt-* or --resume alone for the newest")
         if not path.is_dir():
             raise DiffkdError(f"--resume {str(resume)!r}: no such checkpoint folder; pass one of "
                               f"{output / 'checkpoints'!s}/ckpt-* or --resume alone for the newest")

@@ -22,7 +22,7 @@ from diffkd.evaluation.clip import clip_score_metric
 from diffkd.evaluation.config import EvalConfig
 from diffkd.evaluation.features import load_feature_network, to_uint8
 from diffkd.evaluation.frechet import frechet_distance, gaussian_stats, kernel_distance
-from diffkd.evaluation.reference import auto_feature, default_cache_dir, load_real_set
+from diffkd.evaluation.reference import auto_feature, check_reference, default_cache_dir, load_real_set
 from diffkd.evaluation.samplers import sampler_settings, teacher_sample
 from diffkd.io import LoadedPipeline, load_pipeline
 from diffkd.models import Conditioning
@@ -228,6 +228,7 @@ def evaluate(config: EvalConfig) -> EvalResults:
     first = teacher or models[0]
     size, channels = first.pipe.image_size, first.pipe.image_channels
     feature_name = auto_feature(config.reference) if config.feature == "auto" else config.feature
+    check_reference(config.reference, feature_name, size, channels)
     feature = load_feature_network(feature_name, device, config.feature_weights)
     cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
     real = load_real_set(config.reference, feature, size, channels, cache_dir)
