@@ -8,6 +8,7 @@ exports the pipeline and (for distillation) evaluates it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -266,6 +267,7 @@ def distill(config: Config, output: str | Path, resume: bool | str | Path = Fals
             log.info("saved %s", folder)
             if config.run_eval and method.needs_teacher:
                 run_evaluation(config, folder, output / "eval", str(accelerator.device))
+            checkpoint.prune(output / "checkpoints", config.train.keep_checkpoints)  # a resume may have lowered it
             (output / FINISHED_MARKER).write_text(json.dumps({"pipeline": str(folder)}))
         accelerator.wait_for_everyone()
     accelerator.end_training()  # last: it also tears down the process group of a multi-process run
@@ -294,7 +296,7 @@ def model_card(config: Config, method: Method, spec, report: dict, student: torc
                teacher: LoadedPipeline, seconds: float) -> dict:
     """Front-matter facts a user (or the Hub) needs to know what this student is."""
     return {
-        "teacher": config.teacher.source if method.needs_teacher else "trained from scratch",
+        **(teacher_record(config.teacher.source) if method.needs_teacher else {"teacher": "trained from scratch"}),
         "method": method.name,
         "num_inference_steps": spec.num_inference_steps,
         "prediction_type": spec.prediction_type,
@@ -308,6 +310,24 @@ def model_card(config: Config, method: Method, spec, report: dict, student: torc
     }
 
 
+def teacher_record(source: str) -> dict:
+    """The teacher as its hub id, or as a local path with a content hash (a folder can change under its name),
+    and the license of its own model card when it states one."""
+    from diffkd.evaluation.sweep import read_card
+    from diffkd.io import is_local_reference
+    from diffkd.weights import file_sha256
+
+    if not is_local_reference(source):
+        return {"teacher": source}
+    folder = Path(source).expanduser().resolve()
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "README.md"):
+        digest.update(f"{file.relative_to(folder)}:{file_sha256(str(file))}\n".encode())
+    record = {"teacher": str(folder), "teacher_sha256": digest.hexdigest()}
+    license_ = read_card(str(folder)).get("license")
+    return {**record, "license": license_} if license_ else record
+
+
 def run_evaluation(config: Config, student: Path, output: Path, device: str) -> None:
     """Evaluate the exported student against its teacher with the config's ``eval`` section; a text teacher is
     evaluated on the training prompts unless the section names its own."""
@@ -315,8 +335,14 @@ def run_evaluation(config: Config, student: Path, output: Path, device: str) -> 
 
     prompts = config.eval.prompts or config.data.prompts
     prompts_file = config.eval.prompts_file or config.data.prompts_file
-    evaluate(replace(config.eval, pipelines=[str(student)], teacher=config.teacher.source, output=str(output),
-                     device=device, prompts=prompts, prompts_file=prompts_file))
+    from diffkd.evaluation.report import verdict
+    from diffkd.io import add_card_section
+
+    results = evaluate(replace(config.eval, pipelines=[str(student)], teacher=config.teacher.source,
+                               output=str(output), device=device, prompts=prompts, prompts_file=prompts_file))
+    report = os.path.relpath(output / "report.html", student)
+    add_card_section(student / "README.md", "Evaluation",
+                     [*verdict(results.to_dict()), "", f"Full report: [{report}]({report})"])
 
 
 def load_student(folder: str | Path, device: str = "cpu") -> diffusers.DiffusionPipeline:

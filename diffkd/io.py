@@ -261,3 +261,8 @@ def write_model_card(path: Path, card: dict) -> None:
     if "details" in card:
         lines += ["## Details", "", "```json", json.dumps(card["details"], indent=2), "```", ""]
     path.write_text("\n".join(lines))
+
+
+def add_card_section(path: Path, title: str, lines: list[str]) -> None:
+    """Append a Markdown section to a model card's body (the evaluation's verdict, written after the export)."""
+    path.write_text(path.read_text().rstrip("\n") + "\n\n" + "\n".join([f"## {title}", "", *lines]) + "\n")
