@@ -26,6 +26,7 @@ from diffkd.evaluation.reference import auto_feature, check_reference, default_c
 from diffkd.evaluation.samplers import sampler_settings, teacher_sample
 from diffkd.io import LoadedPipeline, load_pipeline
 from diffkd.models import Conditioning
+from diffkd.progress import Progress
 from diffkd.sampling import scheduler_sample
 
 log = logging.getLogger(__name__)
@@ -244,6 +245,7 @@ def evaluate(config: EvalConfig) -> EvalResults:
     _warm_up(settings, config.seed, device, prompts)
     log.info("%d settings x %d samples (%d models; feature %s)", len(settings), config.num_samples, len(models),
              feature.label)
+    shown = Progress(len(settings) * math.ceil(config.num_samples / config.batch_size), "evaluation")
     for index, start in enumerate(range(0, config.num_samples, config.batch_size)):
         count = min(config.batch_size, config.num_samples - start)
         conds = {m.name: prompts.condition(m, start, count) if prompts else None for m in models}
@@ -263,7 +265,8 @@ def evaluate(config: EvalConfig) -> EvalResults:
                 setting.clip.update(_rgb(images), prompts.batch(start, count))
             if index == 0:
                 setting.grid = images[:config.grid_size].cpu()
-        log.info("batch %d: %d/%d samples", index + 1, start + count, config.num_samples)
+            shown.update(1, f"batch {index + 1}, {setting.key}")
+    shown.close()
 
     rows = [_row(s, real, config, teacher, settings) for s in settings]
     results = EvalResults(
