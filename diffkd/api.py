@@ -7,8 +7,10 @@ exports the pipeline and (for distillation) evaluates it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import replace
@@ -17,15 +19,18 @@ from pathlib import Path
 import diffusers
 import torch
 
-from diffkd import run_folder
+from diffkd import checkpoint, run_folder
 from diffkd.config import Config, dump_config
 from diffkd.eval_options import EvalConfig
 from diffkd.evaluation.plan import check_weights, plan_metrics
-from diffkd.evaluation.sweep import evaluate
-from diffkd.io import LoadedPipeline, load_pipeline, save_pipeline
+from diffkd.evaluation.reference import check_reference
+from diffkd.evaluation.report import verdict
+from diffkd.evaluation.sweep import evaluate, read_card
+from diffkd.io import LoadedPipeline, add_card_section, is_local_reference, load_pipeline, save_pipeline
 from diffkd.methods import Method, method_class
 from diffkd.students import build_student
 from diffkd.trainer import Trainer, make_accelerator
+from diffkd.weights import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +67,7 @@ def check_evaluation(config: Config, teacher: LoadedPipeline) -> None:
     options = evaluation_options(config)
     plan = plan_metrics(options, has_teacher=True, text_conditioned=teacher.text_conditioned,
                         has_prompts=bool(options.prompts or options.prompts_file))
+    check_reference(options.reference, plan.feature, teacher.image_size, teacher.image_channels)
     check_weights(options, plan, "in the evaluation after training")
 
 
@@ -114,6 +120,7 @@ def distill(config: Config, output: str | Path, resume: bool | str | Path = Fals
             log.info("saved %s", folder)
             if config.run_eval and method.needs_teacher:
                 run_evaluation(config, folder, output / "eval", str(accelerator.device))
+            checkpoint.prune(output / "checkpoints", config.train.keep_checkpoints)  # a resume may have lowered it
             (output / run_folder.FINISHED_MARKER).write_text(json.dumps({"pipeline": str(folder)}))
         accelerator.wait_for_everyone()
     accelerator.end_training()  # last: it also tears down the process group of a multi-process run
@@ -124,7 +131,7 @@ def model_card(config: Config, method: Method, spec, report: dict, student: torc
                teacher: LoadedPipeline, seconds: float) -> dict:
     """Front-matter facts a user (or the Hub) needs to know what this student is."""
     return {
-        "teacher": config.teacher.source if method.needs_teacher else "trained from scratch",
+        **(teacher_record(config.teacher.source) if method.needs_teacher else {"teacher": "trained from scratch"}),
         "method": method.name,
         "num_inference_steps": spec.num_inference_steps,
         "prediction_type": spec.prediction_type,
@@ -138,11 +145,28 @@ def model_card(config: Config, method: Method, spec, report: dict, student: torc
     }
 
 
+def teacher_record(source: str) -> dict:
+    """The teacher as its hub id, or as a local path with a content hash (a folder can change under its name),
+    and the license of its own model card when it states one."""
+    if not is_local_reference(source):
+        return {"teacher": source}
+    folder = Path(source).expanduser().resolve()
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "README.md"):
+        digest.update(f"{file.relative_to(folder)}:{file_sha256(str(file))}\n".encode())
+    record = {"teacher": str(folder), "teacher_sha256": digest.hexdigest()}
+    license_ = read_card(str(folder)).get("license")
+    return {**record, "license": license_} if license_ else record
+
+
 def run_evaluation(config: Config, student: Path, output: Path, device: str) -> None:
     """Evaluate the exported student against its teacher with the config's ``eval`` section; a text teacher is
     evaluated on the training prompts unless the section names its own."""
-    evaluate(evaluation_options(config, pipelines=[str(student)], teacher=config.teacher.source, output=str(output),
-                                device=device))
+    results = evaluate(evaluation_options(config, pipelines=[str(student)], teacher=config.teacher.source,
+                                          output=str(output), device=device))
+    report = os.path.relpath(output / "report.html", student)
+    add_card_section(student / "README.md", "Evaluation",
+                     [*verdict(results.to_dict()), "", f"Full report: [{report}]({report})"])
 
 
 def load_student(folder: str | Path, device: str = "cpu") -> diffusers.DiffusionPipeline:

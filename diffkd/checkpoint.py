@@ -60,9 +60,15 @@ def save(root: Path, round_index: int, step: int, tensors: dict[str, dict[str, t
         _discard(final)
     os.replace(temporary, final)
     _fsync(root)
+    prune(root, keep)
+    return final
+
+
+def prune(root: Path, keep: int) -> None:
+    """Keep the newest ``keep`` complete checkpoints and nothing else (no half-written or discarded folders)."""
     for old in complete(root)[:-keep]:
         _discard(old)
-    return final
+    clean_stale(root)
 
 
 def _discard(folder: Path) -> None:

@@ -37,9 +37,15 @@ class TeacherConfig:
 
 @dataclass
 class DataConfig:
-    """Training images ('digits' or a folder, resized to the teacher's size) and prompts for text teachers."""
+    """Training images ('digits' or a folder) and prompts for text teachers.
+
+    resize / convert: scale-and-crop images to the teacher's size / convert grey <-> RGB; off by default, so a set
+    that does not match the teacher is refused rather than silently adapted.
+    """
 
     source: str = "digits"
+    resize: bool = False
+    convert: bool = False
     prompts: list[str] = field(default_factory=list)
     prompts_file: str | None = None
 
@@ -230,13 +236,35 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         file = Path(path)
         check(file.is_file(), f"config file {str(path)!r} not found: pass a YAML file such as "
                               "configs/digits-progressive.yaml")
-        try:
-            data = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise DiffkdError(f"config file {str(path)!r} is not valid YAML: {str(error).splitlines()[0]}") from None
+        data = read_yaml_mapping(file, "config file", "sections such as method:, teacher:, train:")
     for assignment in overrides:
         apply_override(data, assignment)
     return parse_config(data)
+
+
+def read_yaml_mapping(file: Path, what: str, expected: str) -> dict:
+    """A YAML file that must hold a mapping: an empty file, a list or a tab-indented line is one clear error (an
+    empty file would otherwise run on every default, and YAML's own tab message names neither line nor tab)."""
+    text = file.read_text()
+    name = f"{what} {str(file)!r}"
+    tab = next((number for number, line in enumerate(text.splitlines(), 1)
+                if "\t" in line[:len(line) - len(line.lstrip(" \t"))]), None)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        if tab is not None:
+            raise DiffkdError(f"{name}: line {tab} is indented with a tab; YAML needs spaces: replace the "
+                              "tab with spaces") from None
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise DiffkdError(f"{name} is not valid YAML{where}: {str(error).splitlines()[0]}") from None
+    if data is None:
+        raise DiffkdError(f"{name} is empty: write {expected} into it (see configs/ for examples)")
+    if not isinstance(data, dict):
+        kind = "a list" if isinstance(data, list) else f"a single {type(data).__name__} value"
+        raise DiffkdError(f"{name} holds {kind}, not a mapping: write {expected} at the top level "
+                          "(see configs/ for examples)")
+    return data
 
 
 def dump_config(config: Config) -> str:

@@ -27,8 +27,11 @@ def load_digits(size: int = 16) -> torch.Tensor:
     return (pixels * 2 - 1).clamp(-1, 1)
 
 
-def load_image_folder(path: str | Path, size: int, channels: int) -> torch.Tensor:
-    """Every PNG/JPEG under ``path``: shorter side resized to ``size``, centre-cropped, converted to ``channels``."""
+DIGITS_SIZES = (8, 16)  # scikit-learn's own 8 px and the embedded teacher's 16 px; other sizes need data.resize
+
+
+def image_files(path: str | Path) -> list[Path]:
+    """The PNG/JPEG files under ``path``, sorted; one clear error for a missing or empty folder."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise DiffkdError(f"data folder {str(path)!r} does not exist or is not a folder: set data.source to "
@@ -36,8 +39,38 @@ def load_image_folder(path: str | Path, size: int, channels: int) -> torch.Tenso
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DiffkdError(f"data folder {str(path)!r} holds no PNG/JPEG images: add images or set data.source")
+    return files
+
+
+def load_image_folder(path: str | Path, size: int, channels: int) -> torch.Tensor:
+    """Every PNG/JPEG under ``path``: shorter side resized to ``size``, centre-cropped, converted to ``channels``."""
+    files = image_files(path)
     _check_uniform(files)
     return torch.stack([_load_image(p, size, channels) for p in files])
+
+
+def set_shape(source: str) -> tuple[list[tuple[int, int]], int]:
+    """The sizes (width, height) an image set comes in and its channels (1 grey, 3 colour)."""
+    if source == "digits":
+        return [(s, s) for s in DIGITS_SIZES], 1
+    files = image_files(source)
+    _check_uniform(files)
+    with Image.open(files[0]) as image:
+        return [image.size], 1 if image.mode in GREY_MODES else 3
+
+
+def check_fit(source: str, size: int, channels: int, resize: bool, convert: bool, role: str, fix: str) -> None:
+    """Refuse a set whose images differ from the model's in size or colour unless resizing/converting was asked
+    for: a 16 px grey set scaled to 32 px RGB trains (or scores) a model on images it should never see."""
+    sizes, set_channels = set_shape(source)
+    size_ok = resize or (size, size) in sizes
+    channels_ok = convert or set_channels == channels
+    if size_ok and channels_ok:
+        return
+    colour = {1: "grey", 3: "RGB"}
+    have = " or ".join(f"{w}x{h}" for w, h in sizes)
+    raise DiffkdError(f"{role} {source!r} holds {have} {colour.get(set_channels, set_channels)} images but the "
+                      f"model makes {size}x{size} {colour.get(channels, f'{channels}-channel')} ones: {fix}")
 
 
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
@@ -78,8 +111,12 @@ def _load_image(path: Path, size: int, channels: int) -> torch.Tensor:
     return pixels.reshape(size, size, channels).permute(2, 0, 1).float() / 127.5 - 1
 
 
-def load_images(source: str, size: int, channels: int) -> torch.Tensor:
-    """``'digits'`` for the embedded set, otherwise a folder of images; always at the teacher's size/channels."""
+def load_images(source: str, size: int, channels: int, resize: bool = False, convert: bool = False) -> torch.Tensor:
+    """``'digits'`` for the embedded set, otherwise a folder of images, at the teacher's size and channels; a set
+    of another size or colour is refused unless ``resize`` / ``convert`` (data.resize / data.convert) ask for it."""
+    check_fit(source, size, channels, resize, convert, "data.source",
+              "use images of the teacher's size and colour, or set data.resize=true (scale and centre-crop) and/or "
+              "data.convert=true (grey <-> RGB) to adapt them")
     if source == "digits":
         images = load_digits(size)
         return images if channels == 1 else images.repeat(1, channels, 1, 1)

@@ -12,6 +12,7 @@ import inspect
 import json
 import logging
 import pickle
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,7 @@ def load_pipeline(source: str, device: str | torch.device = "cpu", dtype: torch.
         if not (folder / "model_index.json").is_file():
             raise DiffkdError(f"{source!r} is not a diffusers pipeline folder (no model_index.json): point at the "
                               "folder that DiffusionPipeline.save_pretrained wrote")
+        _check_model_index(folder / "model_index.json", source)
     pipeline = _from_pretrained(source, kwargs)
     pipeline.set_progress_bar_config(disable=True)
     return LoadedPipeline(source, pipeline.to(device), denoiser_of(pipeline, source))
@@ -105,6 +107,19 @@ def _from_pretrained(source: str, kwargs: dict) -> DiffusionPipeline:
     return pipeline
 
 
+def _check_model_index(path: Path, source: str) -> None:
+    """A broken model_index.json is a JSON problem, not a weights problem: say which, where, and how to mend it."""
+    try:
+        index = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        where = f" (line {error.lineno}, column {error.colno})" if isinstance(error, json.JSONDecodeError) else ""
+        raise DiffkdError(f"{source!r}: model_index.json is not valid JSON{where}: repair it, or save the pipeline "
+                          "again with DiffusionPipeline.save_pretrained") from None
+    if not isinstance(index, dict) or "_class_name" not in index:
+        raise DiffkdError(f"{source!r}: model_index.json has no '_class_name' (the pipeline class): repair it, or "
+                          "save the pipeline again with DiffusionPipeline.save_pretrained")
+
+
 def _load_error(source: str, local: bool, kwargs: dict, error: Exception) -> DiffkdError:
     chain, cause = [], error
     while cause is not None and len(chain) < 10:
@@ -120,8 +135,9 @@ def _load_error(source: str, local: bool, kwargs: dict, error: Exception) -> Dif
         return DiffkdError(f"could not load pipeline {source!r}: a weight or config file is corrupt, truncated or "
                            f"not safetensors ({_first_line(error)}); re-save it with "
                            "save_pretrained(safe_serialization=True)")
-    return DiffkdError(f"could not load pipeline {source!r} ({_first_line(error)}); without network, download it "
-                       "where there is one (`hf download ID --local-dir DIR`) and pass DIR")
+    return DiffkdError(f"could not load pipeline {source!r} from the Hugging Face hub ({_own_words(error)}); "
+                       "without network, download it where there is one (`hf download ID --local-dir DIR`) and "
+                       "pass DIR")
 
 
 class _Held(logging.Handler):
@@ -167,6 +183,13 @@ def _held_library_output():
 def _first_line(error: Exception) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def _own_words(error: Exception) -> str:
+    """The library's message without its pointers to a stack trace the user is not shown."""
+    sentences = re.split(r"(?<=[.!?])\s+", " ".join(_first_line(error).split()))
+    kept = [s for s in sentences if not re.search(r"stack ?trace|traceback", s, re.IGNORECASE)]
+    return " ".join(kept).rstrip(".") or type(error).__name__
 
 
 def _custom_code(folder: Path) -> bool:
@@ -238,3 +261,8 @@ def write_model_card(path: Path, card: dict) -> None:
     if "details" in card:
         lines += ["## Details", "", "```json", json.dumps(card["details"], indent=2), "```", ""]
     path.write_text("\n".join(lines))
+
+
+def add_card_section(path: Path, title: str, lines: list[str]) -> None:
+    """Append a Markdown section to a model card's body (the evaluation's verdict, written after the export)."""
+    path.write_text(path.read_text().rstrip("\n") + "\n\n" + "\n".join([f"## {title}", "", *lines]) + "\n")

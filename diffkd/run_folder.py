@@ -181,6 +181,9 @@ def resume_point(output: Path, resume: bool | str | Path) -> Path | None:
         return found
     if resume:
         path = Path(resume)
+        if path.is_file():
+            raise DiffkdError(f"--resume {str(resume)!r} is a file, not a checkpoint folder: pass one of "
+                              f"{output / 'checkpoints'!s}/ckpt-* or --resume alone for the newest")
         if not path.is_dir():
             raise DiffkdError(f"--resume {str(resume)!r}: no such checkpoint folder; pass one of "
                               f"{output / 'checkpoints'!s}/ckpt-* or --resume alone for the newest")

@@ -34,7 +34,6 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
 from torch import nn
-from tqdm.auto import tqdm
 
 from diffkd import checkpoint
 from diffkd.config import TrainConfig
@@ -42,6 +41,7 @@ from diffkd.data import batch_indices
 from diffkd.errors import DiffkdError, TrainingDiverged
 from diffkd.losses.terms import LossTerms
 from diffkd.methods.base import Method, Network, Phase
+from diffkd.progress import Progress as RunProgress
 
 log = logging.getLogger(__name__)
 
@@ -159,26 +159,26 @@ class Trainer:
         self.load_data()
         rounds = self.method.rounds()
         self.acc.init_trackers("diffkd")
+        shown = RunProgress(sum(r.num_steps for r in rounds), "training", initial=self._global_step(),
+                            enabled=self.acc.is_main_process)
         for index in range(self.progress.round, len(rounds)):
             current = rounds[index]
             if self.progress.step == 0:
                 self._begin_round(index)
             started = time.perf_counter() - self.progress.round_seconds.get(current.name, 0.0)
-            bar = tqdm(total=current.num_steps, initial=self.progress.step, desc=f"round {index + 1}/{len(rounds)} "
-                       f"{current.name}", disable=not self.acc.is_main_process, dynamic_ncols=True)
             while self.progress.step < current.num_steps:
                 logs = self._optimizer_step(index, current.num_steps)
                 self.progress.step += 1
                 self.progress.round_seconds[current.name] = time.perf_counter() - started
-                bar.update(1)
-                if logs is not None:
-                    bar.set_postfix(loss=f"{logs[self._headline]:.4g}")
-                    if self.progress.step % self.train.log_every == 0 or self.progress.step == current.num_steps:
-                        self._log(index, logs)
+                shown.update(1, f"round {index + 1}/{len(rounds)} {current.name}"
+                             + (f", loss {logs[self._headline]:.4g}" if logs is not None else ""))
+                if logs is not None and (self.progress.step % self.train.log_every == 0
+                                         or self.progress.step == current.num_steps):
+                    self._log(index, logs)
                 if self.progress.step % self.train.checkpoint_every == 0 and self.progress.step < current.num_steps:
                     self._save()
-            bar.close()
             self._end_round()
+        shown.close()
         return self.progress
 
     @property

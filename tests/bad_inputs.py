@@ -321,6 +321,40 @@ def _teacher_config_case(tmp: Path, teacher: str):
     return ["distill", str(ROOT / "configs/digits-teacher.yaml"), "--output", str(output)], "train-teacher", output
 
 
+def _rgb_teacher(tmp: Path) -> Path:
+    """A random 32 px RGB pixel teacher (the layout of google/ddpm-cifar10-32, in miniature)."""
+    from diffusers import DDIMScheduler, DDPMPipeline, UNet2DModel
+
+    unet = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                       norm_num_groups=4, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
+    folder = tmp / "rgb-teacher"
+    DDPMPipeline(unet=unet, scheduler=DDIMScheduler()).save_pretrained(folder)
+    return folder
+
+
+def _rgb_teacher_case(fragment: str, *sets: str) -> Callable:
+    def make(tmp: Path, teacher: str):
+        argv, output = _distill(tmp, str(_rgb_teacher(tmp)), *sets)
+        return argv, fragment, output
+    return make
+
+
+def _eval_case(fragment: str, *options: str) -> Callable:
+    """``diffkd eval`` of the 32 px RGB teacher with ``options``; {tmp}/real holds 32 px RGB images that fit it."""
+    def make(tmp: Path, teacher: str):
+        _images(tmp / "real", [("RGB", (32, 32))] * 4)
+        output = tmp / "eval"
+        argv = ["eval", "--pipeline", str(_rgb_teacher(tmp)), "--steps", "1", "--num-samples", "4", "--output",
+                str(output), "--cache-dir", str(tmp / "cache"), *(o.replace("{tmp}", str(tmp)) for o in options)]
+        return argv, fragment, output
+    return make
+
+
+def _resume_file(output: Path) -> list[str]:
+    (output.parent / "ckpt.safetensors").write_bytes(b"not a folder")
+    return ["--resume", str(output.parent / "ckpt.safetensors")]
+
+
 def _teacher_steps_case(tmp: Path, teacher: str):
     output = tmp / "run"
     return (["train-teacher", str(ROOT / "configs/digits-teacher.yaml"), "--output", str(output), "--set",
@@ -352,6 +386,11 @@ CASES = [
                                                              "train.gradient_accumulation_steps=3")),
     Case("config file missing", _config_file_case(None, "not found")),
     Case("config file not YAML", _config_file_case("method: [unclosed\n", "not valid YAML")),
+    Case("config file that is a YAML list", _config_file_case("- method: progressive\n", "holds a list")),
+    Case("config file empty", _config_file_case("", "is empty")),
+    Case("config file of comments only", _config_file_case("# nothing yet\n", "is empty")),
+    Case("config file indented with a tab", _config_file_case("train:\n\tbatch_size: 4\n",
+                                                              "line 2 is indented with a tab")),
     Case("teacher config given to distill", _teacher_config_case),
     Case("--set without =", _set("--set expects key=value", "train.batch_size")),
     Case("teacher path missing", _set("does not exist", "teacher.source=/nonexistent/teacher")),
@@ -362,7 +401,27 @@ CASES = [
     Case("teacher pickle where safetensors is expected", _teacher_case("corrupt", _pickle_as_safetensors)),
     Case("teacher weights as a crafted pickle (.bin)", _teacher_case("weights_only", _malicious_bin)),
     Case("teacher with custom pipeline code, no trust_remote_code", _teacher_case("trust_remote_code", _remote_code)),
-    Case("hub teacher offline", _set("could not load pipeline", "teacher.source=nobody/no-such-model")),
+    Case("teacher model_index.json not valid JSON",
+         _teacher_case("model_index.json is not valid JSON", lambda t: (t / "model_index.json").write_text("{,"))),
+    Case("hub teacher offline", _set("from the Hugging Face hub", "teacher.source=nobody/no-such-model")),
+    Case("data set grey, teacher RGB", _rgb_teacher_case("holds 8x8 or 16x16 grey images but the model makes "
+                                                         "32x32 RGB ones")),
+    Case("image folder of another size than the teacher's", _data_case("holds 12x12 grey images", lambda tmp: _images(
+        tmp / "images", [("L", (12, 12))] * 2))),
+    Case("image folder in colour, teacher grey", _data_case("data.convert=true", lambda tmp: _images(
+        tmp / "images", [("RGB", (8, 8))] * 2))),
+    Case("eval of an RGB pipeline against the digits", _eval_case("holds 8x8 or 16x16 grey images", "--reference",
+                                                                   "digits", "--feature", "inception")),
+    Case("eval of an RGB pipeline with the digits classifier", _eval_case("the digits classifier", "--reference",
+                                                                          "{tmp}/real", "--feature",
+                                                                          "digits-classifier")),
+    Case("eval reference folder missing (Inception weights missing too)",
+         _eval_case("eval.reference '/nonexistent/real' does not exist", "--reference", "/nonexistent/real"),
+         {"TORCH_HOME": "{tmp}/torch-home"}),
+    Case("eval Inception weights file missing", _eval_case("--feature-weights", "--reference", "{tmp}/real",
+                                                           "--feature", "inception", "--feature-weights",
+                                                           "{tmp}/no-inception.pth"),
+         {"TORCH_HOME": "{tmp}/torch-home"}),
     Case("data folder missing", _data_case("does not exist", lambda tmp: tmp / "no-images")),
     Case("data folder empty", _data_case("holds no PNG/JPEG", lambda tmp: _images(tmp / "empty", []))),
     Case("unreadable image", _data_case("cannot read image", _garbage_image)),
@@ -392,6 +451,7 @@ CASES = [
     Case("output in use by a running job", _output_case("in use by a running job", _live_lock, "--resume")),
     Case("--resume with --overwrite", _output_case("contradict", _fake_run, "--resume", "--overwrite")),
     Case("--resume PATH that is not a checkpoint", _resume_case("not a diffkd checkpoint", _not_a_checkpoint)),
+    Case("--resume FILE", _resume_case("is a file, not a checkpoint folder", _resume_file)),
     Case("checkpoint safetensors corrupt", _resume_case("not a readable safetensors", _garble_checkpoint)),
     Case("checkpoint safetensors truncated", _resume_case("incomplete", _truncate_checkpoint)),
     Case("crafted pickle in a checkpoint folder", _resume_case("refusing", _pickle_in_checkpoint)),

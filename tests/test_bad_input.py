@@ -52,3 +52,13 @@ def test_real_command_line_prints_exactly_one_line(name, tiny_teacher, tmp_path)
     case = next(c for c in CASES if c.name == name)
     result = check_case(case, tmp_path / "case", tiny_teacher, run_subprocess)
     assert result.ok, f"{result.problem}: {result.message}"
+
+
+@pytest.mark.parametrize("name, wrong", [("teacher model_index.json not valid JSON", "safetensors"),
+                                         ("hub teacher offline", "stacktrace"),
+                                         ("eval reference folder missing (Inception weights missing too)",
+                                          "weights-inception")])
+def test_message_does_not_point_at_the_wrong_cause(name, wrong, tiny_teacher, tmp_path):
+    case = next(c for c in CASES if c.name == name)
+    result = check_case(case, tmp_path / "case", tiny_teacher, run_in_process)
+    assert result.ok and wrong not in result.message.lower(), result.message

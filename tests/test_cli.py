@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -49,7 +50,8 @@ def test_distill_end_to_end_loads_in_plain_diffusers(tiny_teacher, tmp_path):
     result = diffkd("distill", "configs/digits-progressive.yaml", "--output", str(out), "--no-eval",
                     "--set", f"teacher.source={tiny_teacher}", "--set", "method.start_steps=8",
                     "--set", "method.final_steps=2", "--set", "method.steps_per_round=5",
-                    "--set", "train.batch_size=16", "--set", "train.checkpoint_every=3")
+                    "--set", "train.batch_size=16", "--set", "train.checkpoint_every=3",
+                    "--set", "train.keep_checkpoints=1")
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("student", "checkpoints", "logs/metrics.csv", "config.yaml"):
         assert (out / name).exists(), name
@@ -58,7 +60,9 @@ def test_distill_end_to_end_loads_in_plain_diffusers(tiny_teacher, tmp_path):
     front = yaml.safe_load(card)
     assert front["library_name"] == "diffusers" and front["method"] == "progressive"
     assert front["num_inference_steps"] == 2 and front["prediction_type"] == "v_prediction"
-    assert front["teacher"] == tiny_teacher and front["training_time_seconds"] > 0
+    assert front["teacher"] == str(Path(tiny_teacher).resolve()) and front["training_time_seconds"] > 0
+    assert len(front["teacher_sha256"]) == 64  # a local teacher is recorded with its content hash
+    assert len(list((out / "checkpoints").iterdir())) == 1  # train.keep_checkpoints=1, nothing half-written
 
     pipe = DiffusionPipeline.from_pretrained(out / "student")
     pipe.scheduler.set_timesteps(2)

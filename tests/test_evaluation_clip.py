@@ -37,6 +37,30 @@ def tiny_clip(tmp_path_factory) -> str:
     return str(folder)
 
 
+class PixelFeatures(torch.nn.Module):
+    """uint8 N x 3 x 8 x 8 -> a random 4-d projection of the pixels."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(192, 4)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.linear(images.float().flatten(1) / 255)
+
+
+@pytest.fixture(scope="module")
+def rgb_real(tmp_path_factory) -> dict:
+    """8 px RGB real images like the tiny SD pipeline's, and a TorchScript feature network for them (the digits
+    classifier is refused for RGB images)."""
+    folder = tmp_path_factory.mktemp("rgb-real")
+    for index in range(6):
+        Image.new("RGB", (8, 8), color=(40 * index, 64, 200 - 30 * index)).save(folder / f"{index}.png")
+    torch.manual_seed(0)
+    network = torch.jit.script(PixelFeatures())
+    network.save(str(folder.parent / "features.pt"))
+    return {"reference": str(folder), "feature": str(folder.parent / "features.pt")}
+
+
 def clip_score_by_hand(folder: str, images: torch.Tensor, prompts: list[str]) -> float:
     """max(100 * mean cosine(image embedding, text embedding), 0), as Hessel et al. define CLIPScore."""
     model, processor = CLIPModel.from_pretrained(folder), CLIPProcessor.from_pretrained(folder)
@@ -49,10 +73,12 @@ def clip_score_by_hand(folder: str, images: torch.Tensor, prompts: list[str]) ->
     return max(float(100 * cosine.mean()), 0.0)
 
 
-def test_clip_score_of_a_text_pipeline_equals_the_definition_on_its_samples(tiny_sd, tiny_clip, tmp_path):
+def test_clip_score_of_a_text_pipeline_equals_the_definition_on_its_samples(tiny_sd, tiny_clip, rgb_real,
+                                                                             tmp_path):
     config = EvalConfig(pipelines=[tiny_sd], steps=[1], samplers=["ddim"], reference_steps=2, num_samples=4,
                         batch_size=4, grid_size=4, prompts=PROMPTS, guidance_scale=2.0, clip_model=tiny_clip,
-                        lpips=False, cache_dir=str(tmp_path / "cache"), kid_subsets=2, output=str(tmp_path / "out"))
+                        lpips=False, cache_dir=str(tmp_path / "cache"), kid_subsets=2, output=str(tmp_path / "out"),
+                        **rgb_real)
     results = evaluate(config)
     assert results.protocol["clip_score"].startswith("on:") and results.protocol["guidance_scale"] == 2.0
     assert len(results.rows) == 2
@@ -65,10 +91,10 @@ def test_clip_score_of_a_text_pipeline_equals_the_definition_on_its_samples(tiny
         assert row["clip_score"] == pytest.approx(score, rel=1e-4)
 
 
-def test_text_pipeline_without_prompts_or_clip_is_one_line(tiny_sd, tmp_path):
+def test_text_pipeline_without_prompts_or_clip_is_one_line(tiny_sd, rgb_real, tmp_path):
     with pytest.raises(DiffkdError, match="no prompts were given"):
         evaluate(EvalConfig(pipelines=[tiny_sd], steps=[1], samplers=["ddim"], num_samples=2,
-                            cache_dir=str(tmp_path)))
+                            cache_dir=str(tmp_path), **rgb_real))
     with pytest.raises(DiffkdError, match="'nobody/clip'.*hf download nobody/clip"):
         evaluate(EvalConfig(pipelines=[tiny_sd], steps=[1], samplers=["ddim"], num_samples=2, prompts=["a cat"],
-                            clip_model="nobody/clip", cache_dir=str(tmp_path)))
+                            clip_model="nobody/clip", cache_dir=str(tmp_path), **rgb_real))

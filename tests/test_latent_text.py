@@ -49,7 +49,7 @@ def test_progressive_guidance_distillation_of_a_latent_text_teacher(tiny_sd, tmp
         "method": {"name": "progressive", "start_steps": 4, "final_steps": 2, "steps_per_round": 3,
                    "guidance_scale": 3.0},
         "teacher": {"source": tiny_sd},
-        "data": {"source": "digits", "prompts": ["a cat", "a dog"]},
+        "data": {"source": "digits", "convert": True, "prompts": ["a cat", "a dog"]},
         "train": {"batch_size": 4, "device": "cpu"},
         "run_eval": False,
     })

@@ -9,9 +9,7 @@ import argparse
 from dataclasses import fields
 from pathlib import Path
 
-import yaml
-
-from diffkd.config import build
+from diffkd.config import build, read_yaml_mapping
 from diffkd.errors import DiffkdError
 from diffkd.eval_options import FEATURES, EvalConfig
 from diffkd.validation import SAMPLERS
@@ -72,12 +70,7 @@ def _read_yaml(path: str) -> dict:
     file = Path(path)
     if not file.is_file():
         raise DiffkdError(f"--config {path!r} not found: pass a YAML file")
-    try:
-        data = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise DiffkdError(f"--config {path!r} is not valid YAML: {str(error).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise DiffkdError(f"--config {path!r} must hold a mapping of eval options")
+    data = read_yaml_mapping(file, "--config", "eval options (or a distill config with an eval: section)")
     return dict(data.get("eval", data))
 
 

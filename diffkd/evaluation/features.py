@@ -107,7 +107,8 @@ def load_feature_network(name: str, device: str | torch.device = "cpu",
         return _digits(device)
     if name == "inception":
         filename, url = INCEPTION
-        path = locate_checkpoint(filename, url, inception_weights, "FID (Inception)", "feature_weights")
+        path = locate_checkpoint(filename, url, inception_weights, "FID (Inception)",
+                                 "--feature-weights (eval.feature_weights)")
         return FeatureNetwork("inception", "FID", InceptionFeatures(str(path)).to(device).eval(),
                               file_sha256(str(path)), "bilinear antialiased to 299x299 (torchmetrics)")
     path = Path(name).expanduser()

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from diffkd.data import load_images
+from diffkd.data import DIGITS_SIZES, check_fit, load_images
 from diffkd.errors import DiffkdError
 from diffkd.evaluation.features import FeatureNetwork, to_uint8
 from diffkd.evaluation.frechet import frechet_distance, gaussian_stats
@@ -51,6 +51,34 @@ def auto_feature(reference: str) -> str:
         with safe_open(str(Path(reference).expanduser()), "pt") as handle:
             return (handle.metadata() or {}).get("feature", "inception")
     return "inception"
+
+
+REFERENCE_FIX = ("pass --reference (eval.reference) with real images like the pipeline's (a folder, or a statistics "
+                 "file made from one) and --feature inception or a TorchScript network")
+
+
+def check_reference(reference: str, feature: str, size: int, channels: int) -> None:
+    """The real set exists and fits the pipeline's images, and so does the feature network: checked before any
+    weights are looked for, so a missing folder is named as such, and digits never score 32 px RGB images."""
+    if feature == "digits-classifier" and (channels != 1 or size > max(DIGITS_SIZES)):
+        raise DiffkdError(f"the digits classifier (eval.feature) scores grey digits of at most {max(DIGITS_SIZES)} px, "
+                          f"but the pipeline makes {size}x{size} {'RGB' if channels == 3 else f'{channels}-channel'} "
+                          f"images: {REFERENCE_FIX}")
+    if reference.endswith(".safetensors"):
+        path = Path(reference).expanduser()
+        if not path.is_file():
+            raise DiffkdError(f"eval.reference {reference!r}: statistics file not found")
+        with safe_open(str(path), "pt") as handle:
+            meta = handle.metadata() or {}
+        made = (meta.get("size"), meta.get("channels"))
+        if None not in made and made != (str(size), str(channels)):
+            raise DiffkdError(f"eval.reference {reference!r} holds statistics of {made[0]} px {made[1]}-channel "
+                              f"images but the pipeline makes {size} px {channels}-channel ones: {REFERENCE_FIX}")
+        return
+    if reference != "digits" and not Path(reference).expanduser().exists():
+        raise DiffkdError(f"eval.reference {reference!r} does not exist: pass 'digits', a folder of real images or a "
+                          "statistics .safetensors file")
+    check_fit(reference, size, channels, False, False, "eval.reference", REFERENCE_FIX)
 
 
 def default_cache_dir() -> Path:

@@ -9,6 +9,7 @@ import base64
 import html
 import json
 import logging
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,11 +17,12 @@ import numpy
 import torch
 import yaml
 from matplotlib.figure import Figure  # the object API: no pyplot state, no GUI backend
+from matplotlib.ticker import NullLocator
 from PIL import Image
 
 log = logging.getLogger(__name__)
 
-COLUMNS = [("model", "model"), ("sampler", "sampler"), ("steps", "k"), ("fd", None), ("kid", "KID"),
+COLUMNS = [("model", "model"), ("sampler", "sampler"), ("steps", "k"), ("fd", None), ("kid", "KID (unscaled)"),
            ("psnr", "PSNR dB"), ("lpips", "LPIPS"), ("clip_score", "CLIP"), ("ms_per_image", "ms/image"),
            ("images_per_second", "images/s"), ("speedup", "speed-up"), ("parameters", "params"),
            ("peak_memory_mb", "peak MB")]
@@ -70,6 +72,50 @@ def settings_table(results: dict) -> tuple[list[str], list[list[str]]]:
     body = [[fmt(row[key]) + (" (reference)" if key == "sampler" and row["is_reference"] else "")
              for key, _ in COLUMNS] for row in results["rows"]]
     return header, body
+
+
+def verdict(results: dict) -> list[str]:
+    """One sentence per student at its own step count: FD against the teacher's reference and the best
+    training-free sampler at the same k, and its speed-up (what a reader wants before any table)."""
+    rows = results["rows"]
+    reference = next((r for r in rows if r["is_reference"] and r["fd"]), None)
+    lines = []
+    for model in results["models"]:
+        if model["role"] != "student":
+            continue
+        own = [r for r in rows if r["model"] == model["name"] and r["fd"] is not None]
+        row = next((r for r in own if r["steps"] == model["card_steps"]), own[-1] if own else None)
+        if row is None:
+            continue
+        text = f"**{model['name']}**, {row['steps']} steps: {fd_label(results)} {fmt(row['fd'])}"
+        if reference is not None:
+            text += (f", {row['fd'] / reference['fd']:.2f}x the teacher's {reference['sampler']}-{reference['steps']}"
+                     + (f" at {row['speedup']:.1f}x its speed" if row["speedup"] else ""))
+        rivals = [r for r in rows if r["role"] == "teacher" and not r["is_reference"] and r["steps"] == row["steps"]
+                  and r["fd"] is not None]
+        if rivals:
+            best = min(rivals, key=lambda r: r["fd"])
+            ratio = best["fd"] / row["fd"]
+            text += (f"; {ratio:.2f}x better than {best['sampler']} at {row['steps']} steps" if ratio >= 1 else
+                     f"; {1 / ratio:.2f}x worse than {best['sampler']} at {row['steps']} steps")
+        lines.append(text + " (lower FD is better).")
+    return lines
+
+
+def coinciding_samplers(results: dict) -> str | None:
+    """Why a teacher's samplers give one number at small k: multistep solvers (DPM-Solver++ 2M, UniPC) have no
+    history at their first step and take a first-order, DDIM-equivalent one (Lu et al. 2022; Zhao et al. 2023)."""
+    same = []
+    for k in sorted({r["steps"] for r in results["rows"]}):
+        fds = {(r["model"], r["sampler"]): r["fd"] for r in results["rows"]
+               if r["role"] == "teacher" and not r["is_reference"] and r["steps"] == k and r["fd"] is not None}
+        if len(fds) > 1 and len({f"{v:.6g}" for v in fds.values()}) == 1:
+            same.append(str(k))
+    if not same:
+        return None
+    return (f"The teacher's samplers coincide at k = {', '.join(same)}: DPM-Solver++ and UniPC are multistep "
+            "methods whose first step, with no history yet, is the first-order DDIM step, so their few-step "
+            "outputs are DDIM's.")
 
 
 def markdown_table(header: list[str], body: list[list[str]]) -> str:
@@ -136,6 +182,9 @@ def plot_quality_vs_steps(results: dict):
         ax.plot([r["steps"] for r in rows], [r["fd"] for r in rows], marker="o", label=f"{model} · {sampler}")
     _reference_lines(ax, results)
     ax.set_xscale("log", base=2)
+    steps = sorted({r["steps"] for r in results["rows"] if not r["is_reference"]})
+    ax.set_xticks(steps, [str(k) for k in steps])
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.set_yscale("log")
     ax.set_xlabel("sampling steps k")
     ax.set_ylabel(f"{fd_label(results)} (lower is better)")
@@ -199,14 +248,23 @@ def _intro(results: dict) -> list[str]:
 def markdown_report(results: dict) -> str:
     steps_header, steps_body = steps_table(results)
     header, body = settings_table(results)
-    parts = ["# diffkd evaluation", "", *_intro(results), "",
+    note = coinciding_samplers(results)
+    parts = ["# diffkd evaluation", "", *[f"{line}  " for line in verdict(results)], "", *_intro(results), "",
              f"## Quality vs steps: {fd_label(results)} (lower is better)", "",
-             markdown_table(steps_header, steps_body), "", "![quality vs steps](quality_vs_steps.png)", "",
+             markdown_table(steps_header, steps_body), "", *([note, ""] if note else []),
+             "![quality vs steps](quality_vs_steps.png)", "",
              "## Every setting", "", markdown_table(header, body), "",
              "![quality vs latency](quality_vs_latency.png)", "",
              "## Samples from the same noise", "", "![samples](samples.png)", "",
              "## Protocol", "", "```yaml", yaml.safe_dump(results["protocol"], sort_keys=False).strip(), "```", ""]
     return "\n".join(parts)
+
+
+def inline_markdown(text: str) -> str:
+    """The Markdown the report's prose uses (**bold**, `code`) as HTML, everything else escaped."""
+    text = html.escape(text)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
 
 
 def _html_table(header: list[str], body: list[list[str]]) -> str:
@@ -224,15 +282,17 @@ def html_report(results: dict, output: Path) -> str:
     """The Markdown report's content as one HTML file with the images inlined (mail it, open it anywhere)."""
     steps_header, steps_body = steps_table(results)
     header, body = settings_table(results)
-    intro = "".join(f"<p>{html.escape(line).replace('**', '')}</p>" for line in _intro(results))
+    intro = "".join(f"<p>{inline_markdown(line)}</p>" for line in _intro(results))
+    top = "".join(f"<p class='verdict'>{inline_markdown(line)}</p>" for line in verdict(results))
+    note = coinciding_samplers(results)
     style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;"
              "font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}"
-             "td:first-child,td:nth-child(2){text-align:left}img{max-width:100%}pre{background:#f6f6f6;padding:1em}")
+             ".verdict{font-size:1.15em}td:first-child,td:nth-child(2){text-align:left}img{max-width:100%}pre{background:#f6f6f6;padding:1em}")
     return "".join([
         f"<!doctype html><html><head><meta charset='utf-8'><title>diffkd evaluation</title><style>{style}</style>",
-        "</head><body><h1>diffkd evaluation</h1>", intro,
+        "</head><body><h1>diffkd evaluation</h1>", top, intro,
         f"<h2>Quality vs steps: {html.escape(fd_label(results))} (lower is better)</h2>",
-        _html_table(steps_header, steps_body), _img(output / "quality_vs_steps.png", "quality vs steps"),
+        _html_table(steps_header, steps_body), f"<p>{inline_markdown(note)}</p>" if note else "", _img(output / "quality_vs_steps.png", "quality vs steps"),
         "<h2>Every setting</h2>", _html_table(header, body),
         _img(output / "quality_vs_latency.png", "quality vs latency"),
         "<h2>Samples from the same noise</h2>", _img(output / "samples.png", "samples"),

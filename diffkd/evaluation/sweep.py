@@ -24,12 +24,13 @@ from diffkd.evaluation.clip import clip_score_metric
 from diffkd.evaluation.features import load_feature_network, to_uint8
 from diffkd.evaluation.frechet import frechet_distance, gaussian_stats, kernel_distance
 from diffkd.evaluation.plan import MetricPlan, plan_metrics
-from diffkd.evaluation.reference import default_cache_dir, load_real_set
+from diffkd.evaluation.reference import check_reference, default_cache_dir, load_real_set
 from diffkd.evaluation.report import write_report
 from diffkd.io import LoadedPipeline, load_pipeline
 from diffkd.losses.perceptual import LPIPSLoss
 from diffkd.methods import METHODS, method_class
 from diffkd.models import Conditioning
+from diffkd.progress import Progress
 from diffkd.sampling import sampler_settings, scheduler_sample, teacher_sample
 from diffkd.weights import file_sha256, locate_hf_model
 
@@ -226,6 +227,7 @@ def evaluate(config: EvalConfig) -> EvalResults:
     size, channels = first.pipe.image_size, first.pipe.image_channels
     prompts = _prompts(config, models)
     plan = plan_metrics(config, teacher is not None, any(m.pipe.text_conditioned for m in models), prompts is not None)
+    check_reference(config.reference, plan.feature, size, channels)
     feature = load_feature_network(plan.feature, device, config.feature_weights)
     cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
     real = load_real_set(config.reference, feature, size, channels, cache_dir)
@@ -242,6 +244,7 @@ def evaluate(config: EvalConfig) -> EvalResults:
     _warm_up(settings, config.seed, device, prompts)
     log.info("%d settings x %d samples (%d models; feature %s)", len(settings), config.num_samples, len(models),
              feature.label)
+    shown = Progress(len(settings) * math.ceil(config.num_samples / config.batch_size), "evaluation")
     for index, start in enumerate(range(0, config.num_samples, config.batch_size)):
         count = min(config.batch_size, config.num_samples - start)
         conds = {m.name: prompts.condition(m, start, count) if prompts else None for m in models}
@@ -261,7 +264,8 @@ def evaluate(config: EvalConfig) -> EvalResults:
                 setting.clip.update(_rgb(images), prompts.batch(start, count))
             if index == 0:
                 setting.grid = images[:config.grid_size].cpu()
-        log.info("batch %d: %d/%d samples", index + 1, start + count, config.num_samples)
+            shown.update(1, f"batch {index + 1}, {setting.key}")
+    shown.close()
 
     rows = [_row(s, real, config, teacher, settings) for s in settings]
     results = EvalResults(

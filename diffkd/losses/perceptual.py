@@ -37,7 +37,9 @@ class LPIPSLoss(nn.Module):
         path = None
         if not pnet_rand:
             filename, url = TORCHVISION[net]
-            path = locate_checkpoint(filename, url, backbone_weights, f"LPIPS ({net})", "lpips_backbone_weights")
+            path = locate_checkpoint(filename, url, backbone_weights, f"LPIPS ({net})",
+                                     "losses.lpips_backbone_weights, eval.lpips_backbone_weights or "
+                                     "--lpips-backbone-weights")
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torchvision's 'pretrained' deprecation, said by lpips
             self.lpips = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)

@@ -47,7 +47,8 @@ class DenoisingTraining(Method):
         return [Round("denoise", self.options.num_steps)]
 
     def dataset(self) -> dict[str, torch.Tensor]:
-        return {"x0": load_images(self.config.data.source, self.options.sample_size, self.options.channels)}
+        return {"x0": load_images(self.config.data.source, self.options.sample_size, self.options.channels,
+                                  self.config.data.resize, self.config.data.convert)}
 
     def loss(self, phase: str, batch: dict[str, torch.Tensor], generator: torch.Generator) -> LossTerms:
         x = batch["x0"]

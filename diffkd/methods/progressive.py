@@ -65,7 +65,8 @@ class ProgressiveDistillation(Method):
         return index == 0 or (index == 1 and self.options.imitation_steps > 0)
 
     def dataset(self) -> dict[str, torch.Tensor]:
-        images = load_images(self.config.data.source, self.teacher.image_size, self.teacher.image_channels)
+        images = load_images(self.config.data.source, self.teacher.image_size, self.teacher.image_channels,
+                             self.config.data.resize, self.config.data.convert)
         with torch.no_grad():
             latents = torch.cat([self.teacher.denoiser.encode(chunk.to(self.teacher.unet.device)).cpu()
                                  for chunk in images.split(64)])

@@ -1,0 +1,63 @@
+"""The shipped recipes for real teachers: they resolve (--dry-run) and run end to end on tiny random pipelines of
+the same layout (a 32 px RGB pixel UNet for CIFAR-10, a Stable-Diffusion-shaped latent text pipeline for SD 1.5)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from diffkd.api import distill
+from diffkd.config import load_config
+from tests.test_bad_input import reliability
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["method.start_steps=8", "method.final_steps=4", "method.steps_per_round=2", "train.batch_size=4",
+         "train.mixed_precision='no'", "train.device=cpu", "train.warmup_steps=0", "run_eval=false"]
+
+
+@pytest.mark.parametrize("name, teacher", [("cifar10-progressive", "google/ddpm-cifar10-32"),
+                                           ("sd15-progressive", "teachers/stable-diffusion-v1-5")])
+def test_recipe_resolves_with_dry_run(name, teacher, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "diffkd", "distill", f"configs/{name}.yaml", "--output",
+                             str(tmp_path / "run"), "--dry-run"], cwd=ROOT, capture_output=True, text=True,
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    resolved = yaml.safe_load(result.stdout)
+    assert resolved["teacher"]["source"] == teacher and resolved["eval"]["feature"] == "inception"
+    assert resolved["train"]["mixed_precision"] == "bf16" and not (tmp_path / "run").exists()
+
+
+def _images(folder: Path, size: int, count: int = 8) -> str:
+    folder.mkdir()
+    for index in range(count):
+        Image.new("RGB", (size, size), color=(30 * index, 100, 255 - 30 * index)).save(folder / f"{index}.png")
+    return str(folder)
+
+
+@pytest.mark.slow
+def test_cifar10_recipe_on_a_tiny_pixel_teacher_of_its_layout(tmp_path):
+    teacher = reliability._rgb_teacher(tmp_path)
+    config = load_config(ROOT / "configs/cifar10-progressive.yaml",
+                         [f"teacher.source={teacher}", f"data.source={_images(tmp_path / 'cifar', 32)}", *SMALL])
+    folder = distill(config, tmp_path / "run")
+    assert (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_sd15_recipe_on_a_tiny_pipeline_of_its_layout(tiny_sd, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    config = load_config(ROOT / "configs/sd15-progressive.yaml",
+                         [f"teacher.source={tiny_sd}", f"data.source={_images(tmp_path / 'sd', 8)}",
+                          f"data.prompts_file={prompts}", *SMALL])
+    folder = distill(config, tmp_path / "run")
+    # VAE and text encoder are exported once, in the student folder, unchanged; checkpoints hold the UNet only
+    for part in ("vae", "text_encoder", "unet"):
+        assert (folder / part).is_dir()
+    checkpoint_files = {p.name for p in (tmp_path / "run" / "checkpoints").rglob("*.safetensors")}
+    assert not any("vae" in name or "text" in name for name in checkpoint_files)
+    front = yaml.safe_load((folder / "README.md").read_text().split("---")[1])
+    assert front["guidance_scale"] == 7.5 and front["num_inference_steps"] == 4
