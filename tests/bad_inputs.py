@@ -321,7 +321,7 @@ def _teacher_config_case(tmp: Path, teacher: str):
     return ["distill", str(ROOT / "configs/digits-teacher.yaml"), "--output", str(output)], "train-teacher", output
 
 
-def _rgb_teacher(tmp: Path) -> Path:
+def rgb_teacher(tmp: Path) -> Path:
     """A random 32 px RGB pixel teacher (the layout of google/ddpm-cifar10-32, in miniature)."""
     from diffusers import DDIMScheduler, DDPMPipeline, UNet2DModel
 
@@ -334,7 +334,7 @@ def _rgb_teacher(tmp: Path) -> Path:
 
 def _rgb_teacher_case(fragment: str, *sets: str) -> Callable:
     def make(tmp: Path, teacher: str):
-        argv, output = _distill(tmp, str(_rgb_teacher(tmp)), *sets)
+        argv, output = _distill(tmp, str(rgb_teacher(tmp)), *sets)
         return argv, fragment, output
     return make
 
@@ -344,7 +344,7 @@ def _eval_case(fragment: str, *options: str) -> Callable:
     def make(tmp: Path, teacher: str):
         _images(tmp / "real", [("RGB", (32, 32))] * 4)
         output = tmp / "eval"
-        argv = ["eval", "--pipeline", str(_rgb_teacher(tmp)), "--steps", "1", "--num-samples", "4", "--output",
+        argv = ["eval", "--pipeline", str(rgb_teacher(tmp)), "--steps", "1", "--num-samples", "4", "--output",
                 str(output), "--cache-dir", str(tmp / "cache"), *(o.replace("{tmp}", str(tmp)) for o in options)]
         return argv, fragment, output
     return make

@@ -11,7 +11,7 @@ from PIL import Image
 
 from diffkd.api import distill
 from diffkd.config import load_config
-from tests.test_bad_input import reliability
+from tests.bad_inputs import rgb_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["method.start_steps=8", "method.final_steps=4", "method.steps_per_round=2", "train.batch_size=4",
@@ -39,7 +39,7 @@ def _images(folder: Path, size: int, count: int = 8) -> str:
 
 @pytest.mark.slow
 def test_cifar10_recipe_on_a_tiny_pixel_teacher_of_its_layout(tmp_path):
-    teacher = reliability._rgb_teacher(tmp_path)
+    teacher = rgb_teacher(tmp_path)
     config = load_config(ROOT / "configs/cifar10-progressive.yaml",
                          [f"teacher.source={teacher}", f"data.source={_images(tmp_path / 'cifar', 32)}", *SMALL])
     folder = distill(config, tmp_path / "run")
