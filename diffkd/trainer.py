@@ -32,7 +32,7 @@ from diffusers.training_utils import EMAModel
 from torch import nn
 from tqdm.auto import tqdm
 
-from diffkd import checkpoint
+from diffkd import checkpoint, round_health
 from diffkd.config import TrainConfig
 from diffkd.data import batch_indices
 from diffkd.errors import DiffkdError, TrainingDiverged
@@ -49,6 +49,8 @@ class Progress:
     step: int = 0
     skipped_steps: int = 0
     round_seconds: dict[str, float] = field(default_factory=dict)
+    round_losses: list[float] = field(default_factory=list)  # this round's, for the round-health check
+    round_health: list[dict] = field(default_factory=list)
 
 
 def make_accelerator(train: TrainConfig, output: Path) -> Accelerator:
@@ -133,12 +135,15 @@ class Trainer:
                 self.progress.round_seconds[current.name] = time.perf_counter() - started
                 bar.update(1)
                 if logs is not None:
+                    self.progress.round_losses.append(logs["loss/total"])
                     bar.set_postfix(loss=f"{logs['loss/total']:.4g}")
                     if self.progress.step % self.train.log_every == 0 or self.progress.step == current.num_steps:
                         self._log(index, logs)
                 if self.progress.step % self.train.checkpoint_every == 0 and self.progress.step < current.num_steps:
                     self._save()
             bar.close()
+            self.progress.round_health.append(round_health.judge(current.name, self.progress.round_losses))
+            self.progress.round_losses = []
             self._end_round()
         return self.progress
 
