@@ -102,6 +102,7 @@ def section(sweeps: dict[int, dict], args: argparse.Namespace, seconds: float) -
         [f"--teacher {shlex.quote(args.teacher)}", *[f"--student {shlex.quote(s)}" for s in args.student],
          f"--seeds {args.seeds}", f"--num-samples {args.num_samples}", "--write-results"])
     return "\n".join([
+        "## Epsilon-prediction teacher (issue 14)", "",
         f"- command: `{command}` ({seconds:.0f} s wall)",
         f"- machine: {machine()}, shared with other developers' jobs",
         (f"- FD (digits classifier), {args.num_samples} samples per setting, seeds {args.seeds} (the same noise "
