@@ -21,6 +21,7 @@ class MethodConfig:
 
 
 KD_ROUNDS = ("all", "imitation")
+TARGET_SPACES = ("auto", "x", "z")
 
 
 @dataclass
@@ -34,6 +35,11 @@ class ProgressiveConfig(MethodConfig):
     ``kd_rounds``: where the losses section's output and feature KD apply. Both compare the student with the
     pipeline's teacher at the same noisy input, which is the target only when the student does the teacher's own
     step; in a halving they pull against it. "imitation" keeps them to the imitation round, "all" to every round.
+
+    ``target_space``: "x" is Salimans & Ho's loss, the x-space MSE to the target times ``loss_weighting``; "z"
+    multiplies it by c^2 = (alpha_s - sigma_s alpha_t / sigma_t)^2, which makes it the MSE of where the student's
+    step lands, z_s; "auto" (the default) takes z in the rounds whose teacher predicts epsilon, x otherwise (see
+    ``ProgressiveDistillation.step_weight``).
     """
 
     name: str = "progressive"
@@ -45,6 +51,7 @@ class ProgressiveConfig(MethodConfig):
     student_prediction_type: str = "v_prediction"
     guidance_scale: float = 1.0
     kd_rounds: str = "all"
+    target_space: str = "auto"
 
     def __post_init__(self):
         check(self.final_steps >= 1, f"method.final_steps must be >= 1; got {self.final_steps}")
@@ -58,6 +65,7 @@ class ProgressiveConfig(MethodConfig):
         check(self.steps_per_round >= 1, f"method.steps_per_round must be >= 1; got {self.steps_per_round}")
         check(self.imitation_steps >= 0, f"method.imitation_steps must be >= 0 (0 = none); got {self.imitation_steps}")
         check_choice("method.kd_rounds", self.kd_rounds, KD_ROUNDS)
+        check_choice("method.target_space", self.target_space, TARGET_SPACES)
         check(self.kd_rounds == "all" or self.imitation_steps > 0,
               'method.kd_rounds="imitation" needs an imitation round: set method.imitation_steps > 0, '
               'or kd_rounds="all"')

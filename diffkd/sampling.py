@@ -14,7 +14,9 @@ All use trailing timestep spacing (Lin et al. 2023): with few steps it is the on
 noise, and it is the grid diffkd students run, so the comparison at equal k is like for like. A pixel-space teacher
 whose scheduler clips x0 (``clip_sample``) has DDIM clip and DPM-Solver++/UniPC threshold x0 at the same range
 (with ``sample_max_value`` = the clip range dynamic thresholding is that clip); without it both collapse at 4-8 steps
-on a cosine-schedule teacher. Latent teachers get neither. Both solvers are second order and end on sigma = 0.
+on a cosine-schedule teacher. Latent teachers get neither. An epsilon teacher that does not clip (google/ddpm-*,
+linear betas; teachers/digits-eps-16) gets no clip and no thresholding, as its users run it: thresholding is a
+choice its own scheduler config did not make. Both solvers are second order and end on sigma = 0.
 UniPC keeps diffusers' default B(h) = bh2: its authors suggest bh1 for unconditional sampling below 10 steps, but
 with a zero final sigma bh1 divides by an infinite step (NaN), and with ``sigma_min`` it was worse than bh2 on the
 digits teacher (PSNR to DDIM-64 at 4 steps 21.8 vs 26.5 dB, measured 2026-11-22).

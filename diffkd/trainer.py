@@ -35,7 +35,7 @@ from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
 from torch import nn
 
-from diffkd import checkpoint
+from diffkd import checkpoint, round_health
 from diffkd.config import TrainConfig
 from diffkd.data import batch_indices
 from diffkd.errors import DiffkdError, TrainingDiverged
@@ -54,6 +54,8 @@ class Progress:
     step: int = 0
     skipped_steps: int = 0
     round_seconds: dict[str, float] = field(default_factory=dict)
+    round_losses: list[float] = field(default_factory=list)  # this round's, for the round-health check
+    round_health: list[dict] = field(default_factory=list)
 
 
 def make_accelerator(train: TrainConfig, output: Path) -> Accelerator:
@@ -170,6 +172,8 @@ class Trainer:
                 logs = self._optimizer_step(index, current.num_steps)
                 self.progress.step += 1
                 self.progress.round_seconds[current.name] = time.perf_counter() - started
+                if logs is not None:
+                    self.progress.round_losses.append(logs[self._headline])
                 shown.update(1, f"round {index + 1}/{len(rounds)} {current.name}"
                              + (f", loss {logs[self._headline]:.4g}" if logs is not None else ""))
                 if logs is not None and (self.progress.step % self.train.log_every == 0
@@ -177,6 +181,8 @@ class Trainer:
                     self._log(index, logs)
                 if self.progress.step % self.train.checkpoint_every == 0 and self.progress.step < current.num_steps:
                     self._save()
+            self.progress.round_health.append(round_health.judge(current.name, self.progress.round_losses))
+            self.progress.round_losses = []
             self._end_round()
         shown.close()
         return self.progress

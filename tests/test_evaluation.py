@@ -188,3 +188,16 @@ def test_teacher_ddim_row_ends_on_the_clean_sample_at_any_step_count(steps):
     setting = Setting(Model("oracle", "", pipe, {}, student=False), "ddim", steps)
     noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(sample(setting, noise, None), image.expand(4, -1, -1, -1), atol=1e-4, rtol=0)
+
+
+def test_report_warns_of_a_failed_training_round_of_the_run_beside_it(swept, tmp_path):
+    from diffkd import round_health
+    from diffkd.evaluation.report import markdown_report
+
+    _, results, _ = swept
+    summary = tmp_path / "training_summary.json"
+    summary.write_text(json.dumps({"round_health": [
+        {"round": "64->32", "steps": 400, "first_loss": 0.74, "last_loss": 0.86, "fell": False}]}))
+    intro = markdown_report(results.to_dict(), round_health.report_lines(summary)).split("## Quality vs steps")[0]
+    assert "round 64->32 did not converge" in intro and "0.86" in intro
+    assert "did not converge" not in markdown_report(results.to_dict(), round_health.report_lines(tmp_path / "none"))

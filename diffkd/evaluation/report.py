@@ -20,6 +20,8 @@ from matplotlib.figure import Figure  # the object API: no pyplot state, no GUI 
 from matplotlib.ticker import NullLocator
 from PIL import Image
 
+from diffkd import round_health
+
 log = logging.getLogger(__name__)
 
 COLUMNS = [("model", "model"), ("sampler", "sampler"), ("steps", "k"), ("fd", None), ("kid", "KID (unscaled)"),
@@ -143,7 +145,8 @@ def write_report(results, grids: dict[str, torch.Tensor], output: Path) -> None:
                plot_quality_vs_latency(data), "samples.png": plot_samples(data, grids)}
     for name, figure in figures.items():
         figure.savefig(output / name, dpi=110, bbox_inches="tight")
-    (output / "report.md").write_text(markdown_report(data))
+    (output / "report.md").write_text(markdown_report(data, round_health.report_lines(
+        output.parent / "training_summary.json")))
     (output / "report.html").write_text(html_report(data, output))
     log.info("wrote %s", output / "report.html")
 
@@ -245,11 +248,13 @@ def _intro(results: dict) -> list[str]:
             f"Evaluation took {fmt(results['elapsed_seconds'])} s on {p['machine'].get('gpu', p['machine']['cpu'])}."]
 
 
-def markdown_report(results: dict) -> str:
+def markdown_report(results: dict, warnings: list[str] = ()) -> str:
+    """The report; ``warnings`` (failed training rounds of the run beside it) go right under the intro."""
     steps_header, steps_body = steps_table(results)
     header, body = settings_table(results)
     note = coinciding_samplers(results)
     parts = ["# diffkd evaluation", "", *[f"{line}  " for line in verdict(results)], "", *_intro(results), "",
+             *[line + "\n" for line in warnings],
              f"## Quality vs steps: {fd_label(results)} (lower is better)", "",
              markdown_table(steps_header, steps_body), "", *([note, ""] if note else []),
              "![quality vs steps](quality_vs_steps.png)", "",

@@ -13,10 +13,13 @@ import torch
 
 @dataclass
 class LossTerms:
-    """Named loss terms (each a scalar) and their weights; ``total`` is the weighted sum that is optimised."""
+    """Named loss terms (each a scalar) and their weights; ``total`` is the weighted sum that is optimised.
+    ``metrics`` are logged beside them (as ``metric/NAME``) but never optimised: diagnostics such as the loss per
+    timestep bucket."""
 
     terms: dict[str, torch.Tensor]
     weights: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def total(self) -> torch.Tensor:
@@ -29,4 +32,5 @@ class LossTerms:
     def logs(self) -> dict[str, float]:
         values = {f"loss/{name}": float(value.detach()) for name, value in self.terms.items()}
         values["loss/total"] = float(self.total.detach())
+        values.update({f"metric/{name}": float(value.detach()) for name, value in self.metrics.items()})
         return values

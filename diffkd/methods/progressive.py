@@ -13,7 +13,7 @@ import copy
 
 import torch
 
-from diffkd import schedule
+from diffkd import schedule, timestep_buckets
 from diffkd.conditioning import batch_conditioning, encode_rows, read_prompts
 from diffkd.data import load_images
 from diffkd.errors import DiffkdError
@@ -131,10 +131,34 @@ class ProgressiveDistillation(Method):
             x_pred, eps_pred = model.x0_eps(z_t, t, cond.unguided())
         weight = schedule.loss_weight(schedule.snr(self.teacher.denoiser.alphas_cumprod.to(x.device), t),
                                       self.options.loss_weighting)
-        mse = (x_pred - x_target).pow(2).flatten(1).mean(1)
-        terms = LossTerms({"distill": (weight * mse).mean()})
+        weight = weight * self.step_weight(alpha_t, sigma_t, alpha_s, sigma_s)
+        per_sample = weight * (x_pred - x_target).pow(2).flatten(1).mean(1)
+        terms = LossTerms({"distill": per_sample.mean()},
+                          metrics={f"distill/{name}": share for name, share in timestep_buckets.bucket_shares(
+                              per_sample, t, self.teacher.denoiser.num_train_timesteps).items()})
         return self.auxiliary.add(terms, z_t, t, cond, (x_pred, eps_pred), images=(x_pred, x_target),
                                   teacher_terms=teacher_terms)
+
+    def uses_z_space(self) -> bool:
+        """Whether this round's loss is measured where the student's step lands (see ``step_weight``)."""
+        if self.options.target_space == "auto":
+            return self.round_teacher.prediction_type == "epsilon"
+        return self.options.target_space == "z"
+
+    def step_weight(self, alpha_t: torch.Tensor, sigma_t: torch.Tensor, alpha_s: torch.Tensor,
+                    sigma_s: torch.Tensor) -> torch.Tensor:
+        """c^2 = (alpha_s - sigma_s alpha_t / sigma_t)^2 in z space, 1 in x space.
+
+        A DDIM step t -> s moves z_s by c * dx when its x prediction moves by dx, so c^2 * |dx|^2 = |dz_s|^2: the
+        error that sampling actually sees. An epsilon teacher's x0 = (z - sigma eps) / alpha carries its eps error
+        times sigma / alpha (~160 at the top of a linear schedule), and so does the progressive target; weighted
+        by max(SNR, 1) >= 1 that noise dominates the x-space loss and the round does not converge (issue 14). c is
+        ~0.002 there and 1 on the last step (s = clean), so z space keeps what matters and drops the noise that
+        sampling never sees. A v or x teacher's targets are well conditioned; there x space is kept.
+        """
+        if not self.uses_z_space():
+            return torch.ones_like(alpha_t)
+        return (alpha_s - sigma_s * alpha_t / sigma_t) ** 2
 
     def export_spec(self) -> ExportSpec:
         k = self.options.final_steps
@@ -142,4 +166,4 @@ class ProgressiveDistillation(Method):
         return ExportSpec(scheduler, k, self.prediction_type, card={
             "start_steps": self.options.start_steps, "imitation_steps": self.options.imitation_steps,
             "loss_weighting": self.options.loss_weighting, "kd_rounds": self.options.kd_rounds,
-            "guidance_scale": self.options.guidance_scale})
+            "guidance_scale": self.options.guidance_scale, "target_space": self.options.target_space})
