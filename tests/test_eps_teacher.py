@@ -61,7 +61,7 @@ def test_z_space_scales_each_timesteps_loss_by_c_squared(eps_teacher):
     for space in ("x", "z"):
         method = progressive(eps_teacher, target_space=space)
         method.begin_round(0)
-        shares[space] = method.loss(batch, method.student, torch.Generator().manual_seed(0)).metrics
+        shares[space] = method.loss("student", batch, torch.Generator().manual_seed(0)).metrics
     alpha, sigma = method.round_teacher.alpha_sigma(torch.tensor([999, 499]))
     c_top = alpha[1] - sigma[1] * alpha[0] / sigma[0]
     assert shares["x"]["distill/t750-999"] > 0 and shares["x"]["distill/t250-499"] > 0

@@ -60,8 +60,9 @@ def test_check_weights_names_each_missing_file(empty_hub, tmp_path):
 def test_preflight_sees_the_training_prompts_the_evaluation_will_use(empty_hub):
     """The evaluation after training scores a text teacher on data.prompts when eval names none: the preflight must
     then look for the CLIP model too, not find out after training."""
-    text_teacher = SimpleNamespace(text_conditioned=True)
+    text_teacher = SimpleNamespace(text_conditioned=True, image_size=16, image_channels=1)
     config = parse_config({"data": {"prompts": ["a cat"]}, "eval": {"clip_model": "nobody/no-clip"}})
     with pytest.raises(DiffkdError, match="CLIPScore in the evaluation after training needs the model"):
         check_evaluation(config, text_teacher)
-    check_evaluation(parse_config({"eval": {"clip_model": "nobody/no-clip"}}), SimpleNamespace(text_conditioned=False))
+    check_evaluation(parse_config({"eval": {"clip_model": "nobody/no-clip"}}), SimpleNamespace(text_conditioned=False, image_size=16,
+                                                                                   image_channels=1))

@@ -71,6 +71,8 @@ def hand_loss(x, eps, index, teacher, student, abar, teacher_kind, student_kind,
         x_pred, _ = x0_eps(out, z_t, a_t, s_t, student_kind)
         snr = a_t ** 2 / s_t ** 2
         weight = {"snr_trunc": max(snr, 1.0), "snr": snr, "constant": 1.0, "min_snr": min(snr, 5.0)}[weighting]
+        if teacher_kind == "epsilon":  # target_space auto: an eps teacher's rounds are measured where z_s lands
+            weight = weight * (a_s - s_s * a_t / s_t) ** 2
         losses.append(weight * (x_pred - x_target).pow(2).mean())
     return torch.stack(losses).mean()
 
