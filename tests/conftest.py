@@ -6,6 +6,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
+from tests.faults import TEACHER_CONFIG
+
 # Tiny models gain nothing from more threads, and oversubscribed threads crawl on a shared 2-core machine.
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
@@ -27,15 +29,6 @@ def tiny_unet() -> UNet2DModel:
     return make_tiny_unet()
 
 
-TINY_TEACHER_OVERRIDES = {
-    "method": {"name": "denoise", "num_steps": 300, "sample_size": 8, "channels": 1, "block_out_channels": [16, 32],
-               "layers_per_block": 1, "attention_at_lowest": False, "sample_steps": 16},
-    "data": {"source": "digits"},
-    "train": {"batch_size": 64, "learning_rate": 2e-3, "lr_schedule": "cosine", "warmup_steps": 20,
-              "ema_decay": 0.99, "checkpoint_every": 1000, "log_every": 50, "device": "cpu"},
-}
-
-
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory) -> str:
     """A 8x8 digits teacher trained for a few seconds by the project's own denoise method."""
@@ -43,7 +36,7 @@ def tiny_teacher(tmp_path_factory) -> str:
     from diffkd.config import parse_config
 
     output = tmp_path_factory.mktemp("tiny-teacher")
-    return str(distill(parse_config(TINY_TEACHER_OVERRIDES), output))
+    return str(distill(parse_config(TEACHER_CONFIG), output))
 
 
 def make_tiny_sd_pipeline(folder) -> str:

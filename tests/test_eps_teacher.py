@@ -10,7 +10,8 @@ from diffusers import DDIMPipeline, DDIMScheduler
 
 from diffkd.api import distill, prepare
 from diffkd.config import parse_config
-from tests.conftest import TINY_TEACHER_OVERRIDES, make_tiny_unet
+from tests.conftest import make_tiny_unet
+from tests.faults import TEACHER_CONFIG
 
 
 def linear_eps_scheduler() -> DDIMScheduler:
@@ -29,9 +30,9 @@ def eps_teacher(tmp_path) -> str:
 @pytest.fixture(scope="module")
 def trained_eps_teacher(tmp_path_factory) -> str:
     """A tiny 8x8 digits teacher trained for a few seconds the google/ddpm way (epsilon, linear betas, no clip)."""
-    method = {**TINY_TEACHER_OVERRIDES["method"], "prediction_type": "epsilon", "beta_schedule": "linear",
+    method = {**TEACHER_CONFIG["method"], "prediction_type": "epsilon", "beta_schedule": "linear",
               "clip_sample": False}
-    config = parse_config({**TINY_TEACHER_OVERRIDES, "method": method})
+    config = parse_config({**TEACHER_CONFIG, "method": method})
     return str(distill(config, tmp_path_factory.mktemp("eps-teacher")))
 
 
