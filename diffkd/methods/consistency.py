@@ -138,11 +138,14 @@ class ConsistencyDistillation(Method):
         alpha_t, sigma_t = self.teacher.denoiser.alpha_sigma(t)
         z_t = schedule.broadcast(alpha_t, x) * x + schedule.broadcast(sigma_t, x) * eps
         cond = batch_conditioning(batch, self.options.guidance_scale)
-        z_s = self.teacher_step(z_t, t, s, cond)
-        with torch.no_grad():
-            target = self.student_output(self.target_model, z_s, s, cond)
+        target = self.target_at(z_t, t, s, cond)
         prediction = self.student_output(self.model, z_t, t, cond)
         return LossTerms({"consistency": self.distance(prediction, target).mean()})
+
+    @torch.no_grad()
+    def target_at(self, z_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The consistency target of z_t: the target network's f at the teacher's ODE step's landing point z_s."""
+        return self.student_output(self.target_model, self.teacher_step(z_t, t, s, cond), s, cond)
 
     def distance(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Per-sample distance between the student's and the target network's outputs."""
