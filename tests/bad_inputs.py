@@ -397,6 +397,8 @@ CASES = [
          _consistency("method.skip=3 must be >= 1 and divide method.teacher_grid=50", "method.skip=3")),
     Case("consistency grid that does not divide the teacher's timesteps",
          _consistency("method.teacher_grid=30 must divide the teacher's 1000", "method.teacher_grid=30")),
+    Case("consistency LPIPS distance without its backbone weights (offline)",
+         _consistency("alexnet-owt-7be5be79.pth", "method.distance=lpips"), {"TORCH_HOME": "{tmp}/torch-home"}),
     Case("unknown choice (LR schedule)", _set("train.lr_schedule must be one of", "train.lr_schedule=exp")),
     Case("EMA decay of 1", _set("train.ema_decay must be in [0, 1)", "train.ema_decay=1")),
     Case("batch not divisible into accumulation steps", _set("must divide into", "train.batch_size=10",
