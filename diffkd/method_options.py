@@ -114,6 +114,7 @@ class GeneratorConfig(MethodConfig):
 
 
 CONSISTENCY_DISTANCES = ("pseudo_huber", "l2", "lpips")
+CONSISTENCY_SOLVERS = ("ddim", "dpmsolver++")
 
 
 @dataclass
@@ -124,7 +125,9 @@ class ConsistencyConfig(MethodConfig):
     student at the noisier point towards the target network at the less noisy one. ``target_ema``: the target
     network's EMA of the student (LCM: 0.95); 0 is iCT's choice, the student itself under stop-gradient.
     ``distance``: iCT's pseudo-Huber (c = 0.00054 sqrt(d)), the squared L2, or LPIPS (pixel teachers).
-    ``guidance_scale``: the teacher's fixed classifier-free guidance inside its ODE step (conditional teachers).
+    ``solver``: the teacher's ODE step, DDIM (one teacher pass) or DPM-Solver++(2S) through the interval's
+    midpoint (two passes, second order). ``guidance_scale``: the teacher's fixed classifier-free guidance inside its
+    ODE step (conditional teachers).
     ``num_inference_steps``: the step count the model card and the evaluation name as the student's own; the
     exported LCMScheduler samples any k from 1 to 8 (and up to teacher_grid).
     """
@@ -135,6 +138,7 @@ class ConsistencyConfig(MethodConfig):
     skip: int = 1
     target_ema: float = 0.95
     distance: str = "pseudo_huber"
+    solver: str = "ddim"
     guidance_scale: float = 1.0
     timestep_scaling: float = 10.0
     num_inference_steps: int = 4
@@ -148,6 +152,7 @@ class ConsistencyConfig(MethodConfig):
         check(0 <= self.target_ema < 1, f"method.target_ema must be in [0, 1) (0 = the student itself under "
                                         f"stop-gradient, LCM uses 0.95); got {self.target_ema}")
         check_choice("method.distance", self.distance, CONSISTENCY_DISTANCES)
+        check_choice("method.solver", self.solver, CONSISTENCY_SOLVERS)
         check(self.guidance_scale >= 1, f"method.guidance_scale must be >= 1 (1 = no guidance); "
                                         f"got {self.guidance_scale}")
         check(self.timestep_scaling > 0, f"method.timestep_scaling must be > 0 (LCM uses 10); "

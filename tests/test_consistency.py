@@ -134,6 +134,20 @@ def test_consistency_target_with_an_exact_teacher_is_the_closed_form_ode_solutio
     torch.testing.assert_close(target, flow_ratio(t, std).view(-1, 1) * z, atol=1e-4, rtol=1e-4)
 
 
+def test_the_dpm_solver_step_is_second_order_on_the_exact_gaussian_flow():
+    std, z = 0.5, torch.linspace(-3, 3, 7).view(-1, 1)
+    errors = {}
+    for solver in ("ddim", "dpmsolver++"):
+        for points in (10, 20):
+            method = method_for(GaussianTeacher(std), ExactFlowMap(std, 10.0), teacher_grid=points, solver=solver)
+            t, s = torch.full((7,), 599), torch.full((7,), 599 - 1000 // points)
+            exact = flow_ratio(t, std).view(-1, 1) * z / flow_ratio(s, std).view(-1, 1)
+            errors[solver, points] = (method.teacher_step(z, t, s, Conditioning()) - exact).abs().max().item()
+    # a local error of order h^2 (DDIM) shrinks ~4x when h halves, of order h^3 (2S) ~8x, and 2S is far closer
+    assert errors["dpmsolver++", 10] < 0.2 * errors["ddim", 10], errors
+    assert errors["ddim", 10] / errors["ddim", 20] < 5 < errors["dpmsolver++", 10] / errors["dpmsolver++", 20], errors
+
+
 class MixtureTeacher(nn.Module):
     """The exact v-prediction for 2-D data from two Gaussians N(+-(1, 1), 0.5^2 I) of equal weight: the posterior
     mean E[x | z] = sum_i w_i (mu_i + a s^2 / (a^2 s^2 + sigma^2) (z - a mu_i)), w_i the components' posteriors."""
