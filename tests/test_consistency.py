@@ -175,7 +175,7 @@ class MLP(nn.Module):
         return Output(sample=self.net(torch.cat([z, t.float().view(-1, 1) / 1000], 1)))
 
 
-def test_a_few_hundred_steps_on_a_2d_mixture_learn_the_one_step_flow_map():
+def test_150_steps_on_a_2d_mixture_learn_the_one_step_flow_map():
     torch.manual_seed(0)
     teacher, student = MixtureTeacher(), MLP()
     method = method_for(teacher, student, teacher_grid=10, skip=1, target_ema=0.5, distance="l2")
@@ -195,7 +195,7 @@ def test_a_few_hundred_steps_on_a_2d_mixture_learn_the_one_step_flow_map():
     draw = torch.Generator().manual_seed(2)
     data = (MixtureTeacher.centres[torch.randint(0, 2, (4096,), generator=draw)]
             + MixtureTeacher.std * torch.randn(4096, 2, generator=draw))
-    for step in range(300):
+    for step in range(150):
         generator = torch.Generator().manual_seed(step)
         batch = {"x0": data[torch.randint(0, len(data), (128,), generator=generator)]}
         loss = method.loss("student", batch, generator).total
@@ -204,7 +204,7 @@ def test_a_few_hundred_steps_on_a_2d_mixture_learn_the_one_step_flow_map():
         optimiser.step()
         method.after_step()
     after = one_step_error()
-    assert after < 0.05 * before, (before, after)  # measured: 2.56 -> 0.034
+    assert after < 0.05 * before, (before, after)  # measured: 2.56 -> 0.085
 
 
 def test_the_teacher_step_is_the_guided_ddim_step_of_a_text_teacher(tiny_sd):
