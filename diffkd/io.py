@@ -1,7 +1,7 @@
 """Load teacher pipelines and save students as diffusers pipelines, leaning on diffusers' own config machinery.
 
-A saved student is a plain diffusers folder: the teacher's pipeline class, the student UNet in safetensors and a
-DDIMScheduler with trailing spacing, so ``DiffusionPipeline.from_pretrained(folder)(num_inference_steps=k)``
+A saved student is a plain diffusers folder: the teacher's pipeline class, the student UNet in safetensors and the
+method's scheduler (DDIM with trailing spacing; LCMScheduler for a consistency student), so ``DiffusionPipeline.from_pretrained(folder)(num_inference_steps=k)``
 samples exactly the grid the student was distilled on, with no diffkd import.
 """
 
