@@ -40,6 +40,8 @@ def main() -> int:
     parser.add_argument("--teacher", default="teachers/digits-16")
     parser.add_argument("--student", action="append", default=[], metavar="NAME=RUN",
                         help="a method's name and its diffkd run folder (repeatable)")
+    parser.add_argument("--baseline", default="configs/digits-progressive.yaml",
+                        help="the recipe whose training time the others are compared with (the shipped progressive)")
     parser.add_argument("--seeds", default="0,1,2,3")
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--output", default=str(Path(__file__).parent / "out" / "methods-table"))
@@ -54,7 +56,8 @@ def main() -> int:
         steps=STEPS, samplers=SAMPLERS, reference_steps=64, reference="digits", feature="digits-classifier",
         num_samples=args.num_samples, batch_size=250, seed=seed, lpips=False, output=f"{args.output}/seed{seed}"
     )).to_dict() for seed in [int(s) for s in args.seeds.split(",")]}
-    costs = {name: step_cost(Path(run)) for name, run in students.items()}
+    costs = {name: step_cost(Path(run) / "config.yaml") for name, run in students.items()}
+    costs["baseline"] = step_cost(Path(args.baseline))
     text = section(sweeps, students, costs, args, time.perf_counter() - started)
     print(text)
     if args.write_results:
@@ -86,16 +89,17 @@ def training_seconds(run: Path) -> float | None:
     return sum(json.loads(summary.read_text())["round_seconds"].values())
 
 
-def step_cost(run: Path) -> dict:
-    """Network forward calls in one optimiser step of the run's method, and that step's time over the summed time
-    of its forward and backward passes (the second of two steps, so that nothing is timed cold)."""
+def step_cost(config_file: Path) -> dict:
+    """One optimiser step of a config's method (the second of two, so that nothing is timed cold): its network
+    forward calls, its seconds, its time over the summed time of its forward and backward passes, and the recipe's
+    number of steps (so that recipes compare by estimated training time, measured in one run)."""
     from diffusers import ModelMixin
 
     from diffkd.api import prepare
     from diffkd.config import load_config
     from diffkd.trainer import Trainer, make_accelerator
 
-    config = load_config(run / "config.yaml")
+    config = load_config(config_file)
     with tempfile.TemporaryDirectory() as scratch:
         accelerator = make_accelerator(config.train, Path(scratch))
         teacher, method, _ = prepare(config, accelerator.device)
@@ -132,7 +136,8 @@ def step_cost(run: Path) -> dict:
             step = time.perf_counter() - begun
         for hook in hooks:
             hook.remove()
-    return {"passes": seen["calls"], "overhead": step / seen["seconds"]}
+    return {"passes": seen["calls"], "overhead": step / seen["seconds"], "seconds": step,
+            "steps": sum(r.num_steps for r in method.rounds())}
 
 
 def section(sweeps: dict[int, dict], students: dict[str, str], costs: dict[str, dict], args: argparse.Namespace,
@@ -140,34 +145,41 @@ def section(sweeps: dict[int, dict], students: dict[str, str], costs: dict[str, 
     seeds = list(sweeps)
     teacher = Path(args.teacher).name
     reference = _stats([reference_fd(sweeps[s]) for s in seeds])
-    header = ["method", "sampler", *[f"k={k}: FD (x DDIM-64)" for k in STEPS], "training s (x progressive)",
-              "model passes / step", "step time / passes' time"]
+    baseline = costs["baseline"]["seconds"] * costs["baseline"]["steps"]
+    header = ["method", "sampler", *[f"k={k}: FD (x DDIM-64)" for k in STEPS], "training s (run's own)",
+              "recipe steps x s/step (x baseline)", "model passes / step", "step time / passes' time"]
     body = []
-    baseline = training_seconds(Path(students["progressive"])) if "progressive" in students else None
     for name, run in students.items():
         source = str(Path(run) / "student")
         fds = [_stats([fd_of(sweeps[s], source, "own", k) for s in seeds]) for k in STEPS]
-        train = training_seconds(Path(run))
-        relative = f" ({train / baseline:.2f}x)" if train is not None and baseline else ""
+        train, cost = training_seconds(Path(run)), costs[name]
+        estimate = cost["seconds"] * cost["steps"]
         body.append([name, "own", *[_cell(fd, reference) for fd in fds],
-                     f"{train:.0f}{relative}" if train is not None else "-", str(costs[name]["passes"]),
-                     f"{costs[name]['overhead']:.2f}"])
+                     f"{train:.0f}" if train is not None else "-",
+                     f"{cost['steps']} x {cost['seconds']:.2f} ({estimate / baseline:.2f}x)", str(cost["passes"]),
+                     f"{cost['overhead']:.2f}"])
     for sampler in SAMPLERS:
         fds = [_stats([fd_of(sweeps[s], teacher, sampler, k) for s in seeds]) for k in STEPS]
-        body.append([f"teacher ({teacher})", sampler, *[_cell(fd, reference) for fd in fds], "-", "-", "-"])
-    body.append([f"teacher ({teacher})", "ddim-64 (reference)", _cell(reference, reference), "", "", "-", "-", "-"])
+        body.append([f"teacher ({teacher})", sampler, *[_cell(fd, reference) for fd in fds], "-", "-", "-", "-"])
+    body.append([f"teacher ({teacher})", "ddim-64 (reference)", _cell(reference, reference), "", "", "-", "-", "-",
+                 "-"])
+    cost = costs["baseline"]
     command = "python eval/methods_table.py " + " ".join(
         [f"--teacher {shlex.quote(args.teacher)}", *[f"--student {shlex.quote(f'{n}={r}')}" for n, r in students.items()],
-         f"--seeds {args.seeds}", f"--num-samples {args.num_samples}", "--write-results"])
+         f"--baseline {shlex.quote(args.baseline)}", f"--seeds {args.seeds}", f"--num-samples {args.num_samples}",
+         "--write-results"])
     return "\n".join([
         "## Methods table on digits-16 (issue 18)", "",
         f"- command: `{command}` ({seconds:.0f} s wall)",
-        f"- machine: {machine()}, shared with other developers' jobs (times are ratios within this run)",
+        f"- machine: {machine()}, shared with other developers' jobs",
         (f"- FD (digits classifier), {args.num_samples} samples per setting, mean +- spread (half the range) over "
          f"seeds {args.seeds}, the same noise through every setting of a seed; the ratio is to the mean DDIM-64 FD"),
-        ("- training s: the run's training_summary.json (wall time on the machine it ran on, loaded or not); "
-         "model passes / step: network forward calls in one optimiser step (a guided teacher call counts once); "
-         "step time / passes' time: that step's wall time over its forward and backward passes' time"), "",
+        ("- training s: the run's own training_summary.json (wall time under whatever load it ran); recipe steps x "
+         "s/step: the run's config's steps times one optimiser step timed in this command, over the baseline's "
+         f"(`{args.baseline}`: {cost['steps']} steps x {cost['seconds']:.2f} s, {cost['passes']} passes a step), "
+         "the like-for-like training-time ratio; model passes / step: network forward calls in one optimiser step "
+         "(a guided teacher call counts once); step time / passes' time: that step's wall time over its forward "
+         "and backward passes' time"), "",
         markdown_table(header, body),
     ])
 
