@@ -1,7 +1,7 @@
 """Load teacher pipelines and save students as diffusers pipelines, leaning on diffusers' own config machinery.
 
-A saved student is a plain diffusers folder: the teacher's pipeline class, the student UNet in safetensors and a
-DDIMScheduler with trailing spacing, so ``DiffusionPipeline.from_pretrained(folder)(num_inference_steps=k)``
+A saved student is a plain diffusers folder: the teacher's pipeline class, the student UNet in safetensors and the
+method's scheduler (DDIM with trailing spacing; LCMScheduler for a consistency student), so ``DiffusionPipeline.from_pretrained(folder)(num_inference_steps=k)``
 samples exactly the grid the student was distilled on, with no diffkd import.
 """
 
@@ -232,10 +232,12 @@ def student_scheduler(teacher_scheduler, prediction_type: str, clip_sample: floa
 
 def save_pipeline(folder: Path, teacher: LoadedPipeline, unet: torch.nn.Module, scheduler,
                   card: dict | None = None) -> Path:
-    """Write ``unet`` + ``scheduler`` in the teacher's pipeline class (DDPM becomes DDIM) with a model card."""
+    """Write ``unet`` + ``scheduler`` in the teacher's pipeline class with a model card. An unconditional student
+    is a DDIMPipeline when its scheduler is DDIM (deterministic, eta = 0), else a DDPMPipeline: DDIMPipeline turns
+    any scheduler into DDIM, while DDPMPipeline's loop calls the scheduler's own step (LCMScheduler's, say)."""
     pipeline_class = type(teacher.pipeline)
-    if pipeline_class is DDPMPipeline:
-        pipeline_class = DDIMPipeline  # deterministic sampling by default (eta = 0)
+    if pipeline_class in (DDPMPipeline, DDIMPipeline):
+        pipeline_class = DDIMPipeline if isinstance(scheduler, DDIMScheduler) else DDPMPipeline
     components = {**teacher.pipeline.components, "unet": unet, "scheduler": scheduler}
     pipeline = pipeline_class(**{k: v for k, v in components.items() if k in _init_names(pipeline_class)})
     folder.mkdir(parents=True, exist_ok=True)

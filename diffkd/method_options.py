@@ -113,6 +113,55 @@ class GeneratorConfig(MethodConfig):
                                         f"got {self.guidance_scale}")
 
 
+CONSISTENCY_DISTANCES = ("pseudo_huber", "l2", "lpips")
+CONSISTENCY_SOLVERS = ("ddim", "dpmsolver++")
+
+
+@dataclass
+class ConsistencyConfig(MethodConfig):
+    """Consistency distillation (Song et al. 2023; LCM, Luo et al. 2023) on the teacher's ``teacher_grid``-point grid.
+
+    Each update takes one teacher DDIM step of ``skip`` grid intervals (LCM's skipping interval) and pulls the
+    student at the noisier point towards the target network at the less noisy one. ``target_ema``: the target
+    network's EMA of the student (LCM: 0.95); 0 is iCT's choice, the student itself under stop-gradient.
+    ``distance``: iCT's pseudo-Huber (c = 0.00054 sqrt(d)), the squared L2, or LPIPS (pixel teachers).
+    ``solver``: the teacher's ODE step, DDIM (one teacher pass) or DPM-Solver++(2S) through the interval's
+    midpoint (two passes, second order). ``guidance_scale``: the teacher's fixed classifier-free guidance inside its
+    ODE step (conditional teachers).
+    ``num_inference_steps``: the step count the model card and the evaluation name as the student's own; the
+    exported LCMScheduler samples any k from 1 to 8 (and up to teacher_grid).
+    """
+
+    name: str = "consistency"
+    num_steps: int = 2000
+    teacher_grid: int = 50
+    skip: int = 1
+    target_ema: float = 0.95
+    distance: str = "pseudo_huber"
+    solver: str = "ddim"
+    guidance_scale: float = 1.0
+    timestep_scaling: float = 10.0
+    num_inference_steps: int = 4
+
+    def __post_init__(self):
+        check(self.num_steps >= 1, f"method.num_steps must be >= 1; got {self.num_steps}")
+        check(self.teacher_grid >= 2, f"method.teacher_grid must be >= 2 points; got {self.teacher_grid}")
+        check(self.skip >= 1 and self.teacher_grid % self.skip == 0,
+              f"method.skip={self.skip} must be >= 1 and divide method.teacher_grid={self.teacher_grid} (so a chain "
+              f"of teacher steps from the top lands on the boundary); try skip=1")
+        check(0 <= self.target_ema < 1, f"method.target_ema must be in [0, 1) (0 = the student itself under "
+                                        f"stop-gradient, LCM uses 0.95); got {self.target_ema}")
+        check_choice("method.distance", self.distance, CONSISTENCY_DISTANCES)
+        check_choice("method.solver", self.solver, CONSISTENCY_SOLVERS)
+        check(self.guidance_scale >= 1, f"method.guidance_scale must be >= 1 (1 = no guidance); "
+                                        f"got {self.guidance_scale}")
+        check(self.timestep_scaling > 0, f"method.timestep_scaling must be > 0 (LCM uses 10); "
+                                         f"got {self.timestep_scaling}")
+        check(1 <= self.num_inference_steps <= self.teacher_grid,
+              f"method.num_inference_steps must be in [1, method.teacher_grid={self.teacher_grid}]; "
+              f"got {self.num_inference_steps}")
+
+
 @dataclass
 class DenoiseConfig(MethodConfig):
     """A small pixel-space UNet2DModel and its noise schedule."""
@@ -150,4 +199,5 @@ METHODS: dict[str, RegisteredMethod] = {
     "progressive": RegisteredMethod(ProgressiveConfig, "diffkd.methods.progressive:ProgressiveDistillation"),
     "generator": RegisteredMethod(GeneratorConfig, "diffkd.methods.generator:GeneratorDistillation"),
     "denoise": RegisteredMethod(DenoiseConfig, "diffkd.methods.denoise:DenoisingTraining"),
+    "consistency": RegisteredMethod(ConsistencyConfig, "diffkd.methods.consistency:ConsistencyDistillation"),
 }

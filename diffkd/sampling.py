@@ -24,6 +24,8 @@ digits teacher (PSNR to DDIM-64 at 4 steps 21.8 vs 26.5 dB, measured 2026-11-22)
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import itertools
 
 import torch
@@ -34,7 +36,7 @@ from diffkd.io import LoadedPipeline
 from diffkd.models import Conditioning, Denoiser
 from diffkd.validation import SAMPLERS
 
-__all__ = ["SAMPLERS", "ddim_sample", "make_scheduler", "sampler_settings", "scheduler_sample", "teacher_sample"]
+__all__ = ["SAMPLERS", "ddim_sample", "make_scheduler", "noise_generator", "sampler_settings", "scheduler_sample", "teacher_sample"]
 
 
 @torch.no_grad()
@@ -61,10 +63,18 @@ def scheduler_sample(model: Denoiser, scheduler, noise: torch.Tensor, num_steps:
                          f"{model.prediction_type!r}")
     scheduler.set_timesteps(num_steps, device=noise.device)
     z = noise.float() * scheduler.init_noise_sigma
+    extra = {"generator": noise_generator(noise)} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for t in scheduler.timesteps:
         out = model.output(scheduler.scale_model_input(z, t), t.reshape(()).to(noise.device), cond)
-        z = scheduler.step(out.float(), t, z).prev_sample
+        z = scheduler.step(out.float(), t, z, **extra).prev_sample
     return z
+
+
+def noise_generator(noise: torch.Tensor) -> torch.Generator:
+    """A generator seeded by the starting noise itself: a scheduler that draws fresh noise between steps
+    (LCMScheduler's multistep consistency sampling) then gives the same sample for the same noise, in any order."""
+    digest = hashlib.blake2b(noise.detach().cpu().float().numpy().tobytes(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
 def sampler_settings(name: str, teacher_config: dict, latent: bool) -> dict:

@@ -30,6 +30,7 @@ from tests.faults import (
     KILL_POINTS,
     TEACHER_CONFIG,
     KillResult,
+    consistency_config,
     denoise_config,
     exported_weights,
     generator_config,
@@ -101,7 +102,8 @@ def two_ranks(teacher: str, work: Path, method: str) -> tuple[float, float]:
     kill (the plain CLI, with the tests' two-network method registered)."""
     from safetensors.torch import load_file
 
-    make = {"progressive": progressive_config, "two-networks": two_networks_config}[method]
+    make = {"progressive": progressive_config, "two-networks": two_networks_config,
+            "consistency": consistency_config}[method]
     config = write_yaml({**make(teacher), "train": {**make(teacher)["train"], "batch_size": 16}},
                         work / f"two-ranks-{method}.yaml")
     outputs = {"two": work / f"two-ranks-{method}", "one": work / f"one-process-{method}"}
@@ -146,7 +148,8 @@ def main() -> None:
     teacher = ensure_teacher(work, args.teacher)
     command = " ".join(["python eval/reliability.py", *sys.argv[1:]])
     if args.only in (None, "two-ranks"):
-        text = two_ranks_markdown({m: two_ranks(teacher, work, m) for m in ("progressive", "two-networks")}, command)
+        methods = ("progressive", "two-networks", "consistency")
+        text = two_ranks_markdown({m: two_ranks(teacher, work, m) for m in methods}, command)
         print(text)
         if args.write:
             write_section("reliability-two-ranks", text)
@@ -157,7 +160,8 @@ def main() -> None:
         configs = {"progressive": write_yaml(progressive_config(teacher), work / "progressive.yaml"),
                    "denoise": write_yaml(denoise_config(), work / "denoise.yaml"),
                    "generator": write_yaml(generator_config(teacher), work / "generator.yaml"),
-                   "two-networks": write_yaml(two_networks_config(teacher), work / "two-networks.yaml")}
+                   "two-networks": write_yaml(two_networks_config(teacher), work / "two-networks.yaml"),
+                   "consistency": write_yaml(consistency_config(teacher), work / "consistency.yaml")}
         references = {m: reference_run(m, c, work) for m, c in configs.items()}
         for index, point in enumerate(KILL_POINTS):
             result = kill_and_resume(point, configs[point.method], references[point.method], work / f"kill-{index}")

@@ -47,6 +47,18 @@ def _set(fragment: str, *sets: str) -> Callable:
     return make
 
 
+def _consistency(fragment: str, *sets: str) -> Callable:
+    """A consistency distillation of the tiny teacher with ``sets`` (the progressive base's keys do not apply)."""
+    def make(tmp: Path, teacher: str):
+        output = tmp / "run"
+        argv = ["distill", str(ROOT / "configs/digits-consistency.yaml"), "--output", str(output)]
+        for assignment in (f"teacher.source={teacher}", "method.num_steps=2", "train.batch_size=8",
+                           "train.device=cpu", "run_eval=false", *sets):
+            argv += ["--set", assignment]
+        return argv, fragment, output
+    return make
+
+
 def _copy_teacher(teacher: str, tmp: Path) -> Path:
     copy = tmp / "teacher-copy"
     shutil.copytree(teacher, copy)
@@ -380,6 +392,13 @@ CASES = [
     Case("N beyond the teacher's timesteps", _set("exceeds the teacher's", "method.start_steps=2048",
                                                   "method.final_steps=1")),
     Case("unknown method", _set("method.name must be one of", "method.name=consistencyy")),
+    Case("consistency target EMA of 1.5", _consistency("method.target_ema must be in [0, 1)", "method.target_ema=1.5")),
+    Case("consistency skipping interval that does not divide the grid",
+         _consistency("method.skip=3 must be >= 1 and divide method.teacher_grid=50", "method.skip=3")),
+    Case("consistency grid that does not divide the teacher's timesteps",
+         _consistency("method.teacher_grid=30 must divide the teacher's 1000", "method.teacher_grid=30")),
+    Case("consistency LPIPS distance without its backbone weights (offline)",
+         _consistency("alexnet-owt-7be5be79.pth", "method.distance=lpips"), {"TORCH_HOME": "{tmp}/torch-home"}),
     Case("unknown choice (LR schedule)", _set("train.lr_schedule must be one of", "train.lr_schedule=exp")),
     Case("EMA decay of 1", _set("train.ema_decay must be in [0, 1)", "train.ema_decay=1")),
     Case("batch not divisible into accumulation steps", _set("must divide into", "train.batch_size=10",

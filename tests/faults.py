@@ -58,6 +58,16 @@ def two_networks_config(teacher: str) -> dict:
             "run_eval": False}
 
 
+def consistency_config(teacher: str) -> dict:
+    """Consistency distillation on a 20-point grid, 6 steps, a checkpoint every 2 (last 2 kept), the export EMA 0.9
+    and a target network (EMA 0.9) that a checkpoint writes beside the student and its optimiser."""
+    return {"method": {"name": "consistency", "num_steps": 6, "teacher_grid": 20, "target_ema": 0.9},
+            "teacher": {"source": teacher}, "data": {"source": "digits"},
+            "train": {"batch_size": 16, "learning_rate": 1e-3, "ema_decay": 0.9, "checkpoint_every": 2,
+                      "keep_checkpoints": 2, "log_every": 1, "device": "cpu"},
+            "run_eval": False}
+
+
 def denoise_config() -> dict:
     return {"method": {**TEACHER_CONFIG["method"], "num_steps": 12},
             "data": {"source": "digits"},
@@ -111,6 +121,11 @@ KILL_POINTS = [
     KillPoint("two networks: during a checkpoint write, target-network file half-written",
               [{"kind": "checkpoint-file", "at": 12}], "two-networks"),
     KillPoint("two networks: before EMA, step 5", [{"kind": "before-ema", "at": 5}], "two-networks"),
+    # consistency: a checkpoint writes student, optimizer.student, ema.student (mid-round), follower.target
+    KillPoint("consistency: during a checkpoint write, target-network file half-written",
+              [{"kind": "checkpoint-file", "at": 4}], "consistency"),
+    KillPoint("consistency: after backward, step 5 (target network restored from step 4)",
+              [{"kind": "after-backward", "at": 5}], "consistency"),
 ]
 
 

@@ -1,7 +1,8 @@
 """Two ranks on CPU (gloo, started by torchrun): gradients are synchronised, only rank 0 writes, and the result equals
 a single process running the same global batch as two accumulation shards (measured: bit-identical; the test
-allows 1e-6, for float summation order on other builds), for progressive and for the tests' two-network method
-(critic x3, then student), whose critic is averaged over ranks like the student."""
+allows 1e-6, for float summation order on other builds), for progressive, for the tests' two-network method
+(critic x3, then student), whose critic is averaged over ranks like the student, and for consistency distillation
+(a target network that follows the student)."""
 
 import csv
 import os
@@ -12,7 +13,7 @@ import pytest
 import yaml
 
 from diffkd import checkpoint
-from tests.faults import ROOT, two_networks_config
+from tests.faults import ROOT, consistency_config, two_networks_config
 
 TOLERANCE = 1e-6
 
@@ -44,9 +45,16 @@ def two_networks(teacher: str) -> dict:
     return data
 
 
+def consistency(teacher: str) -> dict:
+    data = consistency_config(teacher)
+    data["method"]["num_steps"] = 8
+    data["train"]["keep_checkpoints"] = 10
+    return data
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("make, port", [(progressive, 29533), (two_networks, 29535)], ids=["progressive",
-                                                                                          "two-networks"])
+@pytest.mark.parametrize("make, port", [(progressive, 29533), (two_networks, 29535), (consistency, 29537)],
+                         ids=["progressive", "two-networks", "consistency"])
 def test_two_ranks_match_one_process_with_the_same_global_batch(make, port, tiny_teacher, tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(make(tiny_teacher)))

@@ -1,0 +1,200 @@
+"""Consistency distillation (Song et al. 2023, "Consistency Models", Alg. 2) in LCM's discrete form (Luo et al. 2023).
+
+The student is f(z_t, t) = c_skip(t) z_t + c_out(t) x0(F(z_t, t)) (Song et al. eq. 5 / Appendix C), where F is a UNet
+initialised from the teacher that keeps the teacher's prediction type, x0(.) is that parameterisation's clean
+prediction, and c_skip, c_out are LCM's scalings of the discrete timestep (``boundary_scalings``): c_skip(0) = 1 and
+c_out(0) = 0 exactly, so f(z, 0) = z (the boundary condition). Each update noises a training image to t_{n+k} on
+the teacher's N-point grid, takes one teacher DDIM step (classifier-free guided with a fixed w for conditional
+teachers) to t_n, k grid intervals lower (LCM's skipping interval), and pulls f(z_{t_{n+k}}, t_{n+k}) towards the
+target network's f at (z_{t_n}, t_n). The target network is an EMA of the student (LCM), or with ``target_ema=0`` the
+student itself under stop-gradient (iCT, Song & Dhariwal 2023). The distance is iCT's pseudo-Huber by default.
+
+The export is the plain F with diffusers' ``LCMScheduler`` on the same grid (``original_inference_steps`` = N, the
+same timestep scaling and x0 clip), which applies c_skip and c_out itself: ``from_pretrained(student)(
+num_inference_steps=k)`` samples for any k up to N with one network.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from diffusers import LCMScheduler
+from torch import nn
+
+from diffkd import schedule
+from diffkd.conditioning import batch_conditioning, encode_rows, read_prompts
+from diffkd.data import load_images
+from diffkd.errors import DiffkdError
+from diffkd.losses.kd import PerceptualKD
+from diffkd.losses.terms import LossTerms
+from diffkd.method_options import ConsistencyConfig
+from diffkd.methods.base import ExportSpec, Method, Round
+from diffkd.models import Conditioning, Denoiser
+
+SIGMA_DATA = 0.5  # LCM's (and Karras et al.'s) data standard deviation in the boundary scalings
+HUBER_FACTOR = 0.00054  # iCT (Song & Dhariwal 2023, sec. 3.3): c = 0.00054 sqrt(d)
+
+
+def boundary_scalings(t: torch.Tensor, timestep_scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """LCM's c_skip, c_out at discrete timesteps t (``LCMScheduler.get_scalings_for_boundary_condition_discrete``):
+    with s = t * scaling, c_skip = sd^2 / (s^2 + sd^2), c_out = s / sqrt(s^2 + sd^2); exactly (1, 0) at t = 0."""
+    scaled = t.double() * timestep_scaling
+    c_skip = SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2)
+    c_out = scaled / (scaled**2 + SIGMA_DATA**2).sqrt()
+    return c_skip.float(), c_out.float()
+
+
+def consistency_grid(num_train_timesteps: int, num_points: int) -> list[int]:
+    """The boundary t = 0, then LCMScheduler's training grid j * (T // N) - 1 for j = 1..N (19, 39, ..., 999)."""
+    spacing = num_train_timesteps // num_points
+    return [0] + [j * spacing - 1 for j in range(1, num_points + 1)]
+
+
+def pseudo_huber(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample sqrt(||a - b||^2 + c^2) - c with c = 0.00054 sqrt(d) (iCT eq. 8): L2-like near 0, L1-like far."""
+    c = HUBER_FACTOR * math.sqrt(a[0].numel())
+    return ((a - b).float().pow(2).flatten(1).sum(1) + c**2).sqrt() - c
+
+
+def consistency_function(model: Denoiser, z: torch.Tensor, t: torch.Tensor, cond: Conditioning | None,
+                         timestep_scaling: float) -> torch.Tensor:
+    """f(z, t) = c_skip z + c_out x0(F(z, t)), x0 clipped as the exported LCMScheduler clips it."""
+    x0, _ = model.x0_eps(z, t, cond)
+    if model.clip_sample is not None:
+        x0 = x0.clamp(-model.clip_sample, model.clip_sample)
+    c_skip, c_out = boundary_scalings(t, timestep_scaling)
+    return schedule.broadcast(c_skip, z) * z.float() + schedule.broadcast(c_out, x0) * x0
+
+
+def dpm_solver_2s_step(model: Denoiser, z: torch.Tensor, t: torch.Tensor, u: torch.Tensor, s: torch.Tensor,
+                       cond: Conditioning | None) -> torch.Tensor:
+    """DPM-Solver++(2S): a DDIM step to u, then z_s = DDIM from z_t with x0 replaced by
+    D = (1 - 1/(2r)) x0(z_t, t) + 1/(2r) x0(z_u, u), r = (lambda_u - lambda_t) / (lambda_s - lambda_t), lambda = log
+    alpha / sigma. (sigma_s / sigma_t) z_t + alpha_s (1 - e^-h) D is that DDIM form, so the x0 clip applies to D."""
+    x0_t, _ = model.x0_eps(z, t, cond)
+    if model.clip_sample is not None:
+        x0_t = x0_t.clamp(-model.clip_sample, model.clip_sample)
+    (a_t, s_t), (a_u, s_u), (a_s, s_s) = model.alpha_sigma(t), model.alpha_sigma(u), model.alpha_sigma(s)
+    z_u = schedule.ddim_step(x0_t, (z - schedule.broadcast(a_t, z) * x0_t) / schedule.broadcast(s_t, z), a_u, s_u)
+    x0_u, _ = model.x0_eps(z_u, u, cond)
+    lam_t, lam_u, lam_s = (a_t / s_t).log(), (a_u / s_u).log(), (a_s / s_s).log()
+    half_over_r = schedule.broadcast(0.5 * (lam_s - lam_t) / (lam_u - lam_t), z)
+    x0 = (1 - half_over_r) * x0_t + half_over_r * x0_u
+    eps = (z - schedule.broadcast(a_t, z) * x0) / schedule.broadcast(s_t, z)
+    return schedule.ddim_step(x0, eps, a_s, s_s, model.clip_sample)
+
+
+class ConsistencyDistillation(Method):
+    name = "consistency"
+    config_class = ConsistencyConfig
+
+    def __init__(self, config, teacher, student):
+        super().__init__(config, teacher, student)
+        teacher_model = teacher.denoiser
+        self.grid = consistency_grid(teacher_model.num_train_timesteps, self.options.teacher_grid)
+        self.model = Denoiser(student, teacher_model.alphas_cumprod, self.prediction_type, teacher_model.clip_sample)
+        self.target = (copy.deepcopy(student).requires_grad_(False).eval() if self.options.target_ema > 0
+                       else None)
+        self.target_model = (Denoiser(self.target, teacher_model.alphas_cumprod, self.prediction_type,
+                                      teacher_model.clip_sample) if self.target is not None else self.model)
+        losses = config.losses
+        self.perceptual = (PerceptualKD(teacher, losses.lpips_net, losses.lpips_backbone_weights)
+                           if self.options.distance == "lpips" else None)
+
+    def check(self) -> None:
+        total, points = self.teacher.denoiser.num_train_timesteps, self.options.teacher_grid
+        if total % points or points >= total:
+            raise DiffkdError(f"method.teacher_grid={points} must divide the teacher's {total} training timesteps "
+                              "and be smaller, so LCMScheduler reproduces the grid; try 50 (LCM's) or 100")
+        losses = self.config.losses
+        if losses.output_kd or losses.feature_kd or losses.lpips:
+            raise DiffkdError("method consistency has its own distance (method.distance); set losses.output_kd, "
+                              "losses.feature_kd and losses.lpips to 0, or method.distance=lpips for LPIPS")
+
+    def rounds(self) -> list[Round]:
+        return [Round(f"consistency on {self.options.teacher_grid} points, skip {self.options.skip}",
+                      self.options.num_steps)]
+
+    def dataset(self) -> dict[str, torch.Tensor]:
+        """The training images (as latents for a latent teacher) and, for a text teacher, their prompts' encodings."""
+        images = load_images(self.config.data.source, self.teacher.image_size, self.teacher.image_channels,
+                             self.config.data.resize, self.config.data.convert)
+        with torch.no_grad():
+            latents = torch.cat([self.teacher.denoiser.encode(chunk.to(self.teacher.unet.device)).cpu()
+                                 for chunk in images.split(64)])
+        data = self.config.data
+        prompts = read_prompts(data.prompts, data.prompts_file) if self.teacher.text_conditioned else []
+        return {"x0": latents, **encode_rows(self.teacher, prompts, len(latents))}
+
+    def followers(self) -> dict[str, nn.Module]:
+        return {"target": self.target} if self.target is not None else {}
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """The target network's EMA step: theta^- <- mu theta^- + (1 - mu) theta."""
+        if self.target is not None:
+            for follower, trained in zip(self.target.parameters(), self.student.parameters()):
+                follower.lerp_(trained, 1 - self.options.target_ema)
+
+    @torch.no_grad()
+    def teacher_step(self, z: torch.Tensor, t: torch.Tensor, s: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The teacher's ODE step z_t -> z_s, classifier-free guided when ``cond`` asks for it: one DDIM step, or
+        DPM-Solver++(2S) (Lu et al. 2022, data prediction) through the integer midpoint u of [s, t]."""
+        teacher = self.teacher.denoiser
+        if self.options.solver == "ddim":
+            return teacher.ddim_step(z, t, s, cond)
+        return dpm_solver_2s_step(teacher, z, t, (t + s) // 2, s, cond)
+
+    def student_output(self, model: Denoiser, z: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The consistency function of ``model`` (the student or its target network): one conditional pass."""
+        return consistency_function(model, z, t, cond.unguided(), self.options.timestep_scaling)
+
+    def loss(self, phase: str, batch: dict[str, torch.Tensor], generator: torch.Generator) -> LossTerms:
+        x = batch["x0"]
+        grid = torch.tensor(self.grid, device=x.device)
+        n = torch.randint(0, len(self.grid) - self.options.skip, (x.shape[0],), generator=generator).to(x.device)
+        t, s = grid[n + self.options.skip], grid[n]
+        eps = torch.randn(x.shape, generator=generator).to(x.device)
+        alpha_t, sigma_t = self.teacher.denoiser.alpha_sigma(t)
+        z_t = schedule.broadcast(alpha_t, x) * x + schedule.broadcast(sigma_t, x) * eps
+        cond = batch_conditioning(batch, self.options.guidance_scale)
+        target = self.target_at(z_t, t, s, cond)
+        prediction = self.student_output(self.model, z_t, t, cond)
+        return LossTerms({"consistency": self.distance(prediction, target).mean()})
+
+    @torch.no_grad()
+    def target_at(self, z_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The consistency target of z_t: the target network's f at the teacher's ODE step's landing point z_s."""
+        return self.student_output(self.target_model, self.teacher_step(z_t, t, s, cond), s, cond)
+
+    def distance(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-sample distance between the student's and the target network's outputs."""
+        if self.options.distance == "pseudo_huber":
+            return pseudo_huber(prediction, target)
+        if self.options.distance == "l2":
+            return (prediction - target).pow(2).flatten(1).mean(1)
+        return self.perceptual(prediction, target)
+
+    def export_spec(self) -> ExportSpec:
+        scheduler = student_scheduler(self.teacher.scheduler, self.prediction_type, self.teacher.denoiser.clip_sample,
+                                      self.options.teacher_grid, self.options.timestep_scaling)
+        sampled = {}
+        for k in range(1, min(8, self.options.teacher_grid) + 1):
+            scheduler.set_timesteps(k)
+            sampled[k] = scheduler.timesteps.tolist()
+        o = self.options
+        return ExportSpec(scheduler, o.num_inference_steps, self.prediction_type, card={
+            "trained_timesteps": self.grid, "teacher_grid": o.teacher_grid, "skip": o.skip,
+            "target_ema": o.target_ema, "distance": o.distance, "solver": o.solver, "guidance_scale": o.guidance_scale,
+            "timestep_scaling": o.timestep_scaling, "sampling_timesteps": sampled})
+
+
+def student_scheduler(teacher_scheduler, prediction_type: str, clip_sample: float | None, grid_points: int,
+                      timestep_scaling: float) -> LCMScheduler:
+    """LCMScheduler on the teacher's betas, with the grid, scaling and x0 clip the student was trained with."""
+    return LCMScheduler.from_config(
+        teacher_scheduler.config, original_inference_steps=grid_points, timestep_scaling=timestep_scaling,
+        prediction_type=prediction_type, clip_sample=clip_sample is not None, clip_sample_range=clip_sample or 1.0,
+        thresholding=False)

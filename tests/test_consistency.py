@@ -1,0 +1,275 @@
+"""Consistency distillation: the boundary condition, LCM's scalings, the teacher's ODE step against closed-form flows,
+a short training run on a 2-D mixture, pseudo-Huber, the guided teacher step, and the LCMScheduler export."""
+
+import copy
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DiffusionPipeline, LCMScheduler
+from torch import nn
+
+from diffkd.api import distill
+from diffkd.config import parse_config
+from diffkd.errors import DiffkdError
+from diffkd.io import load_pipeline
+from diffkd.methods.consistency import (
+    ConsistencyDistillation,
+    boundary_scalings,
+    consistency_function,
+    consistency_grid,
+    pseudo_huber,
+)
+from diffkd.models import Conditioning, Denoiser
+from diffkd.sampling import scheduler_sample
+from tests import faults
+from tests.conftest import make_tiny_unet
+
+ALPHAS_CUMPROD = DDIMScheduler(beta_schedule="squaredcos_cap_v2").alphas_cumprod
+
+
+def test_scalings_are_lcm_schedulers_own():
+    scheduler = LCMScheduler(beta_schedule="squaredcos_cap_v2", timestep_scaling=10.0)
+    t = torch.tensor([0, 1, 19, 259, 999])
+    c_skip, c_out = boundary_scalings(t, 10.0)
+    for i, step in enumerate(t.tolist()):
+        skip, out = scheduler.get_scalings_for_boundary_condition_discrete(step)
+        assert c_skip[i].item() == pytest.approx(skip, rel=1e-6) and c_out[i].item() == pytest.approx(out, rel=1e-6)
+    # by hand at t = 1, scaling 10: s = 10, c_skip = 0.25 / 100.25, c_out = 10 / sqrt(100.25)
+    assert c_skip[1].item() == pytest.approx(0.25 / 100.25) and c_out[1].item() == pytest.approx(10 / 100.25**0.5)
+    assert (c_skip[0].item(), c_out[0].item()) == (1.0, 0.0)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_boundary_condition_is_exact(prediction_type):
+    model = Denoiser(make_tiny_unet(), ALPHAS_CUMPROD, prediction_type, clip_sample=1.0)
+    z = torch.randn(3, 1, 8, 8) * 2
+    with torch.no_grad():
+        assert torch.equal(consistency_function(model, z, torch.zeros(3, dtype=torch.long), None, 10.0), z)
+        away = consistency_function(model, z, torch.full((3,), 500), None, 10.0)
+    assert not torch.allclose(away, z)
+
+
+def test_grid_is_lcm_schedulers_training_grid():
+    grid = consistency_grid(1000, 50)
+    assert grid[:3] == [0, 19, 39] and grid[-1] == 999 and len(grid) == 51
+    scheduler = LCMScheduler(original_inference_steps=50)
+    for k in (1, 2, 4, 8):
+        scheduler.set_timesteps(k)
+        assert set(scheduler.timesteps.tolist()) <= set(grid)
+
+
+def test_pseudo_huber_by_hand():
+    a, b = torch.zeros(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
+    a[0, 0, 0, 0], a[0, 0, 1, 1] = 3.0, 4.0  # ||a - b|| = 5 for the first sample, 0 for the second
+    c = 0.00054 * 2  # sqrt(d) = sqrt(4)
+    torch.testing.assert_close(pseudo_huber(a, b), torch.tensor([math.sqrt(25 + c * c) - c, 0.0]))
+
+
+class Output(SimpleNamespace):
+    pass
+
+
+class GaussianTeacher(nn.Module):
+    """The exact v-prediction for 1-D data x ~ N(0, s^2): x0_hat = alpha s^2 z / (alpha^2 s^2 + sigma^2)."""
+
+    def __init__(self, std: float):
+        super().__init__()
+        self.std = std
+
+    def forward(self, z, t):
+        alpha, sigma = ALPHAS_CUMPROD[t].sqrt().view(-1, 1), (1 - ALPHAS_CUMPROD[t]).sqrt().view(-1, 1)
+        x0 = alpha * self.std**2 * z / (alpha**2 * self.std**2 + sigma**2)
+        eps = (z - alpha * x0) / sigma
+        return Output(sample=alpha * eps - sigma * x0)
+
+
+def flow_ratio(t: torch.Tensor, std: float) -> torch.Tensor:
+    """The probability-flow ODE of Gaussian data scales z: z_0 / z_t = std_0 / std_t, std_t^2 = a^2 s^2 + sigma^2."""
+    abar, abar0 = ALPHAS_CUMPROD[t], ALPHAS_CUMPROD[0]
+    return ((abar0 * std**2 + 1 - abar0) / (abar * std**2 + 1 - abar)).sqrt()
+
+
+class ExactFlowMap(nn.Module):
+    """A v-prediction network whose consistency function is the exact flow map to t = 0: f(z, t) = ratio(t) z."""
+
+    def __init__(self, std: float, scaling: float):
+        super().__init__()
+        self.std, self.scaling = std, scaling
+        self.unused = nn.Parameter(torch.zeros(()))
+
+    def forward(self, z, t):
+        c_skip, c_out = boundary_scalings(t, self.scaling)
+        c_skip, c_out = c_skip.view(-1, 1), c_out.view(-1, 1)
+        wanted = flow_ratio(t, self.std).view(-1, 1) * z
+        x0 = torch.where(c_out > 0, (wanted - c_skip * z) / c_out.clamp(min=1e-30), torch.zeros_like(z))
+        alpha, sigma = ALPHAS_CUMPROD[t].sqrt().view(-1, 1), (1 - ALPHAS_CUMPROD[t]).sqrt().view(-1, 1)
+        return Output(sample=(alpha * z - x0) / sigma)
+
+
+def method_for(teacher_net: nn.Module, student: nn.Module, **options) -> ConsistencyDistillation:
+    config = parse_config({"method": {"name": "consistency", **options}, "teacher": {"source": "unused"}})
+    teacher = SimpleNamespace(denoiser=Denoiser(teacher_net, ALPHAS_CUMPROD, "v_prediction"))
+    return ConsistencyDistillation(config, teacher, student)
+
+
+def test_consistency_target_with_an_exact_teacher_is_the_closed_form_ode_solution():
+    std = 0.5
+    z = torch.linspace(-3, 3, 7).view(-1, 1)
+    errors = []
+    for points in (10, 100, 500):  # finer grids: one DDIM step of the exact score converges to the exact flow
+        method = method_for(GaussianTeacher(std), ExactFlowMap(std, 10.0), teacher_grid=points)
+        grid = method.grid
+        t = torch.full((7,), grid[len(grid) // 2])
+        s = torch.full((7,), grid[len(grid) // 2 - 1])
+        target = method.target_at(z, t, s, Conditioning())
+        errors.append((target - flow_ratio(t, std).view(-1, 1) * z).abs().max().item())
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-4, errors
+    # at the boundary the target is the teacher's step itself (f(x, 0) = x), which lands on the exact flow too
+    method = method_for(GaussianTeacher(std), ExactFlowMap(std, 10.0), teacher_grid=500)
+    t, s = torch.full((7,), method.grid[1]), torch.zeros(7, dtype=torch.long)
+    target = method.target_at(z, t, s, Conditioning())
+    torch.testing.assert_close(target, method.teacher.denoiser.ddim_step(z, t, s))
+    torch.testing.assert_close(target, flow_ratio(t, std).view(-1, 1) * z, atol=1e-4, rtol=1e-4)
+
+
+def test_the_dpm_solver_step_is_second_order_on_the_exact_gaussian_flow():
+    std, z = 0.5, torch.linspace(-3, 3, 7).view(-1, 1)
+    errors = {}
+    for solver in ("ddim", "dpmsolver++"):
+        for points in (10, 20):
+            method = method_for(GaussianTeacher(std), ExactFlowMap(std, 10.0), teacher_grid=points, solver=solver)
+            t, s = torch.full((7,), 599), torch.full((7,), 599 - 1000 // points)
+            exact = flow_ratio(t, std).view(-1, 1) * z / flow_ratio(s, std).view(-1, 1)
+            errors[solver, points] = (method.teacher_step(z, t, s, Conditioning()) - exact).abs().max().item()
+    # a local error of order h^2 (DDIM) shrinks ~4x when h halves, of order h^3 (2S) ~8x, and 2S is far closer
+    assert errors["dpmsolver++", 10] < 0.2 * errors["ddim", 10], errors
+    assert errors["ddim", 10] / errors["ddim", 20] < 5 < errors["dpmsolver++", 10] / errors["dpmsolver++", 20], errors
+
+
+class MixtureTeacher(nn.Module):
+    """The exact v-prediction for 2-D data from two Gaussians N(+-(1, 1), 0.5^2 I) of equal weight: the posterior
+    mean E[x | z] = sum_i w_i (mu_i + a s^2 / (a^2 s^2 + sigma^2) (z - a mu_i)), w_i the components' posteriors."""
+
+    centres = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])
+    std = 0.5
+
+    def forward(self, z, t):
+        alpha, sigma = ALPHAS_CUMPROD[t].sqrt().view(-1, 1), (1 - ALPHAS_CUMPROD[t]).sqrt().view(-1, 1)
+        var = alpha**2 * self.std**2 + sigma**2
+        weights = (-((z[:, None] - alpha[:, None] * self.centres) ** 2).sum(-1) / (2 * var)).softmax(-1)
+        mean = weights @ self.centres
+        x0 = mean + alpha * self.std**2 / var * (z - alpha * mean)
+        eps = (z - alpha * x0) / sigma
+        return Output(sample=alpha * eps - sigma * x0)
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(3, 64), nn.SiLU(), nn.Linear(64, 64), nn.SiLU(), nn.Linear(64, 2))
+
+    def forward(self, z, t):
+        return Output(sample=self.net(torch.cat([z, t.float().view(-1, 1) / 1000], 1)))
+
+
+def test_150_steps_on_a_2d_mixture_learn_the_one_step_flow_map():
+    torch.manual_seed(0)
+    teacher, student = MixtureTeacher(), MLP()
+    method = method_for(teacher, student, teacher_grid=10, skip=1, target_ema=0.5, distance="l2")
+    noise = torch.randn(256, 2, generator=torch.Generator().manual_seed(1))
+    exact = noise.clone()  # the exact flow map from t = 999: DDIM on 1,000 steps of the exact denoiser
+    with torch.no_grad():
+        for t, s in zip(range(999, 0, -1), range(998, -1, -1)):
+            exact = method.teacher.denoiser.ddim_step(exact, torch.tensor(t), torch.tensor(s))
+
+    def one_step_error() -> float:
+        with torch.no_grad():
+            out = consistency_function(method.model, noise, torch.full((256,), 999), None, 10.0)
+        return (out - exact).pow(2).sum(1).mean().item()
+
+    before = one_step_error()
+    optimiser = torch.optim.Adam(student.parameters(), lr=1e-2)
+    draw = torch.Generator().manual_seed(2)
+    data = (MixtureTeacher.centres[torch.randint(0, 2, (4096,), generator=draw)]
+            + MixtureTeacher.std * torch.randn(4096, 2, generator=draw))
+    for step in range(150):
+        generator = torch.Generator().manual_seed(step)
+        batch = {"x0": data[torch.randint(0, len(data), (128,), generator=generator)]}
+        loss = method.loss("student", batch, generator).total
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        method.after_step()
+    after = one_step_error()
+    assert after < 0.05 * before, (before, after)  # measured: 2.56 -> 0.085
+
+
+def test_the_teacher_step_is_the_guided_ddim_step_of_a_text_teacher(tiny_sd):
+    teacher = load_pipeline(tiny_sd)
+    config = parse_config({"method": {"name": "consistency", "guidance_scale": 3.0, "teacher_grid": 10},
+                           "teacher": {"source": tiny_sd}, "data": {"prompts": ["a cat"]}})
+    method = ConsistencyDistillation(config, teacher, copy.deepcopy(teacher.unet))
+    hidden = torch.randn(2, 8, 16)
+    uncond = torch.randn(2, 8, 16)
+    cond = Conditioning(encoder_hidden_states=hidden, uncond_encoder_hidden_states=uncond, guidance_scale=3.0)
+    z, t, s = torch.randn(2, 4, 4, 4), torch.tensor([899, 499]), torch.tensor([799, 399])
+    with torch.no_grad():
+        e_c = teacher.unet(z, t, encoder_hidden_states=hidden).sample
+        e_u = teacher.unet(z, t, encoder_hidden_states=uncond).sample
+    eps = e_u + 3.0 * (e_c - e_u)  # SD's epsilon teacher, guided
+    abar = teacher.scheduler.alphas_cumprod
+    a_t, s_t = abar[t].sqrt().view(-1, 1, 1, 1), (1 - abar[t]).sqrt().view(-1, 1, 1, 1)
+    a_s, s_s = abar[s].sqrt().view(-1, 1, 1, 1), (1 - abar[s]).sqrt().view(-1, 1, 1, 1)
+    by_hand = a_s * (z - s_t * eps) / a_t + s_s * eps
+    torch.testing.assert_close(method.teacher_step(z, t, s, cond), by_hand, atol=1e-5, rtol=1e-4)
+
+
+def test_bad_grid_for_the_teacher_is_refused(tiny_teacher, tmp_path):
+    config = parse_config({"method": {"name": "consistency", "teacher_grid": 30}, "teacher": {"source": tiny_teacher},
+                           "train": {"device": "cpu"}, "run_eval": False})
+    with pytest.raises(DiffkdError, match="method.teacher_grid=30 must divide the teacher's 1000"):
+        distill(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_exported_student_samples_with_lcm_scheduler_at_every_k(tiny_teacher, tmp_path):
+    config = parse_config({"method": {"name": "consistency", "num_steps": 2, "teacher_grid": 20},
+                           "teacher": {"source": tiny_teacher}, "data": {"source": "digits"},
+                           "train": {"batch_size": 8, "device": "cpu"}, "run_eval": False})
+    folder = distill(config, tmp_path / "run")
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    assert isinstance(pipe.scheduler, LCMScheduler) and pipe.scheduler.config.original_inference_steps == 20
+    for k in range(1, 9):
+        images = pipe(num_inference_steps=k, batch_size=2, output_type="np",
+                      generator=torch.Generator().manual_seed(0)).images
+        assert images.shape == (2, 8, 8, 1) and images.min() >= 0 and images.max() <= 1
+    card = (folder / "README.md").read_text()
+    assert "trained_timesteps" in card and "sampling_timesteps" in card
+    # the exported UNet is the plain F: at k = 1 the pipeline returns the training-time f(noise, 999), and the
+    # evaluation's "own" sampler gives the same from the same noise
+    student = load_pipeline(str(folder))
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    pipeline_images = torch.from_numpy(pipe(num_inference_steps=1, batch_size=2, output_type="np",
+                                            generator=torch.Generator().manual_seed(0)).images).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        f = consistency_function(student.denoiser, noise, torch.full((2,), 999), None, 10.0)
+    own = scheduler_sample(student.denoiser, LCMScheduler.from_config(pipe.scheduler.config), noise, 1)
+    torch.testing.assert_close(own, f, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pipeline_images, (f / 2 + 0.5).clamp(0, 1), atol=1e-5, rtol=1e-5)
+    # multistep sampling injects fresh noise, drawn from the starting noise: the same noise, the same sample
+    four = [scheduler_sample(student.denoiser, LCMScheduler.from_config(pipe.scheduler.config), noise, 4)
+            for _ in range(2)]
+    assert torch.equal(*four)
+
+
+@pytest.mark.slow
+def test_killed_consistency_run_resumes_bit_identical(tiny_teacher, tmp_path):
+    config = faults.write_yaml(faults.consistency_config(tiny_teacher), tmp_path / "consistency.yaml")
+    reference = faults.reference_run("consistency", config, tmp_path)
+    point = next(p for p in faults.KILL_POINTS if p.method == "consistency" and "target-network file" in p.name)
+    result = faults.kill_and_resume(point, config, reference, tmp_path / "killed")
+    assert result.killed and result.identical, result.detail
