@@ -178,9 +178,10 @@ class DmdConfig(MethodConfig):
         return self.regression > 0 or self.warm_start_steps > 0
 
     def __post_init__(self):
-        check(self.num_steps >= 1 and self.student_steps >= 1 and self.fake_updates >= 1,
-              f"method.num_steps, method.student_steps and method.fake_updates must be >= 1; got {self.num_steps}, "
-              f"{self.student_steps} and {self.fake_updates}")
+        check(self.num_steps >= 1, f"method.num_steps must be >= 1; got {self.num_steps}")
+        check(self.student_steps >= 1, f"method.student_steps must be >= 1; got {self.student_steps}")
+        check(self.fake_updates >= 1, f"method.fake_updates must be >= 1 (fake-score updates per generator update; "
+                                      f"DMD2 uses 5); got {self.fake_updates}")
         check(0 <= self.timestep_range[0] < self.timestep_range[1] <= 1,
               f"method.timestep_range must be [low, high] with 0 <= low < high <= 1 (fractions of the teacher's "
               f"timesteps; DMD2 uses [0.02, 0.98]); got {list(self.timestep_range)}")

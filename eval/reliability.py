@@ -31,6 +31,7 @@ from tests.faults import (
     TEACHER_CONFIG,
     KillResult,
     denoise_config,
+    dmd_config,
     exported_weights,
     generator_config,
     kill_and_resume,
@@ -157,7 +158,8 @@ def main() -> None:
         configs = {"progressive": write_yaml(progressive_config(teacher), work / "progressive.yaml"),
                    "denoise": write_yaml(denoise_config(), work / "denoise.yaml"),
                    "generator": write_yaml(generator_config(teacher), work / "generator.yaml"),
-                   "two-networks": write_yaml(two_networks_config(teacher), work / "two-networks.yaml")}
+                   "two-networks": write_yaml(two_networks_config(teacher), work / "two-networks.yaml"),
+                   "dmd": write_yaml(dmd_config(teacher), work / "dmd.yaml")}
         references = {m: reference_run(m, c, work) for m, c in configs.items()}
         for index, point in enumerate(KILL_POINTS):
             result = kill_and_resume(point, configs[point.method], references[point.method], work / f"kill-{index}")

@@ -39,10 +39,10 @@ def distribution_matching_gradient(x: torch.Tensor, real_x0: torch.Tensor, fake_
     """DMD's per-sample gradient on x (DMD eq. 8 with DMD2's weighting): (fake x0 - real x0) / mean|x - real x0|.
 
     Dividing by the mean absolute distance to the real score's x0 prediction normalises the gradient's scale
-    across noise levels and samples; a sample already on the real prediction gets a zero (not NaN) gradient.
+    across noise levels and samples; a sample exactly on the real prediction gets a zero gradient (DMD2's nan_to_num would give it +-3e38).
     """
-    scale = (x - real_x0).abs().flatten(1).mean(1)
-    return torch.nan_to_num((fake_x0 - real_x0) / schedule.broadcast(scale, x))
+    scale = schedule.broadcast((x - real_x0).abs().flatten(1).mean(1), x)
+    return torch.where(scale > 0, (fake_x0 - real_x0) / scale.clamp(min=torch.finfo(x.dtype).tiny), 0.0)
 
 
 def distribution_matching_loss(x: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
