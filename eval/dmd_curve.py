@@ -44,14 +44,16 @@ def main() -> int:
     parser.add_argument("--steps", type=int, action="append", default=[])
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--reference-steps", type=int, default=64, help="0: skip the teacher's reference FD")
+    parser.add_argument("--reference-steps", type=int, default=64)
+    parser.add_argument("--reference-fd", type=float, help="the teacher's reference FD from an earlier run (same "
+                        "noise, e.g. eval/digits_quality.py's): skips sampling the teacher")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     teacher = load_pipeline(args.teacher)
     feature = load_feature_network("digits-classifier")
     real = load_real_set("digits", feature, teacher.image_size, teacher.image_channels, default_cache_dir())
-    reference = None
-    if args.reference_steps:
+    reference = args.reference_fd
+    if reference is None:
         reference = fd_of(teacher.denoiser, args.reference_steps, args.num_samples, args.seed, feature, real)
         print(f"teacher ddim-{args.reference_steps}: FD {reference:.2f}", flush=True)
     run = Path(args.run)

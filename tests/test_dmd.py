@@ -2,6 +2,7 @@
 normalisation and the GAN terms by hand, a short run that moves a generator's mean and covariance to the data's,
 and on the tiny teacher: the two time-scale phases, and an export that samples what the generator was trained on."""
 
+import csv
 import math
 
 import pytest
@@ -162,6 +163,17 @@ def test_two_time_scale_phases_and_an_export_that_samples_the_trained_grid(tiny_
     assert abs(images - expected).max() < 1e-5
 
 
+
+def test_warm_start_round_regresses_before_distribution_matching(tiny_teacher, tmp_path):
+    config = parse_config(dmd_config(tiny_teacher, num_steps=1, warm_start_steps=1, regression=0.0, gan=0.0,
+                                     student_steps=1, cache=str(tmp_path / "cache")))
+    distill(config, tmp_path / "run")
+    with (tmp_path / "run" / "logs" / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["round"] for r in rows] == ["1", "2"]
+    assert float(rows[0]["generator/loss/regression"]) > 0 and not rows[0].get("generator/loss/dm")
+    assert float(rows[1]["generator/loss/dm"]) >= 0 and not rows[1].get("generator/loss/regression")
+    assert float(rows[0]["fake_score/loss/denoise"]) > 0  # the fake score follows the generator from the start
 
 @pytest.mark.slow
 def test_killed_between_phases_resumes_bit_identical(tiny_teacher, tmp_path):
