@@ -1,6 +1,7 @@
-"""FD vs training steps of a DMD (or any one-network) run on digits-16: every complete checkpoint of RUN (and its
-exported student) sampled at k steps on the trailing grid its exported DDIMScheduler runs, with the noise that
-eval/digits_quality.py uses (same seed, same batches), scored by the digits-classifier FD against the real set.
+"""FD vs training steps of a DMD (or any one-network) run on digits-16: every complete checkpoint of RUN (its
+student's weights and, when the run keeps one, its export EMA's) and the exported student, sampled at k steps on
+the trailing grid its exported DDIMScheduler runs, with the noise that eval/digits_quality.py uses (same seed,
+same batches), scored by the digits-classifier FD against the real set.
 
     python eval/dmd_curve.py --run runs/digits-dmd --steps 1 [--steps 4] [--num-samples 1000] [--reference-steps 64]
 
@@ -59,7 +60,15 @@ def main() -> int:
     run = Path(args.run)
     student = Denoiser(copy.deepcopy(teacher.unet), teacher.denoiser.alphas_cumprod, teacher.denoiser.prediction_type,
                        teacher.denoiser.clip_sample)
-    sources = [(p.name, checkpoint.load(p)[0]["student"]) for p in checkpoint.complete(run / "checkpoints")]
+    names = [name for name, _ in student.unet.named_parameters()]
+    sources = []
+    for folder in checkpoint.complete(run / "checkpoints"):
+        tensors = checkpoint.load(folder)[0]
+        sources.append((folder.name, tensors["student"]))
+        if "ema.student" in tensors:  # the export EMA's shadow parameters, in parameter order
+            shadow = tensors["ema.student"]
+            sources.append((f"{folder.name} EMA", {**tensors["student"],
+                                                   **{name: shadow[str(i)] for i, name in enumerate(names)}}))
     exported = run / "student" / "unet" / "diffusion_pytorch_model.safetensors"
     if exported.is_file():
         from safetensors.torch import load_file
