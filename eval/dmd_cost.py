@@ -7,7 +7,7 @@ without the GAN and regression terms, per fake update: G's rollout (no gradient;
 passes) and a forward + backward of the fake score; per generator update: G's rollout with a forward + backward
 of its last pass, and one forward each of the teacher and the fake score (no gradient). Those passes are timed on
 their own at the training batch size, interleaved with whole trainer steps (``Trainer._optimizer_step``), and the
-medians compared: the ratio is what the trainer adds (batches, optimiser steps, clipping, finite checks, logging).
+medians compared: the ratio is what the trainer adds (batches, optimiser steps, clipping, finite checks, the EMA).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as work:
         trainer = Trainer(method, config.train, Path(work), make_accelerator(config.train, Path(work)))
         trainer.load_data()
+        trainer._begin_round(0)  # the export EMA, as in training
         inputs = dummy_inputs(method.student, config.train.batch_size)
         g, fake, teacher = method.student, method.fake_unet, method.teacher.unet
         rollout_passes = (o.student_steps - 1) / 2 + 1
