@@ -187,6 +187,67 @@ class DenoiseConfig(MethodConfig):
         check_choice("method.beta_schedule", self.beta_schedule, ("linear", "scaled_linear", "squaredcos_cap_v2"))
 
 
+@dataclass
+class DmdConfig(MethodConfig):
+    """DMD2 (Yin et al. 2024): a ``student_steps``-step generator trained by distribution matching against a fake
+    score network that ``fake_updates`` denoising updates per generator step keep on the generator's samples.
+
+    fake_learning_rate: the fake score network's LR (0 = train.learning_rate); adam_betas: both networks' Adam
+    betas (DMD2 uses (0, 0.999)). timestep_range: the fractions of the teacher's T between which the
+    distribution-matching gradient noises the generator's samples (DMD2: 0.02 to 0.98). guidance_scale: the real
+    score's classifier-free guidance (conditional teachers). gan / gan_classifier: weights of the generator's
+    non-saturating GAN loss and of the classifier head's loss on the fake score network's mid-block features
+    (0 = no GAN term; needs the data set's real images). regression: weight of the x-space MSE to the teacher's
+    sample from the same noise (DMD's regression loss); warm_start_steps: a first round of regression alone. Both
+    use the teacher-sample cache of ``generator`` (num_samples, teacher_sampler, teacher_steps, sample_seed, cache).
+    """
+
+    name: str = "dmd"
+    num_steps: int = 2000
+    student_steps: int = 1
+    fake_updates: int = 5
+    fake_learning_rate: float = 0.0
+    adam_betas: tuple[float, float] = (0.0, 0.999)
+    timestep_range: tuple[float, float] = (0.02, 0.98)
+    guidance_scale: float = 1.0
+    gan: float = 0.0
+    gan_classifier: float = 0.01
+    regression: float = 0.0
+    warm_start_steps: int = 0
+    num_samples: int = 6000
+    teacher_sampler: str = "ddim"
+    teacher_steps: int = 32
+    sample_seed: int = 0
+    cache: str = ""
+    cache_batch_size: int = 250
+    cache_shard_size: int = 1000
+
+    @property
+    def uses_cache(self) -> bool:
+        return self.regression > 0 or self.warm_start_steps > 0
+
+    def __post_init__(self):
+        check(self.num_steps >= 1, f"method.num_steps must be >= 1; got {self.num_steps}")
+        check(self.student_steps >= 1, f"method.student_steps must be >= 1; got {self.student_steps}")
+        check(self.fake_updates >= 1, f"method.fake_updates must be >= 1 (fake-score updates per generator update; "
+                                      f"DMD2 uses 5); got {self.fake_updates}")
+        check(0 <= self.timestep_range[0] < self.timestep_range[1] <= 1,
+              f"method.timestep_range must be [low, high] with 0 <= low < high <= 1 (fractions of the teacher's "
+              f"timesteps; DMD2 uses [0.02, 0.98]); got {list(self.timestep_range)}")
+        check(all(0 <= b < 1 for b in self.adam_betas),
+              f"method.adam_betas must be two numbers in [0, 1), e.g. [0.0, 0.999]; got {list(self.adam_betas)}")
+        check(min(self.fake_learning_rate, self.gan, self.gan_classifier, self.regression) >= 0
+              and self.warm_start_steps >= 0,
+              "method.fake_learning_rate, gan, gan_classifier, regression and warm_start_steps must be >= 0")
+        check(self.guidance_scale >= 1, f"method.guidance_scale must be >= 1 (1 = no guidance); "
+                                        f"got {self.guidance_scale}")
+        check_choice("method.teacher_sampler", self.teacher_sampler, SAMPLERS)
+        check(self.num_samples >= 1 and self.teacher_steps >= 1 and self.sample_seed >= 0
+              and self.cache_batch_size >= 1 and self.cache_shard_size >= 1,
+              "method.num_samples, teacher_steps, cache_batch_size and cache_shard_size must be >= 1, "
+              "sample_seed >= 0")
+
+
 @dataclass(frozen=True)
 class RegisteredMethod:
     """A method's options class and where its implementation lives ("module:Class", imported on first use)."""
@@ -200,4 +261,5 @@ METHODS: dict[str, RegisteredMethod] = {
     "generator": RegisteredMethod(GeneratorConfig, "diffkd.methods.generator:GeneratorDistillation"),
     "denoise": RegisteredMethod(DenoiseConfig, "diffkd.methods.denoise:DenoisingTraining"),
     "consistency": RegisteredMethod(ConsistencyConfig, "diffkd.methods.consistency:ConsistencyDistillation"),
+    "dmd": RegisteredMethod(DmdConfig, "diffkd.methods.dmd:DistributionMatching"),
 }

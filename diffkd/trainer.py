@@ -390,8 +390,20 @@ class Trainer:
         path = self.output / "logs" / "metrics.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         new = not path.exists()
+        header = list(row)
+        if not new:
+            with path.open(newline="") as handle:
+                header = next(csv.reader(handle), [])
+        if any(key not in header for key in row):  # a round that logs other terms (dmd's warm start): widen the file
+            with path.open(newline="") as handle:
+                rows = list(csv.DictReader(handle))
+            header += [key for key in row if key not in header]
+            with path.open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=header, restval="")
+                writer.writeheader()
+                writer.writerows(rows)
         with path.open("a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(row))
+            writer = csv.DictWriter(handle, fieldnames=header, restval="")
             if new:
                 writer.writeheader()
             writer.writerow(row)

@@ -32,6 +32,7 @@ from tests.faults import (
     KillResult,
     consistency_config,
     denoise_config,
+    dmd_config,
     exported_weights,
     generator_config,
     kill_and_resume,
@@ -161,7 +162,8 @@ def main() -> None:
                    "denoise": write_yaml(denoise_config(), work / "denoise.yaml"),
                    "generator": write_yaml(generator_config(teacher), work / "generator.yaml"),
                    "two-networks": write_yaml(two_networks_config(teacher), work / "two-networks.yaml"),
-                   "consistency": write_yaml(consistency_config(teacher), work / "consistency.yaml")}
+                   "consistency": write_yaml(consistency_config(teacher), work / "consistency.yaml"),
+                   "dmd": write_yaml(dmd_config(teacher), work / "dmd.yaml")}
         references = {m: reference_run(m, c, work) for m, c in configs.items()}
         for index, point in enumerate(KILL_POINTS):
             result = kill_and_resume(point, configs[point.method], references[point.method], work / f"kill-{index}")

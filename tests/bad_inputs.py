@@ -59,6 +59,17 @@ def _consistency(fragment: str, *sets: str) -> Callable:
     return make
 
 
+def _dmd(fragment: str, *sets: str) -> Callable:
+    """A configs/digits-dmd.yaml run on the test teacher with ``sets``."""
+    def make(tmp: Path, teacher: str):
+        output = tmp / "run"
+        argv = ["distill", str(ROOT / "configs" / "digits-dmd.yaml"), "--output", str(output)]
+        for assignment in (f"teacher.source={teacher}", "train.device=cpu", "run_eval=false", *sets):
+            argv += ["--set", assignment]
+        return argv, fragment, output
+    return make
+
+
 def _copy_teacher(teacher: str, tmp: Path) -> Path:
     copy = tmp / "teacher-copy"
     shutil.copytree(teacher, copy)
@@ -391,6 +402,11 @@ CASES = [
                                                            "method.final_steps=3")),
     Case("N beyond the teacher's timesteps", _set("exceeds the teacher's", "method.start_steps=2048",
                                                   "method.final_steps=1")),
+    Case("dmd without fake-score updates", _dmd("method.fake_updates must be >= 1", "method.fake_updates=0")),
+    Case("dmd timestep range reversed", _dmd("method.timestep_range must be [low, high] with 0 <= low < high <= 1",
+                                             "method.timestep_range=0.9,0.1")),
+    Case("dmd generator steps that do not divide the teacher's grid", _dmd("does not divide",
+                                                                           "method.student_steps=3")),
     Case("unknown method", _set("method.name must be one of", "method.name=consistencyy")),
     Case("consistency target EMA of 1.5", _consistency("method.target_ema must be in [0, 1)", "method.target_ema=1.5")),
     Case("consistency skipping interval that does not divide the grid",

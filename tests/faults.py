@@ -68,6 +68,19 @@ def consistency_config(teacher: str) -> dict:
             "run_eval": False}
 
 
+def dmd_config(teacher: str) -> dict:
+    """DMD2 with everything that has state: per step 2 fake-score updates (fake score + GAN classifier head), then 1
+    generator update with the GAN and regression terms (32 DDIM-4 teacher pairs), a 2-step generator (backward
+    simulation); 4 steps, a checkpoint every 2 (last 2 kept), EMA 0.9 on the generator."""
+    return {"method": {"name": "dmd", "num_steps": 4, "student_steps": 2, "fake_updates": 2,
+                       "fake_learning_rate": 2e-3, "gan": 0.1, "gan_classifier": 0.1, "regression": 0.5,
+                       "num_samples": 32, "teacher_steps": 4, "cache_batch_size": 16, "cache_shard_size": 16},
+            "teacher": {"source": teacher}, "data": {"source": "digits"},
+            "train": {"batch_size": 16, "learning_rate": 1e-3, "ema_decay": 0.9, "checkpoint_every": 2,
+                      "keep_checkpoints": 2, "log_every": 1, "device": "cpu"},
+            "run_eval": False}
+
+
 def denoise_config() -> dict:
     return {"method": {**TEACHER_CONFIG["method"], "num_steps": 12},
             "data": {"source": "digits"},
@@ -126,6 +139,9 @@ KILL_POINTS = [
               [{"kind": "checkpoint-file", "at": 4}], "consistency"),
     KillPoint("consistency: after backward, step 5 (target network restored from step 4)",
               [{"kind": "after-backward", "at": 5}], "consistency"),
+    # dmd: updates 3s-2, 3s-1 are step s's fake-score updates, update 3s its generator update
+    KillPoint("dmd: between phases (2 fake-score updates of step 3 done, before its generator update)",
+              [{"kind": "update-start", "at": 9}], "dmd"),
 ]
 
 
@@ -148,7 +164,7 @@ def run_cli(args: list[str], kill: dict | None = None, timeout: float = 900, env
 def job_args(method: str, config: Path, output: Path) -> list[str]:
     """The command; a generator run gets its own teacher-sample cache next to its output (not the shared one)."""
     args = ["train-teacher" if method == "denoise" else "distill", str(config), "--output", str(output)]
-    return args + (["--set", f"method.cache={output}-cache"] if method == "generator" else [])
+    return args + (["--set", f"method.cache={output}-cache"] if method in ("generator", "dmd") else [])
 
 
 def exported_weights(output: Path, method: str) -> Path:

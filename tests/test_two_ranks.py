@@ -1,8 +1,8 @@
 """Two ranks on CPU (gloo, started by torchrun): gradients are synchronised, only rank 0 writes, and the result equals
 a single process running the same global batch as two accumulation shards (measured: bit-identical; the test
 allows 1e-6, for float summation order on other builds), for progressive, for the tests' two-network method
-(critic x3, then student), whose critic is averaged over ranks like the student, and for consistency distillation
-(a target network that follows the student)."""
+(critic x3, then student), whose critic is averaged over ranks like the student, for consistency distillation
+(a target network that follows the student), and for dmd (fake score and GAN head x2, then generator)."""
 
 import csv
 import os
@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from diffkd import checkpoint
-from tests.faults import ROOT, consistency_config, two_networks_config
+from tests.faults import ROOT, consistency_config, dmd_config, two_networks_config
 
 TOLERANCE = 1e-6
 
@@ -52,10 +52,18 @@ def consistency(teacher: str) -> dict:
     return data
 
 
+def dmd(teacher: str) -> dict:
+    data = dmd_config(teacher)
+    data["method"].update(regression=0.0)  # no teacher-sample cache: both runs draw the same rows
+    data["train"]["keep_checkpoints"] = 10
+    return data
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("make, port", [(progressive, 29533), (two_networks, 29535), (consistency, 29537)],
-                         ids=["progressive", "two-networks", "consistency"])
-def test_two_ranks_match_one_process_with_the_same_global_batch(make, port, tiny_teacher, tmp_path):
+@pytest.mark.parametrize("make, port, steps", [(progressive, 29533, 8), (two_networks, 29535, 8),
+                                               (consistency, 29537, 8), (dmd, 29539, 4)],
+                         ids=["progressive", "two-networks", "consistency", "dmd"])
+def test_two_ranks_match_one_process_with_the_same_global_batch(make, port, steps, tiny_teacher, tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(make(tiny_teacher)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -73,7 +81,7 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(make, port, tiny
 
     # only rank 0 wrote: one metrics row per step, the same checkpoints as the single process, no leftovers
     with (tmp_path / "two" / "logs" / "metrics.csv").open() as handle:
-        assert len(list(csv.DictReader(handle))) == 8
+        assert len(list(csv.DictReader(handle))) == steps
     names = [p.name for p in checkpoint.complete(tmp_path / "two" / "checkpoints")]
     assert names == [p.name for p in checkpoint.complete(tmp_path / "one" / "checkpoints")]
     assert not list((tmp_path / "two" / "checkpoints").glob(".*"))

@@ -1,0 +1,89 @@
+"""FD vs training steps of a DMD (or any one-network) run on digits-16: every complete checkpoint of RUN (its
+student's weights and, when the run keeps one, its export EMA's) and the exported student, sampled at k steps on
+the trailing grid its exported DDIMScheduler runs, with the noise that eval/digits_quality.py uses (same seed,
+same batches), scored by the digits-classifier FD against the real set.
+
+    python eval/dmd_curve.py --run runs/digits-dmd --steps 1 [--steps 4] [--num-samples 1000] [--reference-steps 64]
+
+Prints one row per checkpoint: round, step, FD at each k and its ratio to the teacher's DDIM at --reference-steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from diffkd import checkpoint
+from diffkd.evaluation.features import load_feature_network, to_uint8
+from diffkd.evaluation.reference import default_cache_dir, load_real_set
+from diffkd.evaluation.sweep import batch_noise
+from diffkd.io import load_pipeline
+from diffkd.models import Denoiser
+from diffkd.sampling import ddim_sample
+
+log = logging.getLogger("dmd_curve")
+
+
+def fd_of(model: Denoiser, steps: int, num_samples: int, seed: int, feature, real, batch: int = 250) -> float:
+    shape = (model.unet.config.in_channels, model.unet.config.sample_size, model.unet.config.sample_size)
+    features = []
+    for index, start in enumerate(range(0, num_samples, batch)):
+        noise = batch_noise(shape, seed, index, min(batch, num_samples - start), torch.device("cpu"))
+        features.append(feature(to_uint8(ddim_sample(model, noise, steps))))
+    return real.frechet_distance(torch.cat(features))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, help="a distill output folder (checkpoints/, student/)")
+    parser.add_argument("--teacher", default="teachers/digits-16")
+    parser.add_argument("--steps", type=int, action="append", default=[])
+    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reference-steps", type=int, default=64)
+    parser.add_argument("--reference-fd", type=float, help="the teacher's reference FD from an earlier run (same "
+                        "noise, e.g. eval/digits_quality.py's): skips sampling the teacher")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    teacher = load_pipeline(args.teacher)
+    feature = load_feature_network("digits-classifier")
+    real = load_real_set("digits", feature, teacher.image_size, teacher.image_channels, default_cache_dir())
+    reference = args.reference_fd
+    if reference is None:
+        reference = fd_of(teacher.denoiser, args.reference_steps, args.num_samples, args.seed, feature, real)
+        print(f"teacher ddim-{args.reference_steps}: FD {reference:.2f}", flush=True)
+    run = Path(args.run)
+    student = Denoiser(copy.deepcopy(teacher.unet), teacher.denoiser.alphas_cumprod, teacher.denoiser.prediction_type,
+                       teacher.denoiser.clip_sample)
+    names = [name for name, _ in student.unet.named_parameters()]
+    sources = []
+    for folder in checkpoint.complete(run / "checkpoints"):
+        tensors = checkpoint.load(folder)[0]
+        sources.append((folder.name, tensors["student"]))
+        if "ema.student" in tensors:  # the export EMA's shadow parameters, in parameter order
+            shadow = tensors["ema.student"]
+            sources.append((f"{folder.name} EMA", {**tensors["student"],
+                                                   **{name: shadow[str(i)] for i, name in enumerate(names)}}))
+    exported = run / "student" / "unet" / "diffusion_pytorch_model.safetensors"
+    if exported.is_file():
+        from safetensors.torch import load_file
+
+        sources.append(("exported student", load_file(str(exported))))
+    print("| weights | " + " | ".join(f"FD k={k} | ratio k={k}" for k in args.steps) + " |")
+    for name, weights in sources:
+        student.unet.load_state_dict(weights)
+        cells = []
+        for k in args.steps:
+            fd = fd_of(student, k, args.num_samples, args.seed, feature, real)
+            cells += [f"{fd:.2f}", f"{fd / reference:.2f}" if reference else "-"]
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
