@@ -477,6 +477,12 @@ CASES = [
                                                               "student.lora.rank=4")),
     Case("LoRA target modules that match nothing", _text_teacher_case("match no layer", "student.lora.rank=4",
                                                                       "student.lora.target_modules=[to_qq]")),
+    Case("guidance range with w_min > w_max", _set("must not exceed method.guidance.w_max",
+                                                   "method.guidance.w_min=6", "method.guidance.w_max=2")),
+    Case("guidance embedding on an unconditional teacher", _set("is unconditional: drop method.guidance",
+                                                                "method.guidance.w_min=2")),
+    Case("guidance embedding on a LoRA student", _text_teacher_case("method.guidance needs a full student",
+                                                                    "method.guidance.w_min=2", "student.lora.rank=4")),
 ]
 
 
