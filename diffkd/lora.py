@@ -92,7 +92,7 @@ def save_lora_student(folder: Path, teacher: LoadedPipeline, student: nn.Module,
                                              unet_lora_adapter_metadata=student.peft_config["default"].to_dict(),
                                              safe_serialization=True)
     scheduler.save_pretrained(folder / "scheduler")
-    write_model_card(folder / "README.md", card, usage=usage_lines(card, folder))
+    write_model_card(folder / "README.md", card, usage=usage_lines(card, folder, type(scheduler).__name__))
     if fuse:
         save_pipeline(fused_folder(folder), teacher, fused_unet(teacher, folder), scheduler,
                       {**card, "lora_folder": str(folder)})
@@ -113,14 +113,14 @@ def fused_unet(teacher: LoadedPipeline, folder: Path) -> nn.Module:
     return pipeline.unet
 
 
-def usage_lines(card: dict, folder: Path) -> list[str]:
+def usage_lines(card: dict, folder: Path, scheduler_class: str) -> list[str]:
     """The lines a user runs: the teacher's pipeline, then the two that turn it into the student."""
     steps = card.get("num_inference_steps", "?")
     scale = card.get("guidance_scale", 1.0)
-    return ["from diffusers import DDIMScheduler, DiffusionPipeline",
+    return [f"from diffusers import {scheduler_class}, DiffusionPipeline",
             f"pipe = DiffusionPipeline.from_pretrained({card.get('teacher', 'TEACHER')!r})",
             f"pipe.load_lora_weights({str(folder)!r})",
-            f"pipe.scheduler = DDIMScheduler.from_pretrained({str(folder)!r}, subfolder=\"scheduler\")",
+            f"pipe.scheduler = {scheduler_class}.from_pretrained({str(folder)!r}, subfolder=\"scheduler\")",
             f"images = pipe(prompt, num_inference_steps={steps}, guidance_scale=1.0).images"
             + (f"  # w={scale} is distilled in" if scale != 1.0 else "")]
 

@@ -139,3 +139,19 @@ def test_guidance_round_learns_the_cfg_teacher_then_halvings_the_w_conditioned_s
     method.begin_round(1)
     assert method.round_teacher is not teacher.denoiser  # the first halving distils the guidance round's student
     assert method.round_teacher.unet.config.time_cond_proj_dim == 16
+
+
+def test_evaluation_runs_an_embedded_student_once_per_step_told_w(tiny_sd):
+    from diffkd.evaluation.sweep import Model, Prompts
+    from diffkd.io import load_pipeline
+
+    pipe = load_pipeline(tiny_sd)
+    teacher = Model("teacher", tiny_sd, pipe, {}, student=False)
+    embedded = load_pipeline(tiny_sd)
+    embedded.pipeline.unet = add_guidance_embedding(embedded.unet, 16)
+    student = Model("student", tiny_sd, embedded, {"guidance_range": [2.0, 6.0]}, student=True)
+    prompts = Prompts(["a cat", "a dog"], guidance_scale=4.0)
+    assert prompts.condition(teacher, 0, 3).guided
+    cond = prompts.condition(student, 0, 3)
+    assert not cond.guided
+    torch.testing.assert_close(cond.timestep_cond, guidance_scale_embedding(torch.full((3,), 4.0), 16))
