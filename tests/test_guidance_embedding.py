@@ -3,13 +3,14 @@ student starts as the teacher), the CFG teacher uses each sample's own w, and an
 UNet pass per image per step at any guidance scale where the teacher runs two."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from diffkd.api import distill
-from diffkd.config import parse_config
+from diffkd.config import load_config, parse_config
 from diffkd.guidance_embedding import (
     add_guidance_embedding,
     draw_guidance_scales,
@@ -93,13 +94,11 @@ def count_passes(unet: torch.nn.Module) -> tuple[list[int], list]:
 
 @pytest.mark.slow
 def test_guidance_progressive_student_runs_one_pass_per_step_at_any_w(tiny_sd, tmp_path):
-    config = parse_config({
-        "method": {"name": "progressive", "start_steps": 4, "final_steps": 2, "steps_per_round": 2,
-                   "guidance": {"w_min": 2.0, "w_max": 6.0, "embedding_dim": 16}},
-        "teacher": {"source": tiny_sd},
-        "data": {"source": "digits", "convert": True, "prompts": ["a cat", "a dog"]},
-        "train": {"batch_size": 4, "learning_rate": 1e-2, "device": "cpu"},
-        "run_eval": False})
+    """The glyphs recipe, on the tiny text teacher: 4 (guidance) -> 2 steps."""
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "glyphs-guidance-progressive.yaml", [
+        "method.start_steps=4", "method.final_steps=2", "method.steps_per_round=2", "method.guidance.embedding_dim=16",
+        f"teacher.source={tiny_sd}", "data.source=digits", "data.convert=true", "data.prompts=[a cat, a dog]",
+        "train.batch_size=4", "train.learning_rate=1e-2", "train.warmup_steps=0", "train.device=cpu"])
     folder = distill(config, tmp_path / "run")
     student = StableDiffusionPipeline.from_pretrained(folder)
     teacher = StableDiffusionPipeline.from_pretrained(tiny_sd)
