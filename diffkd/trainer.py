@@ -325,7 +325,7 @@ class Trainer:
         """One checkpoint of every network, every phase's optimiser, the followers and (mid-round) the EMAs."""
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            tensors = {name: network.module.state_dict() for name, network in self.networks.items()}
+            tensors = {name: checkpoint.network_state(network.module) for name, network in self.networks.items()}
             skeletons = {}
             for phase, optimizer in self.optimizers.items():
                 tensors[f"optimizer.{phase}"], skeletons[phase] = checkpoint.split_optimizer_state(
@@ -351,7 +351,7 @@ class Trainer:
             if progress.round > len(self.method.rounds()):
                 raise ValueError(f"it is at round {progress.round + 1} of a {len(self.method.rounds())}-round run")
             for name, network in self.networks.items():
-                network.module.load_state_dict(tensors.get(name, {}))
+                checkpoint.load_network_state(network.module, tensors.get(name, {}))
             for phase, optimizer in self.optimizers.items():
                 optimizer.load_state_dict(checkpoint.join_optimizer_state(tensors.get(f"optimizer.{phase}", {}),
                                                                           state["optimizers"][phase]))

@@ -107,7 +107,13 @@ def test_killed_lora_run_resumes_bit_identical(tmp_path):
     config = faults.write_yaml(faults.lora_config(teacher), tmp_path / "lora.yaml")
     distill(parse_config(faults.lora_config(teacher)), tmp_path / "reference")  # in process: one start-up less
     reference = faults.exported_weights(tmp_path / "reference", "lora")
+    newest = checkpoint.latest(tmp_path / "reference" / "checkpoints")
+    assert newest.name == "ckpt-r02-s00000000"  # after round 2: the student's adapters, not a UNet copy
+    tensors, _ = checkpoint.load(newest)
+    assert tensors["student"] and all(".lora_A." in k or ".lora_B." in k for k in tensors["student"])
     point = faults.KillPoint("LoRA: after backward, round 2 step 2", [{"kind": "after-backward", "at": 5}], "lora")
     result = faults.kill_and_resume(point, config, reference, tmp_path / "killed")
     assert result.killed and result.identical, result.detail
     assert result.resumed_from == ["ckpt-r01-s00000000"]
+    tensors, _ = checkpoint.load(tmp_path / "killed" / "checkpoints" / "ckpt-r01-s00000002")  # mid-round 2
+    assert tensors["method"] and all(".lora_" in k for k in tensors["method"])  # the frozen round teacher's adapters

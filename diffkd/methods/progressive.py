@@ -16,7 +16,7 @@ import copy
 
 import torch
 
-from diffkd import schedule, timestep_buckets
+from diffkd import checkpoint, schedule, timestep_buckets
 from diffkd.conditioning import batch_conditioning, encode_rows, read_prompts
 from diffkd.data import load_images
 from diffkd.errors import DiffkdError
@@ -109,15 +109,17 @@ class ProgressiveDistillation(Method):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         if self.round_teacher is self.teacher.denoiser:
             return {}
-        return {f"round_teacher.{k}": v for k, v in self.round_teacher.unet.state_dict().items()}
+        kept = set(checkpoint.network_state(self.student))  # a LoRA student's frozen base is the teacher's
+        return {f"round_teacher.{k}": v for k, v in self.round_teacher.unet.state_dict().items() if k in kept}
 
     def load_state_tensors(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
         self.student_steps, self.teacher_steps = self.plan()[index]
         if not self._distils_pipeline_teacher(index):
             self.round_teacher = self._frozen_student()
             prefix = "round_teacher."
-            self.round_teacher.unet.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
-                                                     if k.startswith(prefix)})
+            checkpoint.load_network_state(self.round_teacher.unet, {k[len(prefix):]: v for k, v in tensors.items()
+                                                                    if k.startswith(prefix)},
+                                          kept=set(checkpoint.network_state(self.student)))
 
     def loss(self, phase: str, batch: dict[str, torch.Tensor], generator: torch.Generator) -> LossTerms:
         student = self.student
