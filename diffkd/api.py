@@ -27,6 +27,7 @@ from diffkd.evaluation.reference import check_reference
 from diffkd.evaluation.report import verdict
 from diffkd.evaluation.sweep import evaluate, read_card
 from diffkd.io import LoadedPipeline, add_card_section, is_local_reference, load_pipeline, save_pipeline
+from diffkd.lora import check_lora_run, fused_folder, save_lora_student
 from diffkd.methods import Method, method_class
 from diffkd.students import build_student
 from diffkd.trainer import Trainer, make_accelerator
@@ -48,6 +49,8 @@ def prepare(config: Config, device: str = "cpu") -> tuple[LoadedPipeline, Method
     else:
         teacher = method_type.template(config)
     teacher.unet.requires_grad_(False).eval()
+    if config.student.lora is not None:
+        check_lora_run(config, teacher)
     student, report = build_student(teacher.unet, config.student)
     method = method_type(config, teacher, student.to(device))
     method.check()
@@ -115,11 +118,17 @@ def distill(config: Config, output: str | Path, resume: bool | str | Path = Fals
             student = accelerator.unwrap_model(trainer.student)
             card = model_card(config, method, spec, report, student, teacher,
                               sum(progress.round_seconds.values()) or time.perf_counter() - started)
+            lora = config.student.lora
             shutil.rmtree(folder, ignore_errors=True)  # a half-written export of a killed job
-            save_pipeline(folder, teacher, student, spec.scheduler, card)
+            if lora is None:
+                save_pipeline(folder, teacher, student, spec.scheduler, card)
+            else:
+                shutil.rmtree(fused_folder(folder), ignore_errors=True)
+                save_lora_student(folder, teacher, student, spec.scheduler, card, lora.fuse)
             log.info("saved %s", folder)
             if config.run_eval and method.needs_teacher:
-                run_evaluation(config, folder, output / "eval", str(accelerator.device))
+                evaluated = folder if lora is None else fused_folder(folder)
+                run_evaluation(config, evaluated, output / "eval", str(accelerator.device))
             checkpoint.prune(output / "checkpoints", config.train.keep_checkpoints)  # a resume may have lowered it
             (output / run_folder.FINISHED_MARKER).write_text(json.dumps({"pipeline": str(folder)}))
         accelerator.wait_for_everyone()

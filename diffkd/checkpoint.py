@@ -159,6 +159,24 @@ def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
                           "truncated: resume from an older checkpoint with --resume PATH") from None
 
 
+def network_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of a trained network: its state without its frozen parameters (a LoRA student's base
+    weights are the teacher's, restored with it: a checkpoint holds megabytes of adapters, not a UNet copy)."""
+    frozen = {name for name, parameter in module.named_parameters() if not parameter.requires_grad}
+    return {name: tensor for name, tensor in module.state_dict().items() if name not in frozen}
+
+
+def load_network_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor], kept: set[str] | None = None
+                       ) -> None:
+    """Load what ``network_state`` kept; every tensor it would keep (or the names ``kept``) must be there, nothing
+    else may be (RuntimeError otherwise)."""
+    expected = set(network_state(module)) if kept is None else kept
+    if set(tensors) != expected:
+        missing, unexpected = sorted(expected - set(tensors))[:3], sorted(set(tensors) - expected)[:3]
+        raise RuntimeError(f"tensors missing {missing}, unexpected {unexpected}")
+    module.load_state_dict(tensors, strict=False)
+
+
 def split_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """An optimiser state dict as (tensors, JSON skeleton) so it can be stored without pickle."""
     tensors, skeleton = {}, {"param_groups": state_dict["param_groups"], "state": {}}

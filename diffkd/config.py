@@ -50,12 +50,40 @@ class DataConfig:
     prompts_file: str | None = None
 
 
+# The layers LCM-LoRA adapts in Stable Diffusion's UNet (Luo et al. 2023): attention and feed-forward projections,
+# the transformer blocks' in/out projections, every resnet convolution, the up/down samplers and time projections.
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+
+
+@dataclass
+class LoraOptions:
+    """LoRA adapters (Hu et al. 2021) on a frozen copy of the teacher's UNet: W + (alpha / rank) B A per target layer.
+
+    target_modules: module names, or name suffixes after a dot (peft's rule). fuse: besides the adapter folder, also
+    export the full student with the adapters folded into its weights (``student-fused``).
+    """
+
+    rank: int = 16
+    alpha: float = 16.0
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    fuse: bool = False
+
+    def __post_init__(self):
+        check(self.rank >= 1, f"student.lora.rank must be >= 1 (the adapters' inner width); got {self.rank}")
+        check(self.alpha > 0, f"student.lora.alpha must be > 0 (the adapters' scale is alpha / rank); "
+                              f"got {self.alpha}")
+        check(bool(self.target_modules), "student.lora.target_modules needs at least one layer name, e.g. "
+                                         "[to_q, to_k, to_v, to_out.0]")
+
+
 @dataclass
 class StudentConfig:
     """The student network: a copy of the teacher's UNet, or a compact one derived from it (BK-SDM style).
 
     narrow_init: how a compact student's narrower tensors start: "slice" takes strided slices of the teacher's
-    (weight selection), "fresh" leaves them as diffusers initialises them.
+    (weight selection), "fresh" leaves them as diffusers initialises them. lora: train LoRA adapters on the
+    teacher's own UNet instead of all of its weights (LCM-LoRA, Luo et al. 2023); a copy student only.
     """
 
     architecture: str = "copy"
@@ -65,9 +93,13 @@ class StudentConfig:
     norm_num_groups: int | None = None
     narrow_init: str = "slice"
     latency_batch_size: int = 16
+    lora: LoraOptions | None = None
 
     def __post_init__(self):
         check_choice("student.architecture", self.architecture, ("copy", "compact"))
+        check(self.lora is None or self.architecture == "copy",
+              "student.lora adapts the teacher's own UNet, so it needs student.architecture=copy: drop student.lora "
+              "or the compact architecture")
         check_choice("student.narrow_init", self.narrow_init, ("slice", "fresh"))
         check(self.norm_num_groups is None or self.norm_num_groups >= 1,
               f"student.norm_num_groups must be >= 1 (or null: scale the teacher's); got {self.norm_num_groups}")

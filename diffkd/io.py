@@ -156,12 +156,17 @@ class _Held(logging.Handler):
 
 @contextlib.contextmanager
 def _held_library_output():
-    """Hold diffusers/transformers log records, Python warnings and the loading progress bar; replay on success."""
+    """Hold diffusers/transformers log records, Python warnings and the loading progress bars (a text encoder's
+    comes from transformers); replay on success."""
+    from transformers.utils import logging as transformers_logging
+
     held = _Held()
     loggers = [logging.getLogger(name) for name in ("diffusers", "transformers")]
     saved = [(logger, logger.handlers[:], logger.propagate) for logger in loggers]
     bar = diffusers_logging.is_progress_bar_enabled()
+    text_bar = transformers_logging.is_progress_bar_enabled()
     diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     for logger in loggers:
         logger.handlers, logger.propagate = [held], False
     try:
@@ -174,6 +179,8 @@ def _held_library_output():
             logger.handlers, logger.propagate = handlers, propagate
         if bar:
             diffusers_logging.enable_progress_bar()
+        if text_bar:
+            transformers_logging.enable_progress_bar()
     for record in held.records:
         logging.getLogger(record.name).handle(record)
     for warning in held.warnings:
@@ -251,15 +258,16 @@ def _init_names(pipeline_class) -> set[str]:
     return set(inspect.signature(pipeline_class.__init__).parameters) - {"self"}
 
 
-def write_model_card(path: Path, card: dict) -> None:
-    """A Hub-style model card: YAML front matter with the facts, then a short human summary."""
+def write_model_card(path: Path, card: dict, usage: list[str] | None = None) -> None:
+    """A Hub-style model card: YAML front matter with the facts, then a short human summary with the code that
+    samples it (``usage``; by default loading the folder as a pipeline)."""
     front = {"library_name": "diffusers", "tags": ["diffusers", "diffkd", "distillation"], **card}
+    usage = usage or ["from diffusers import DiffusionPipeline",
+                      f"pipe = DiffusionPipeline.from_pretrained({str(path.parent)!r})",
+                      f"images = pipe(num_inference_steps={card.get('num_inference_steps', '?')}).images"]
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# {card.get('method', 'distilled')} student of `{card.get('teacher', '?')}`", "",
-             "Made with diffkd. Sample it with plain diffusers:", "", "```python",
-             "from diffusers import DiffusionPipeline",
-             f"pipe = DiffusionPipeline.from_pretrained({str(path.parent)!r})",
-             f"images = pipe(num_inference_steps={card.get('num_inference_steps', '?')}).images", "```", ""]
+             "Made with diffkd. Sample it with plain diffusers:", "", "```python", *usage, "```", ""]
     if "details" in card:
         lines += ["## Details", "", "```json", json.dumps(card["details"], indent=2), "```", ""]
     path.write_text("\n".join(lines))

@@ -20,6 +20,24 @@ class MethodConfig:
     name: str = "progressive"
 
 
+@dataclass
+class GuidanceRange:
+    """A guidance-embedded student (Meng et al. 2023 stage 1; LCM's w-conditioning): it learns the teacher's
+    classifier-free guided output for every w in [w_min, w_max] (drawn per sample), told w through a guidance
+    embedding of ``embedding_dim`` features (the UNet's ``time_cond_proj_dim``), so one pass per step serves any w.
+    """
+
+    w_min: float = 2.0
+    w_max: float = 8.0
+    embedding_dim: int = 256
+
+    def __post_init__(self):
+        check(self.w_min >= 1, f"method.guidance.w_min must be >= 1 (1 = the conditional model); got {self.w_min}")
+        check(self.w_min <= self.w_max, f"method.guidance.w_min ({self.w_min}) must not exceed method.guidance.w_max "
+                                        f"({self.w_max}): swap them")
+        check(self.embedding_dim >= 4, f"method.guidance.embedding_dim must be >= 4; got {self.embedding_dim}")
+
+
 KD_ROUNDS = ("all", "imitation")
 TARGET_SPACES = ("auto", "x", "z")
 
@@ -36,6 +54,10 @@ class ProgressiveConfig(MethodConfig):
     pipeline's teacher at the same noisy input, which is the target only when the student does the teacher's own
     step; in a halving they pull against it. "imitation" keeps them to the imitation round, "all" to every round.
 
+    ``guidance``: a w range makes a guidance-embedded student: a first round (of ``imitation_steps``, or
+    ``steps_per_round`` when that is 0) learns the CFG teacher's start_steps-step DDIM at per-sample w, then each
+    halving distils the previous w-conditioned student at the same w. Exclusive with a fixed ``guidance_scale``.
+
     ``target_space``: "x" is Salimans & Ho's loss, the x-space MSE to the target times ``loss_weighting``; "z"
     multiplies it by c^2 = (alpha_s - sigma_s alpha_t / sigma_t)^2, which makes it the MSE of where the student's
     step lands, z_s; "auto" (the default) takes z in the rounds whose teacher predicts epsilon, x otherwise (see
@@ -50,6 +72,7 @@ class ProgressiveConfig(MethodConfig):
     loss_weighting: str = "snr_trunc"
     student_prediction_type: str = "v_prediction"
     guidance_scale: float = 1.0
+    guidance: GuidanceRange | None = None
     kd_rounds: str = "all"
     target_space: str = "auto"
 
@@ -66,13 +89,16 @@ class ProgressiveConfig(MethodConfig):
         check(self.imitation_steps >= 0, f"method.imitation_steps must be >= 0 (0 = none); got {self.imitation_steps}")
         check_choice("method.kd_rounds", self.kd_rounds, KD_ROUNDS)
         check_choice("method.target_space", self.target_space, TARGET_SPACES)
-        check(self.kd_rounds == "all" or self.imitation_steps > 0,
-              'method.kd_rounds="imitation" needs an imitation round: set method.imitation_steps > 0, '
-              'or kd_rounds="all"')
         check_choice("method.loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
         check_choice("method.student_prediction_type", self.student_prediction_type, PREDICTION_TYPES + ("teacher",))
         check(self.guidance_scale >= 1, f"method.guidance_scale must be >= 1 (1 = no guidance); "
                                         f"got {self.guidance_scale}")
+        check(self.guidance is None or self.guidance_scale == 1,
+              "method.guidance (a w range, embedded in the student) and a fixed method.guidance_scale exclude each "
+              "other: drop one")
+        check(self.kd_rounds == "all" or self.imitation_steps > 0 or self.guidance is not None,
+              'method.kd_rounds="imitation" needs an imitation round: set method.imitation_steps > 0, '
+              'or kd_rounds="all"')
 
 
 @dataclass

@@ -22,18 +22,22 @@ class Conditioning:
 
     With ``guidance_scale`` > 1 the teacher runs classifier-free guidance (Ho & Salimans 2022) between
     ``encoder_hidden_states``/``class_labels`` and their unconditional counterparts; a guidance-distilled student
-    (Meng et al. 2023) is then trained to give the guided output in one conditional pass.
+    (Meng et al. 2023) is then trained to give the guided output in one conditional pass. ``guidance_scale`` may be
+    a tensor, one w per sample; ``timestep_cond`` is a guidance-embedded UNet's embedding of its w (diffusers'
+    ``timestep_cond``, see ``diffkd.guidance_embedding``).
     """
 
     encoder_hidden_states: torch.Tensor | None = None
     class_labels: torch.Tensor | None = None
     uncond_encoder_hidden_states: torch.Tensor | None = None
     uncond_class_labels: torch.Tensor | None = None
-    guidance_scale: float = 1.0
+    guidance_scale: float | torch.Tensor = 1.0
+    timestep_cond: torch.Tensor | None = None
 
     @property
     def guided(self) -> bool:
-        return self.guidance_scale != 1.0 and (
+        per_sample = isinstance(self.guidance_scale, torch.Tensor)
+        return (per_sample or self.guidance_scale != 1.0) and (
             self.uncond_encoder_hidden_states is not None or self.uncond_class_labels is not None)
 
     def unguided(self) -> Conditioning:
@@ -47,13 +51,15 @@ class Conditioning:
 
 
 def unet_forward(unet: nn.Module, z: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor | None,
-                 labels: torch.Tensor | None) -> torch.Tensor:
+                 labels: torch.Tensor | None, timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
     """One pass of a diffusers UNet (2D or 2D-condition), passing only the conditioning it was given."""
     kwargs = {}
     if hidden is not None:
         kwargs["encoder_hidden_states"] = hidden
     if labels is not None:
         kwargs["class_labels"] = labels
+    if timestep_cond is not None:
+        kwargs["timestep_cond"] = timestep_cond
     return unet(z, t, **kwargs).sample
 
 
@@ -85,11 +91,15 @@ class Denoiser:
         cond = cond or Conditioning()
         t = t.expand(z.shape[0]) if t.ndim == 0 else t
         if not cond.guided:
-            return unet_forward(self.unet, z, t, cond.encoder_hidden_states, cond.class_labels)
+            return unet_forward(self.unet, z, t, cond.encoder_hidden_states, cond.class_labels, cond.timestep_cond)
         hidden = _cat_pair(cond.uncond_encoder_hidden_states, cond.encoder_hidden_states)
         labels = _cat_pair(cond.uncond_class_labels, cond.class_labels)
-        uncond, conditional = unet_forward(self.unet, torch.cat([z, z]), torch.cat([t, t]), hidden, labels).chunk(2)
-        return uncond + cond.guidance_scale * (conditional - uncond)
+        extra = None if cond.timestep_cond is None else torch.cat([cond.timestep_cond, cond.timestep_cond])
+        uncond, conditional = unet_forward(self.unet, torch.cat([z, z]), torch.cat([t, t]), hidden, labels,
+                                           extra).chunk(2)
+        w = cond.guidance_scale
+        w = schedule.broadcast(w.to(z.device), z) if isinstance(w, torch.Tensor) else w
+        return uncond + w * (conditional - uncond)
 
     def x0_eps(self, z: torch.Tensor, t: torch.Tensor, cond: Conditioning | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,6 +24,7 @@ from torch import nn
 
 from diffkd.config import StudentConfig
 from diffkd.errors import DiffkdError
+from diffkd.lora import lora_report, lora_student
 from diffkd.models import dummy_inputs
 
 SUPPORTED = (UNet2DModel, UNet2DConditionModel)
@@ -31,7 +32,11 @@ _BLOCK_LAYER = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions
 
 
 def build_student(teacher_unet: nn.Module, config: StudentConfig) -> tuple[nn.Module, dict]:
-    """The student UNet and a report of how it was initialised from the teacher."""
+    """The student UNet and a report of how it was initialised from the teacher (a LoRA student: the teacher's
+    frozen UNet with adapters)."""
+    if config.lora is not None:
+        student = lora_student(teacher_unet, config.lora)
+        return student, lora_report(student, config.lora)
     if config.architecture == "copy":
         student = copy.deepcopy(teacher_unet).requires_grad_(True).train()
         return student, {"architecture": "copy", "copied": len(student.state_dict()), "sliced": 0, "initialised": 0}

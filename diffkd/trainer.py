@@ -92,6 +92,11 @@ def step_seed(seed: int, round_index: int, step: int, shard: int, update: int = 
     return int.from_bytes(digest, "little") >> 1
 
 
+def trainable(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters the optimiser, clipping and the EMA see: a LoRA student's frozen base weights are none of them."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
 def check_layout(method: str, networks: dict[str, Network], phases: list[Phase],
                  followers: dict[str, nn.Module]) -> None:
     """A method's networks, phases and followers fit together: one exported network, each network updated by
@@ -140,7 +145,7 @@ class Trainer:
 
     def _param_group(self, name: str) -> dict:
         network = self.networks[name]
-        return {"params": list(network.module.parameters()), "name": name, "lr": self._base_lr(name),
+        return {"params": trainable(network.module), "name": name, "lr": self._base_lr(name),
                 "betas": network.adam_betas or self.train.adam_betas,
                 "weight_decay": self.train.weight_decay if network.weight_decay is None else network.weight_decay}
 
@@ -213,7 +218,7 @@ class Trainer:
                     logs[key] = logs.get(key, 0.0) + value / phase.repeats
                 update += 1
         for name, ema in self.emas.items():
-            ema.step(self.networks[name].module.parameters())
+            ema.step(trainable(self.networks[name].module))
         self.method.after_step()
         return logs
 
@@ -242,7 +247,7 @@ class Trainer:
         except _SkipStep:
             self._zero_grad()
             return None
-        params = [p for name in phase.networks for p in self.networks[name].module.parameters()]
+        params = [p for name in phase.networks for p in trainable(self.networks[name].module)]
         self._reduce_gradients(params)
         clip = self.train.grad_clip if phase.grad_clip is None else phase.grad_clip
         norm = self.acc.clip_grad_norm_(params, clip or float("inf"))
@@ -304,14 +309,14 @@ class Trainer:
     def _new_emas(self) -> dict[str, EMAModel]:
         if self.train.ema_decay <= 0:
             return {}
-        return {name: EMAModel(network.module.parameters(), decay=self.train.ema_decay)
+        return {name: EMAModel(trainable(network.module), decay=self.train.ema_decay)
                 for name, network in self.networks.items() if network.export_ema}
 
     def _end_round(self) -> None:
         """Each network leaves the round with its EMA weights (for progressive: the next round's teacher and
         starting point)."""
         for name, ema in self.emas.items():
-            ema.copy_to(self.networks[name].module.parameters())
+            ema.copy_to(trainable(self.networks[name].module))
         self.progress.round += 1
         self.progress.step = 0
         self._save()
@@ -320,7 +325,7 @@ class Trainer:
         """One checkpoint of every network, every phase's optimiser, the followers and (mid-round) the EMAs."""
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            tensors = {name: network.module.state_dict() for name, network in self.networks.items()}
+            tensors = {name: checkpoint.network_state(network.module) for name, network in self.networks.items()}
             skeletons = {}
             for phase, optimizer in self.optimizers.items():
                 tensors[f"optimizer.{phase}"], skeletons[phase] = checkpoint.split_optimizer_state(
@@ -346,7 +351,7 @@ class Trainer:
             if progress.round > len(self.method.rounds()):
                 raise ValueError(f"it is at round {progress.round + 1} of a {len(self.method.rounds())}-round run")
             for name, network in self.networks.items():
-                network.module.load_state_dict(tensors.get(name, {}))
+                checkpoint.load_network_state(network.module, tensors.get(name, {}))
             for phase, optimizer in self.optimizers.items():
                 optimizer.load_state_dict(checkpoint.join_optimizer_state(tensors.get(f"optimizer.{phase}", {}),
                                                                           state["optimizers"][phase]))

@@ -384,6 +384,17 @@ def _teacher_steps_case(tmp: Path, teacher: str):
              "method.num_steps=-5"], "method.num_steps must be >= 1", output)
 
 
+def _text_teacher_case(fragment: str, *sets: str) -> Callable:
+    """A distillation of the tiny Stable-Diffusion-shaped teacher of tests/conftest.py with ``sets``."""
+    def make(tmp: Path, teacher: str):
+        from tests.conftest import make_tiny_sd_pipeline
+
+        text_teacher = make_tiny_sd_pipeline(tmp / "text-teacher")
+        argv, output = _distill(tmp, text_teacher, "data.convert=true", "data.prompts=[a cat]", *sets)
+        return argv, fragment, output
+    return make
+
+
 CASES = [
     Case("unknown config key (closest suggested)", _set("did you mean 'train.learning_rate'", "train.learning_rat=1")),
     Case("unknown config section", _set("did you mean 'train'", "trian.batch_size=4")),
@@ -494,6 +505,19 @@ CASES = [
     Case("checkpoint of another network", _resume_case("does not fit", _other_shape_checkpoint)),
     Case("resume with a changed config", _resume_case("train.learning_rate differs",
                                                       lambda o: ["--resume"], "train.learning_rate=0.5")),
+    Case("LoRA rank of 0", _set("student.lora.rank must be >= 1", "student.lora.rank=0")),
+    Case("LoRA on a compact student", _set("needs student.architecture=copy", "student.lora.rank=4",
+                                           "student.architecture=compact")),
+    Case("LoRA on a pipeline that cannot load adapters", _set("needs a pipeline that loads LoRA weights",
+                                                              "student.lora.rank=4")),
+    Case("LoRA target modules that match nothing", _text_teacher_case("match no layer", "student.lora.rank=4",
+                                                                      "student.lora.target_modules=[to_qq]")),
+    Case("guidance range with w_min > w_max", _set("must not exceed method.guidance.w_max",
+                                                   "method.guidance.w_min=6", "method.guidance.w_max=2")),
+    Case("guidance embedding on an unconditional teacher", _set("is unconditional: drop method.guidance",
+                                                                "method.guidance.w_min=2")),
+    Case("guidance embedding on a LoRA student", _text_teacher_case("method.guidance needs a full student",
+                                                                    "method.guidance.w_min=2", "student.lora.rank=4")),
 ]
 
 

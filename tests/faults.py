@@ -81,6 +81,19 @@ def dmd_config(teacher: str) -> dict:
             "run_eval": False}
 
 
+def lora_config(teacher: str) -> dict:
+    """A LoRA student of the tiny text teacher (tests/conftest.make_tiny_sd_pipeline): progressive 4 -> 2 -> 1 with
+    a fixed guidance scale, 3 steps a round, a checkpoint every 2 steps, EMA on (of the adapters only)."""
+    return {"method": {"name": "progressive", "start_steps": 4, "final_steps": 1, "steps_per_round": 3,
+                       "guidance_scale": 3.0},
+            "teacher": {"source": teacher},
+            "student": {"lora": {"rank": 4, "alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}},
+            "data": {"source": "digits", "convert": True, "prompts": ["a cat", "a dog"]},
+            "train": {"batch_size": 4, "learning_rate": 1e-2, "ema_decay": 0.9, "checkpoint_every": 2,
+                      "keep_checkpoints": 2, "log_every": 1, "device": "cpu"},
+            "run_eval": False}
+
+
 def denoise_config() -> dict:
     return {"method": {**TEACHER_CONFIG["method"], "num_steps": 12},
             "data": {"source": "digits"},
@@ -168,6 +181,9 @@ def job_args(method: str, config: Path, output: Path) -> list[str]:
 
 
 def exported_weights(output: Path, method: str) -> Path:
+    """The exported weights of a run (method "lora": a LoRA student's adapter file)."""
+    if method == "lora":
+        return output / "student" / "pytorch_lora_weights.safetensors"
     folder = "pipeline" if method == "denoise" else "student"
     return output / folder / "unet" / "diffusion_pytorch_model.safetensors"
 

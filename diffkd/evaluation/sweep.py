@@ -26,6 +26,7 @@ from diffkd.evaluation.frechet import frechet_distance, gaussian_stats, kernel_d
 from diffkd.evaluation.plan import MetricPlan, plan_metrics
 from diffkd.evaluation.reference import check_reference, default_cache_dir, load_real_set
 from diffkd.evaluation.report import write_report
+from diffkd.guidance_embedding import student_conditioning
 from diffkd.io import LoadedPipeline, load_pipeline
 from diffkd.losses.perceptual import LPIPSLoss
 from diffkd.methods import METHODS, method_class
@@ -186,6 +187,10 @@ class Prompts:
         embeds, negative = model.pipe.pipeline.encode_prompt(self.batch(start, count), device, 1, True, [""] * count)
         cond = Conditioning(encoder_hidden_states=embeds, uncond_encoder_hidden_states=negative,
                             guidance_scale=self.guidance_scale)
+        embedding_dim = model.pipe.unet.config.get("time_cond_proj_dim")
+        if embedding_dim:  # a guidance-embedded student: one pass, told w (as StableDiffusionPipeline does)
+            return student_conditioning(cond, torch.full((count,), float(self.guidance_scale), device=device),
+                                        embedding_dim)
         return cond.unguided() if float(model.card.get("guidance_scale", 1.0)) > 1 else cond
 
 

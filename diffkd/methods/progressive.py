@@ -4,6 +4,9 @@ In each round a student learns to do in one DDIM step what its teacher does in t
 that the exported DDIMScheduler uses. Round 1's teacher is the pipeline's UNet; round r+1's teacher is round r's
 student, frozen. With a guidance scale, the teacher's two steps are classifier-free guided and the student learns
 the guided result in one conditional pass (guidance distillation, Meng et al. 2023, with a fixed w).
+With a w range (``method.guidance``) the student is guidance-embedded instead (``diffkd.guidance_embedding``): a
+first round learns the CFG teacher's own start_steps-step DDIM at per-sample w (Meng et al. 2023, stage 1), and the
+halvings then distil each w-conditioned student into the next at the same w (their stage 2).
 """
 
 from __future__ import annotations
@@ -13,16 +16,23 @@ import copy
 
 import torch
 
-from diffkd import schedule, timestep_buckets
+from diffkd import checkpoint, schedule, timestep_buckets
 from diffkd.conditioning import batch_conditioning, encode_rows, read_prompts
 from diffkd.data import load_images
 from diffkd.errors import DiffkdError
+from diffkd.guidance_embedding import (
+    add_guidance_embedding,
+    check_guidance_run,
+    draw_guidance_scales,
+    student_conditioning,
+    teacher_conditioning,
+)
 from diffkd.io import student_scheduler
 from diffkd.losses.kd import AuxiliaryLosses
 from diffkd.losses.terms import LossTerms
 from diffkd.method_options import ProgressiveConfig
 from diffkd.methods.base import ExportSpec, Method, Network, Round
-from diffkd.models import Denoiser
+from diffkd.models import Conditioning, Denoiser
 
 
 class ProgressiveDistillation(Method):
@@ -30,6 +40,10 @@ class ProgressiveDistillation(Method):
     config_class = ProgressiveConfig
 
     def __init__(self, config, teacher, student):
+        self.guidance = config.method.guidance
+        if self.guidance is not None:
+            check_guidance_run(config, self.guidance, teacher)
+            student = add_guidance_embedding(student, self.guidance.embedding_dim)
         super().__init__(config, teacher, student)
         self.round_teacher: Denoiser = teacher.denoiser
         self.student_steps, self.teacher_steps = self.plan()[0]
@@ -46,23 +60,25 @@ class ProgressiveDistillation(Method):
                               "training timesteps")
 
     def plan(self) -> list[tuple[int, int]]:
-        """(student steps, teacher steps) of each round: the optional imitation round, then the halvings."""
+        """(student steps, teacher steps) of each round: the optional imitation (or guidance) round, then the
+        halvings."""
         n = self.options.start_steps
-        rounds = [(n, n)] if self.options.imitation_steps else []
+        rounds = [(n, n)] if self.options.imitation_steps or self.guidance is not None else []
         while n > self.options.final_steps:
             rounds.append((n // 2, n))
             n //= 2
         return rounds
 
     def rounds(self) -> list[Round]:
-        return [Round(f"{m}->{k}" if m != k else f"{m} (imitate)",
-                      self.options.steps_per_round if m != k else self.options.imitation_steps)
+        first = f"{self.options.start_steps} ({'imitate' if self.guidance is None else 'guidance'})"
+        return [Round(f"{m}->{k}", self.options.steps_per_round) if m != k else
+                Round(first, self.options.imitation_steps or self.options.steps_per_round)
                 for k, m in self.plan()]
 
     def _distils_pipeline_teacher(self, index: int) -> bool:
         """The imitation round and the first halving learn from the pipeline's teacher; later rounds from the
-        previous round's student."""
-        return index == 0 or (index == 1 and self.options.imitation_steps > 0)
+        previous round's student. With guidance, every halving learns from a w-conditioned student."""
+        return index == 0 or (index == 1 and self.options.imitation_steps > 0 and self.guidance is None)
 
     def dataset(self) -> dict[str, torch.Tensor]:
         images = load_images(self.config.data.source, self.teacher.image_size, self.teacher.image_channels,
@@ -93,15 +109,17 @@ class ProgressiveDistillation(Method):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         if self.round_teacher is self.teacher.denoiser:
             return {}
-        return {f"round_teacher.{k}": v for k, v in self.round_teacher.unet.state_dict().items()}
+        kept = set(checkpoint.network_state(self.student))  # a LoRA student's frozen base is the teacher's
+        return {f"round_teacher.{k}": v for k, v in self.round_teacher.unet.state_dict().items() if k in kept}
 
     def load_state_tensors(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
         self.student_steps, self.teacher_steps = self.plan()[index]
         if not self._distils_pipeline_teacher(index):
             self.round_teacher = self._frozen_student()
             prefix = "round_teacher."
-            self.round_teacher.unet.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
-                                                     if k.startswith(prefix)})
+            checkpoint.load_network_state(self.round_teacher.unet, {k[len(prefix):]: v for k, v in tensors.items()
+                                                                    if k.startswith(prefix)},
+                                          kept=set(checkpoint.network_state(self.student)))
 
     def loss(self, phase: str, batch: dict[str, torch.Tensor], generator: torch.Generator) -> LossTerms:
         student = self.student
@@ -117,18 +135,20 @@ class ProgressiveDistillation(Method):
         alpha_s, sigma_s = self.round_teacher.alpha_sigma(s)
         z_t = schedule.broadcast(alpha_t, x) * x + schedule.broadcast(sigma_t, x) * eps
 
-        cond = batch_conditioning(batch, self.options.guidance_scale)
+        cond, student_cond = self.conditioning(batch, generator)
+        w_conditioned = self.guidance is not None and self.round_teacher is not self.teacher.denoiser
+        teacher_cond = student_cond if w_conditioned else cond
         with torch.no_grad():  # the teacher's two DDIM steps, t -> t' -> t'' (one when imitating)
             z_target = z_t
             for j in range(per_step):
                 z_target = self.round_teacher.ddim_step(z_target, fine[per_step * i + j], fine[per_step * i + j + 1],
-                                                        cond)
+                                                        teacher_cond)
             x_target = schedule.progressive_target(z_t, z_target, alpha_t, sigma_t, alpha_s, sigma_s)
 
         model = Denoiser(student, self.teacher.denoiser.alphas_cumprod, self.prediction_type)
         teacher_terms = self.options.kd_rounds == "all" or per_step == 1
         with self.auxiliary.watch(student) if teacher_terms else contextlib.nullcontext():
-            x_pred, eps_pred = model.x0_eps(z_t, t, cond.unguided())
+            x_pred, eps_pred = model.x0_eps(z_t, t, student_cond)
         weight = schedule.loss_weight(schedule.snr(self.teacher.denoiser.alphas_cumprod.to(x.device), t),
                                       self.options.loss_weighting)
         weight = weight * self.step_weight(alpha_t, sigma_t, alpha_s, sigma_s)
@@ -138,6 +158,17 @@ class ProgressiveDistillation(Method):
                               per_sample, t, self.teacher.denoiser.num_train_timesteps).items()})
         return self.auxiliary.add(terms, z_t, t, cond, (x_pred, eps_pred), images=(x_pred, x_target),
                                   teacher_terms=teacher_terms)
+
+    def conditioning(self, batch: dict[str, torch.Tensor], generator: torch.Generator
+                     ) -> tuple[Conditioning, Conditioning]:
+        """(the pipeline teacher's conditioning, the student's): a fixed w guides the teacher and is baked into the
+        student; a w range draws one w per sample, for the teacher's CFG and the student's guidance embedding."""
+        if self.guidance is None:
+            cond = batch_conditioning(batch, self.options.guidance_scale)
+            return cond, cond.unguided()
+        plain = batch_conditioning(batch, 1.0)
+        w = draw_guidance_scales(len(batch["x0"]), self.guidance, generator, batch["x0"].device)
+        return teacher_conditioning(plain, w), student_conditioning(plain, w, self.guidance.embedding_dim)
 
     def uses_z_space(self) -> bool:
         """Whether this round's loss is measured where the student's step lands (see ``step_weight``)."""
@@ -166,4 +197,5 @@ class ProgressiveDistillation(Method):
         return ExportSpec(scheduler, k, self.prediction_type, card={
             "start_steps": self.options.start_steps, "imitation_steps": self.options.imitation_steps,
             "loss_weighting": self.options.loss_weighting, "kd_rounds": self.options.kd_rounds,
-            "guidance_scale": self.options.guidance_scale, "target_space": self.options.target_space})
+            "guidance_scale": self.options.guidance_scale, "target_space": self.options.target_space,
+            **({} if self.guidance is None else {"guidance_range": [self.guidance.w_min, self.guidance.w_max]})})

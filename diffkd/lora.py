@@ -1,0 +1,130 @@
+"""LoRA students (LCM-LoRA, Luo et al. 2023): peft adapters on a frozen copy of the teacher's UNet.
+
+Only the adapters train, and what a user shares is a diffusers LoRA folder of a few megabytes: the adapters in
+diffusers' key format (``pytorch_lora_weights.safetensors``, what ``pipe.load_lora_weights(folder)`` reads onto the
+TEACHER's pipeline) and the scheduler they were trained for. B starts at zero (peft's default), so the student
+starts as the teacher, as a copy student does.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import torch
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+from peft.utils import get_peft_model_state_dict
+from torch import nn
+
+from diffkd.config import Config, LoraOptions
+from diffkd.errors import DiffkdError
+from diffkd.io import LoadedPipeline, save_pipeline, write_model_card
+
+log = logging.getLogger(__name__)
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+FUSED_FOLDER_SUFFIX = "-fused"
+
+
+def check_lora_run(config: Config, teacher: LoadedPipeline) -> None:
+    """Refuse, before any work, adapters the teacher's pipeline could not load, and an evaluation after training
+    with no full student to sample (the adapter folder alone is not a pipeline)."""
+    pipeline_class = type(teacher.pipeline)
+    if not hasattr(pipeline_class, "load_lora_weights") or not hasattr(teacher.unet, "add_adapter"):
+        raise DiffkdError(f"student.lora needs a pipeline that loads LoRA weights (load_lora_weights, e.g. "
+                          f"StableDiffusionPipeline); {pipeline_class.__name__} has none: drop student.lora")
+    if config.run_eval and not config.student.lora.fuse:
+        raise DiffkdError("the evaluation after training samples the full student: set student.lora.fuse=true, "
+                          "or run_eval=false")
+
+
+def lora_student(teacher_unet: nn.Module, options: LoraOptions) -> nn.Module:
+    """A copy of the teacher's UNet, frozen, with trainable adapters on every layer ``target_modules`` names."""
+    names = [name for name, _ in teacher_unet.named_modules()]
+    unmatched = [target for target in options.target_modules if not any(matches(name, target) for name in names)]
+    if unmatched:
+        examples = sorted({_short_name(name) for name, module in teacher_unet.named_modules()
+                           if isinstance(module, (nn.Linear, nn.Conv2d))})
+        raise DiffkdError(f"student.lora.target_modules {unmatched} match no layer of the teacher's UNet: use layer "
+                          f"names such as {', '.join(examples[:12])}")
+    student = copy.deepcopy(teacher_unet).requires_grad_(False)
+    try:
+        student.add_adapter(LoraConfig(r=options.rank, lora_alpha=options.alpha,
+                                       target_modules=list(options.target_modules)))
+    except ValueError as error:
+        raise DiffkdError(f"cannot put LoRA adapters on student.lora.target_modules ({_first_line(error)}): target "
+                          "Linear or Conv2d layers only") from None
+    return student.train()
+
+
+def _short_name(module_name: str) -> str:
+    """'...attn1.to_q' -> 'to_q'; '...attn1.to_out.0' -> 'to_out.0' (a bare index names nothing)."""
+    parts = module_name.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
+
+def matches(module_name: str, target: str) -> bool:
+    """peft's rule for a target given by name: the whole name, or its tail after a dot."""
+    return module_name == target or module_name.endswith(f".{target}")
+
+
+def lora_report(student: nn.Module, options: LoraOptions) -> dict:
+    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    return {"architecture": "copy", "lora": {"rank": options.rank, "alpha": options.alpha,
+                                             "layers": sum(isinstance(m, LoraLayer) for m in student.modules()),
+                                             "trainable_parameters": trainable}}
+
+
+def adapter_state_dict(student: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters in the key format diffusers' ``load_lora_weights`` reads (``...to_q.lora.down.weight``)."""
+    return {k: v.detach().contiguous().cpu() for k, v in
+            convert_state_dict_to_diffusers(get_peft_model_state_dict(student)).items()}
+
+
+def save_lora_student(folder: Path, teacher: LoadedPipeline, student: nn.Module, scheduler, card: dict,
+                      fuse: bool) -> Path:
+    """The adapter folder (weights, scheduler, model card); with ``fuse`` also the full student beside it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    type(teacher.pipeline).save_lora_weights(folder, unet_lora_layers=adapter_state_dict(student),
+                                             unet_lora_adapter_metadata=student.peft_config["default"].to_dict(),
+                                             safe_serialization=True)
+    scheduler.save_pretrained(folder / "scheduler")
+    write_model_card(folder / "README.md", card, usage=usage_lines(card, folder, type(scheduler).__name__))
+    if fuse:
+        save_pipeline(fused_folder(folder), teacher, fused_unet(teacher, folder), scheduler,
+                      {**card, "lora_folder": str(folder)})
+    return folder
+
+
+def fused_folder(folder: Path) -> Path:
+    return folder.with_name(folder.name + FUSED_FOLDER_SUFFIX)
+
+
+def fused_unet(teacher: LoadedPipeline, folder: Path) -> nn.Module:
+    """The teacher's UNet with the exported adapters folded in, made the way a user would make it (load, fuse,
+    unload), so the fused student is exactly what the adapter folder gives."""
+    pipeline = type(teacher.pipeline)(**{**teacher.pipeline.components, "unet": copy.deepcopy(teacher.unet)})
+    pipeline.load_lora_weights(folder)
+    pipeline.fuse_lora()
+    pipeline.unload_lora_weights()
+    return pipeline.unet
+
+
+def usage_lines(card: dict, folder: Path, scheduler_class: str) -> list[str]:
+    """The lines a user runs: the teacher's pipeline, then the two that turn it into the student."""
+    steps = card.get("num_inference_steps", "?")
+    scale = card.get("guidance_scale", 1.0)
+    return [f"from diffusers import {scheduler_class}, DiffusionPipeline",
+            f"pipe = DiffusionPipeline.from_pretrained({card.get('teacher', 'TEACHER')!r})",
+            f"pipe.load_lora_weights({str(folder)!r})",
+            f"pipe.scheduler = {scheduler_class}.from_pretrained({str(folder)!r}, subfolder=\"scheduler\")",
+            f"images = pipe(prompt, num_inference_steps={steps}, guidance_scale=1.0).images"
+            + (f"  # w={scale} is distilled in" if scale != 1.0 else "")]
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

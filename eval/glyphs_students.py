@@ -1,0 +1,111 @@
+"""Issue 20's glyphs-32 benchmarks: guidance-embedded 4-step students (progressive, consistency) and a rank-16 LoRA
+student of the glyphs teacher, against the teacher with classifier-free guidance at the same w.
+
+    python eval/glyphs_students.py --teacher teachers/glyphs-32 [--train] [--runs runs] [--ws 2,4,6] \
+        [--eval-args "--num-samples 400 --feature ..."]
+
+--train distils the three recipes (configs/glyphs-guidance-progressive.yaml, glyphs-guidance-consistency.yaml,
+glyphs-lora-consistency.yaml) into RUNS/<recipe> first. Then, for each student and each w, it counts the UNet passes
+per image of the student and of the teacher (forward hooks on StableDiffusionPipeline, 4 steps / 64 steps), compares
+the LoRA adapter file with the teacher's UNet file in bytes, and runs ``diffkd eval`` of the student beside the
+teacher's CFG DDIM-64 at that w (FD, CLIP score: whatever --eval-args and the eval section make available), writing
+each report to RUNS/<recipe>/eval-w<w>/. A fixed-w student (the LoRA one) is evaluated at its own w only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import diffusers
+import torch
+import yaml
+from diffusers import StableDiffusionPipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ("glyphs-guidance-progressive", "glyphs-guidance-consistency", "glyphs-lora-consistency")
+log = logging.getLogger("glyphs_students")
+
+
+def passes_per_image(pipe: StableDiffusionPipeline, prompt: str, w: float, steps: int, images: int = 2) -> float:
+    """UNet forward passes per image (a CFG step doubles the batch, so it counts two)."""
+    seen: list[int] = []
+    handle = pipe.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((args[0] if args else kwargs["sample"]).shape[0]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            pipe(prompt, guidance_scale=w, num_inference_steps=steps, num_images_per_prompt=images, output_type="np")
+    finally:
+        handle.remove()
+    return sum(seen) / images
+
+
+def student_pipeline(teacher: str, run: Path) -> StableDiffusionPipeline:
+    """A run's student as a user loads it: the folder itself, or the teacher with the LoRA folder and the scheduler
+    the adapters were trained for."""
+    folder = run / "student"
+    if not (folder / "pytorch_lora_weights.safetensors").is_file():
+        return StableDiffusionPipeline.from_pretrained(folder)
+    pipe = StableDiffusionPipeline.from_pretrained(teacher)
+    pipe.load_lora_weights(folder)
+    scheduler_class = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+    pipe.scheduler = getattr(diffusers, scheduler_class).from_pretrained(folder, subfolder="scheduler")
+    return pipe
+
+
+def lora_share(teacher: str, run: Path) -> float | None:
+    adapter = run / "student" / "pytorch_lora_weights.safetensors"
+    unet = Path(teacher) / "unet" / "diffusion_pytorch_model.safetensors"
+    return adapter.stat().st_size / unet.stat().st_size if adapter.is_file() else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", default="teachers/glyphs-32")
+    parser.add_argument("--runs", default="runs")
+    parser.add_argument("--ws", default="2,4,6")
+    parser.add_argument("--prompt", default="a", help="prompt of the pass count (any caption: passes do not depend on it)")
+    parser.add_argument("--train", action="store_true", help="distil the three recipes first")
+    parser.add_argument("--eval-args", default="", help="extra arguments for each `diffkd eval`")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ws = [float(w) for w in args.ws.split(",")]
+    runs = Path(args.runs)
+    diffkd = [sys.executable, "-m", "diffkd"]
+    if args.train:
+        for recipe in RECIPES:
+            subprocess.run([*diffkd, "distill", str(ROOT / "configs" / f"{recipe}.yaml"), "--output",
+                            str(runs / recipe), "--set", f"teacher.source={args.teacher}"], check=True)
+    teacher = StableDiffusionPipeline.from_pretrained(args.teacher)
+    teacher.set_progress_bar_config(disable=True)
+    prompt = args.prompt
+    print("| student | w | student passes / image (4 steps) | teacher passes / image (CFG, 64 steps) | "
+          "adapter / UNet bytes |")
+    print("|---|---|---|---|---|")
+    for recipe in RECIPES:
+        run = runs / recipe
+        if not (run / "student").is_dir():
+            log.warning("no %s: run with --train first", run / "student")
+            continue
+        card = yaml.safe_load((run / "student" / "README.md").read_text().split("---")[1])
+        fixed = float(card.get("guidance_scale", 1.0))
+        student = student_pipeline(args.teacher, run)
+        student.set_progress_bar_config(disable=True)
+        share = lora_share(args.teacher, run)
+        for w in ([fixed] if fixed > 1 else ws):
+            sampled_at = 1.0 if fixed > 1 else w  # a fixed-w student has its w distilled in
+            print(f"| {recipe} | {w:g} | {passes_per_image(student, prompt, sampled_at, 4):g} | "
+                  f"{passes_per_image(teacher, prompt, w, 64):g} | {'-' if share is None else f'{share:.2%}'} |")
+            evaluated = run / ("student-fused" if share is not None else "student")
+            subprocess.run([*diffkd, "eval", "--pipeline", str(evaluated), "--teacher", args.teacher, "--steps", "4",
+                            "--reference-steps", "64", "--guidance-scale", str(w), "--output",
+                            str(run / f"eval-w{w:g}"), *shlex.split(args.eval_args)], check=True)
+
+
+if __name__ == "__main__":
+    main()

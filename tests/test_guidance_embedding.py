@@ -1,0 +1,156 @@
+"""Guidance-embedded students: w is embedded as StableDiffusionPipeline embeds it, the new input starts at zero (the
+student starts as the teacher), the CFG teacher uses each sample's own w, and an exported progressive student runs one
+UNet pass per image per step at any guidance scale where the teacher runs two."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+from diffkd.api import distill
+from diffkd.config import load_config, parse_config
+from diffkd.guidance_embedding import (
+    add_guidance_embedding,
+    draw_guidance_scales,
+    guidance_scale_embedding,
+    student_conditioning,
+    teacher_conditioning,
+)
+from diffkd.method_options import GuidanceRange
+from diffkd.models import Conditioning, Denoiser
+
+
+def tiny_text_unet() -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    return UNet2DConditionModel(sample_size=4, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                norm_num_groups=4, attention_head_dim=2)
+
+
+def test_embedding_by_hand_and_as_the_pipeline_computes_it():
+    # d = 4: frequencies 10000^(-k / (d/2 - 1)) = 1, 1e-4; w = 1.0015 -> 1000 (w - 1) = 1.5
+    embedding = guidance_scale_embedding(torch.tensor([1.0015]), 4)
+    expected = torch.tensor([[math.sin(1.5), math.sin(1.5e-4), math.cos(1.5), math.cos(1.5e-4)]])
+    torch.testing.assert_close(embedding, expected, atol=1e-5, rtol=1e-4)
+    w = torch.tensor([1.0, 2.5, 7.0])
+    pipeline_embedding = StableDiffusionPipeline.get_guidance_scale_embedding(None, w - 1, embedding_dim=32)
+    torch.testing.assert_close(guidance_scale_embedding(w, 32), pipeline_embedding)
+    assert guidance_scale_embedding(w, 7).shape == (3, 7)
+
+
+def test_embedded_student_starts_as_the_teacher_and_can_learn_w():
+    teacher = tiny_text_unet()
+    student = add_guidance_embedding(teacher, 32)
+    assert student.config.time_cond_proj_dim == 32 and teacher.config.time_cond_proj_dim is None
+    assert student.time_embedding.cond_proj.weight.abs().sum() == 0
+    z, t, hidden = torch.randn(2, 4, 4, 4), torch.tensor([100, 700]), torch.randn(2, 8, 16)
+    cond = guidance_scale_embedding(torch.tensor([2.0, 8.0]), 32)
+    with torch.no_grad():
+        before = teacher(z, t, encoder_hidden_states=hidden).sample
+        torch.testing.assert_close(student(z, t, encoder_hidden_states=hidden, timestep_cond=cond).sample, before)
+        student.time_embedding.cond_proj.weight.normal_()
+        after = student(z, t, encoder_hidden_states=hidden, timestep_cond=cond).sample
+    assert not torch.allclose(after, before, atol=1e-4)
+    assert add_guidance_embedding(student, 32) is student
+
+
+def test_cfg_teacher_takes_each_samples_own_w():
+    unet = tiny_text_unet()
+    denoiser = Denoiser(unet, torch.linspace(0.999, 0.01, 1000), "epsilon")
+    hidden, empty = torch.randn(2, 8, 16), torch.randn(2, 8, 16)
+    plain = Conditioning(encoder_hidden_states=hidden, uncond_encoder_hidden_states=empty)
+    z, t, w = torch.randn(2, 4, 4, 4), torch.tensor([300, 300]), torch.tensor([2.0, 6.0])
+    with torch.no_grad():
+        guided = denoiser.output(z, t, teacher_conditioning(plain, w))
+        conditional = unet(z, t, encoder_hidden_states=hidden).sample
+        uncond = unet(z, t, encoder_hidden_states=empty).sample
+    for i in range(2):
+        torch.testing.assert_close(guided[i], uncond[i] + w[i] * (conditional[i] - uncond[i]), atol=1e-5, rtol=1e-4)
+    student = student_conditioning(plain, w, 16)
+    assert not student.guided and student.uncond_encoder_hidden_states is None
+    torch.testing.assert_close(student.timestep_cond, guidance_scale_embedding(w, 16))
+
+
+def test_w_is_drawn_uniformly_in_the_range_from_the_generator():
+    guidance = GuidanceRange(w_min=2.0, w_max=6.0)
+    w = draw_guidance_scales(4000, guidance, torch.Generator().manual_seed(3))
+    assert 2.0 <= w.min() and w.max() <= 6.0 and abs(w.mean().item() - 4.0) < 0.1
+    torch.testing.assert_close(w, draw_guidance_scales(4000, guidance, torch.Generator().manual_seed(3)))
+
+
+def count_passes(unet: torch.nn.Module) -> tuple[list[int], list]:
+    """Per forward call: the batch size, and the timestep_cond it was given."""
+    sizes, conds = [], []
+
+    def hook(module, args, kwargs):
+        sizes.append((args[0] if args else kwargs["sample"]).shape[0])
+        conds.append(kwargs.get("timestep_cond"))
+    unet.register_forward_pre_hook(hook, with_kwargs=True)
+    return sizes, conds
+
+
+@pytest.mark.slow
+def test_guidance_progressive_student_runs_one_pass_per_step_at_any_w(tiny_sd, tmp_path):
+    """The glyphs recipe, on the tiny text teacher: 4 (guidance) -> 2 steps."""
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "glyphs-guidance-progressive.yaml", [
+        "method.start_steps=4", "method.final_steps=2", "method.steps_per_round=2", "method.guidance.embedding_dim=16",
+        f"teacher.source={tiny_sd}", "data.source=digits", "data.convert=true", "data.prompts=[a cat, a dog]",
+        "train.batch_size=4", "train.learning_rate=1e-2", "train.warmup_steps=0", "train.device=cpu"])
+    folder = distill(config, tmp_path / "run")
+    student = StableDiffusionPipeline.from_pretrained(folder)
+    teacher = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    assert student.unet.config.time_cond_proj_dim == 16
+    assert student.unet.time_embedding.cond_proj.weight.abs().sum() > 0  # w reached the student
+    options = {"num_inference_steps": 2, "height": 8, "width": 8, "output_type": "np", "num_images_per_prompt": 3}
+    for w in (2.0, 4.0):
+        sizes, conds = count_passes(student.unet)
+        images = student("a cat", guidance_scale=w, **options).images
+        assert images.shape == (3, 8, 8, 3)
+        assert sum(sizes) / 3 == 2  # one pass per image per step
+        torch.testing.assert_close(conds[0], guidance_scale_embedding(torch.full((3,), w), 16))
+        teacher_sizes, _ = count_passes(teacher.unet)
+        teacher("a cat", guidance_scale=w, **options)
+        assert sum(teacher_sizes) / 3 == 4  # classifier-free guidance: two per step
+        student.unet._forward_pre_hooks.clear()
+        teacher.unet._forward_pre_hooks.clear()
+
+
+def test_guidance_round_learns_the_cfg_teacher_then_halvings_the_w_conditioned_student(tiny_sd):
+    from diffkd.api import prepare
+
+    config = parse_config({
+        "method": {"name": "progressive", "start_steps": 8, "final_steps": 2, "steps_per_round": 5,
+                   "guidance": {"w_min": 2.0, "w_max": 6.0, "embedding_dim": 16}},
+        "teacher": {"source": tiny_sd}, "data": {"prompts": ["a cat"]}, "run_eval": False})
+    teacher, method, _ = prepare(config)
+    assert [(r.name, r.num_steps) for r in method.rounds()] == [("8 (guidance)", 5), ("8->4", 5), ("4->2", 5)]
+    assert method.student.config.time_cond_proj_dim == 16 and teacher.unet.config.time_cond_proj_dim is None
+    assert method.round_teacher is teacher.denoiser
+    batch = {"x0": torch.randn(3, 4, 4, 4), "encoder_hidden_states": torch.randn(3, 8, 16),
+             "uncond_encoder_hidden_states": torch.randn(3, 8, 16)}
+    cond, student_cond = method.conditioning(batch, torch.Generator().manual_seed(0))
+    w = cond.guidance_scale
+    assert w.shape == (3,) and cond.guided and not student_cond.guided
+    torch.testing.assert_close(student_cond.timestep_cond, guidance_scale_embedding(w, 16))
+    method.begin_round(1)
+    assert method.round_teacher is not teacher.denoiser  # the first halving distils the guidance round's student
+    assert method.round_teacher.unet.config.time_cond_proj_dim == 16
+
+
+def test_evaluation_runs_an_embedded_student_once_per_step_told_w(tiny_sd):
+    from diffkd.evaluation.sweep import Model, Prompts
+    from diffkd.io import load_pipeline
+
+    pipe = load_pipeline(tiny_sd)
+    teacher = Model("teacher", tiny_sd, pipe, {}, student=False)
+    embedded = load_pipeline(tiny_sd)
+    embedded.pipeline.unet = add_guidance_embedding(embedded.unet, 16)
+    student = Model("student", tiny_sd, embedded, {"guidance_range": [2.0, 6.0]}, student=True)
+    prompts = Prompts(["a cat", "a dog"], guidance_scale=4.0)
+    assert prompts.condition(teacher, 0, 3).guided
+    cond = prompts.condition(student, 0, 3)
+    assert not cond.guided
+    torch.testing.assert_close(cond.timestep_cond, guidance_scale_embedding(torch.full((3,), 4.0), 16))

@@ -1,0 +1,119 @@
+"""LoRA students: only the adapters train, and the exported folder loads onto the teacher's pipeline with diffusers'
+own ``load_lora_weights`` to give exactly the student that was trained."""
+
+import pytest
+import torch
+import yaml
+from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+from diffkd import checkpoint
+from diffkd.api import distill
+from diffkd.config import LoraOptions, parse_config
+from diffkd.errors import DiffkdError
+from diffkd.io import load_pipeline
+from diffkd.lora import LORA_FILE, adapter_state_dict, lora_student
+from diffkd.trainer import trainable
+
+ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def lora_config(teacher: str, **lora) -> dict:
+    return {"method": {"name": "progressive", "start_steps": 4, "final_steps": 2, "steps_per_round": 3,
+                       "guidance_scale": 3.0},
+            "teacher": {"source": teacher},
+            "student": {"lora": {"rank": 4, "alpha": 8, "target_modules": ATTENTION, **lora}},
+            "data": {"source": "digits", "convert": True, "prompts": ["a cat", "a dog"]},
+            "train": {"batch_size": 4, "learning_rate": 1e-2, "device": "cpu"},
+            "run_eval": False}
+
+
+def test_only_the_adapters_train_and_the_student_starts_as_the_teacher(tiny_sd):
+    teacher = load_pipeline(tiny_sd)
+    student = lora_student(teacher.unet, LoraOptions(rank=4, alpha=8, target_modules=ATTENTION))
+    trained = {n: p for n, p in student.named_parameters() if p.requires_grad}
+    assert trained and all(".lora_A." in n or ".lora_B." in n for n in trained)
+    assert {id(p) for p in trained.values()} == {id(p) for p in trainable(student)}
+    # 4 transformer blocks (1 down, 1 mid, 2 up) x 2 attentions (self, cross) x 4 projections, each A and B
+    assert len(trained) == 4 * 2 * 4 * 2
+    z, t, hidden = torch.randn(2, 4, 4, 4), torch.tensor([100, 700]), torch.randn(2, 8, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(student(z, t, encoder_hidden_states=hidden).sample,
+                                   teacher.unet(z, t, encoder_hidden_states=hidden).sample)
+    assert not any(".lora" in name for name in teacher.unet.state_dict())  # the teacher itself is untouched
+
+
+def test_targets_that_match_nothing_are_named(tiny_sd):
+    teacher = load_pipeline(tiny_sd)
+    with pytest.raises(DiffkdError, match=r"^student.lora.target_modules \['to_qq'\] match no layer"):
+        lora_student(teacher.unet, LoraOptions(target_modules=["to_q", "to_qq"]))
+
+
+@pytest.mark.slow
+def test_exported_adapters_on_the_teacher_pipeline_are_the_trained_student(tiny_sd, tmp_path):
+    folder = distill(parse_config(lora_config(tiny_sd, fuse=True)), tmp_path / "run")
+    assert (folder / LORA_FILE).is_file() and (folder / "scheduler" / "scheduler_config.json").is_file()
+
+    # the trained student, rebuilt independently from the run's last checkpoint (weights as trained, adapters too)
+    teacher = load_pipeline(tiny_sd)
+    student = lora_student(teacher.unet, LoraOptions(rank=4, alpha=8, target_modules=ATTENTION))
+    tensors, _ = checkpoint.load(checkpoint.latest(tmp_path / "run" / "checkpoints"))
+    student.load_state_dict(tensors["student"])
+    assert any(v.abs().sum() > 0 for k, v in adapter_state_dict(student).items() if "lora.up" in k)  # it trained
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    pipe.load_lora_weights(folder)
+    pipe.scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
+    fused = UNet2DConditionModel.from_pretrained(folder.with_name("student-fused"), subfolder="unet")
+    z, t, hidden = torch.randn(2, 4, 4, 4), torch.tensor([100, 700]), torch.randn(2, 8, 16)
+    with torch.no_grad():
+        expected = student(z, t, encoder_hidden_states=hidden).sample
+        torch.testing.assert_close(pipe.unet(z, t, encoder_hidden_states=hidden).sample, expected)
+        torch.testing.assert_close(fused(z, t, encoder_hidden_states=hidden).sample, expected, atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(teacher.unet(z, t, encoder_hidden_states=hidden).sample, expected, atol=1e-4)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.scheduler.config.timestep_spacing == "trailing"
+    images = pipe("a cat", num_inference_steps=2, guidance_scale=1.0, height=8, width=8, output_type="np").images
+    assert images.shape == (1, 8, 8, 3)
+
+    card = (folder / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["student_architecture"]["lora"]["rank"] == 4 and front["num_inference_steps"] == 2
+    assert f"pipe.load_lora_weights({str(folder)!r})" in card
+    assert 'DDIMScheduler.from_pretrained' in card and "num_inference_steps=2" in card
+
+
+def test_adapter_file_is_a_small_share_of_an_sd15_shaped_unet():
+    """Rank 16 on the LCM-LoRA layers of SD-1.5's UNet (built from its config on the meta device: no weights, no
+    download) holds ~2% of the UNet's parameters, within the 10% a shared adapter should be."""
+    unet_config = {"sample_size": 64, "cross_attention_dim": 768, "attention_head_dim": 8,
+                   "block_out_channels": (320, 640, 1280, 1280), "layers_per_block": 2}
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**unet_config)
+        student = lora_student(unet, LoraOptions(rank=16))
+    base = sum(p.numel() for p in unet.parameters())
+    adapters = sum(p.numel() for p in trainable(student))
+    ratio = adapters / base
+    assert base > 850_000_000  # SD-1.5's UNet: 859.5 M parameters
+    assert 0.005 < ratio < 0.10, ratio
+
+
+@pytest.mark.slow
+def test_killed_lora_run_resumes_bit_identical(tmp_path):
+    """Killed after backward in round 2 (its frozen teacher and the adapters' EMA restored from the checkpoint)."""
+    from tests import faults
+    from tests.conftest import make_tiny_sd_pipeline
+
+    teacher = make_tiny_sd_pipeline(tmp_path / "teacher")
+    config = faults.write_yaml(faults.lora_config(teacher), tmp_path / "lora.yaml")
+    distill(parse_config(faults.lora_config(teacher)), tmp_path / "reference")  # in process: one start-up less
+    reference = faults.exported_weights(tmp_path / "reference", "lora")
+    newest = checkpoint.latest(tmp_path / "reference" / "checkpoints")
+    assert newest.name == "ckpt-r02-s00000000"  # after round 2: the student's adapters, not a UNet copy
+    tensors, _ = checkpoint.load(newest)
+    assert tensors["student"] and all(".lora_A." in k or ".lora_B." in k for k in tensors["student"])
+    point = faults.KillPoint("LoRA: after backward, round 2 step 2", [{"kind": "after-backward", "at": 5}], "lora")
+    result = faults.kill_and_resume(point, config, reference, tmp_path / "killed")
+    assert result.killed and result.identical, result.detail
+    assert result.resumed_from == ["ckpt-r01-s00000000"]
+    tensors, _ = checkpoint.load(tmp_path / "killed" / "checkpoints" / "ckpt-r01-s00000002")  # mid-round 2
+    assert tensors["method"] and all(".lora_" in k for k in tensors["method"])  # the frozen round teacher's adapters
