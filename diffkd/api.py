@@ -116,7 +116,7 @@ def distill(config: Config, output: str | Path, resume: bool | str | Path = Fals
             card = model_card(config, method, spec, report, student, teacher,
                               sum(progress.round_seconds.values()) or time.perf_counter() - started)
             shutil.rmtree(folder, ignore_errors=True)  # a half-written export of a killed job
-            save_pipeline(folder, teacher, student, spec.scheduler, card)
+            save_pipeline(folder, teacher, student, spec.scheduler, card, spec.component)
             log.info("saved %s", folder)
             if config.run_eval and method.needs_teacher:
                 run_evaluation(config, folder, output / "eval", str(accelerator.device))

@@ -14,8 +14,8 @@ import copy
 import torch
 
 from diffkd import schedule, timestep_buckets
-from diffkd.conditioning import batch_conditioning, encode_rows, read_prompts
-from diffkd.data import load_images
+from diffkd.conditioning import batch_conditioning, row_conditioning
+from diffkd.data import load_training_set
 from diffkd.errors import DiffkdError
 from diffkd.io import student_scheduler
 from diffkd.losses.kd import AuxiliaryLosses
@@ -65,14 +65,11 @@ class ProgressiveDistillation(Method):
         return index == 0 or (index == 1 and self.options.imitation_steps > 0)
 
     def dataset(self) -> dict[str, torch.Tensor]:
-        images = load_images(self.config.data.source, self.teacher.image_size, self.teacher.image_channels,
-                             self.config.data.resize, self.config.data.convert)
+        images, captions = load_training_set(self.config.data, self.teacher.image_size, self.teacher.image_channels)
         with torch.no_grad():
             latents = torch.cat([self.teacher.denoiser.encode(chunk.to(self.teacher.unet.device)).cpu()
                                  for chunk in images.split(64)])
-        data = self.config.data
-        prompts = read_prompts(data.prompts, data.prompts_file) if self.teacher.text_conditioned else []
-        return {"x0": latents, **encode_rows(self.teacher, prompts, len(latents))}
+        return {"x0": latents, **row_conditioning(self.teacher, self.config.data, captions, len(latents))}
 
     def begin_round(self, index: int) -> None:
         """The first halving distils the pipeline's teacher; each later one round r-1's student, frozen as it ended."""
