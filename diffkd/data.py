@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from diffkd.config import DataConfig
 from diffkd.errors import DiffkdError
+from diffkd.glyphs import glyph_set
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,6 @@ def load_glyphs(count: int, seed: int, size: int = GLYPHS_SIZE) -> tuple[torch.T
         except (OSError, ValueError, KeyError):
             pass
         log.warning("glyph cache %s is unreadable: rendering the set again", file)
-    from diffkd.glyphs import glyph_set
-
     log.info("rendering %d glyphs (seed %d, %d px)", count, seed, size)
     rendered = glyph_set(count, seed, "train", size)
     pixels = ((rendered.images + 1) * 127.5).round().to(torch.uint8).contiguous()
