@@ -145,13 +145,13 @@ class VaeConfig(MethodConfig):
     text encoder and tokenizer made from the glyphs caption words, kept at their seeded random initialisation.
 
     The exported pipeline holds them beside a placeholder UNet; ``text-denoise`` trains the real one on top.
-    Each level of ``block_out_channels`` but the last halves the side (32 px, three levels -> 8x8 latents).
+    Each level of ``block_out_channels`` but the last halves the side (32 px, two levels -> 16x16x4 latents).
     """
 
     name: str = "vae"
-    num_steps: int = 1000
+    num_steps: int = 400
     sample_size: int = 32
-    block_out_channels: list[int] = (16, 32, 32)
+    block_out_channels: list[int] = (16, 32)
     layers_per_block: int = 1
     latent_channels: int = 4
     kl_weight: float = 1.0e-6
@@ -179,6 +179,7 @@ class TextDenoiseConfig(MethodConfig):
     """A UNet2DConditionModel trained on the latents of ``components`` (a pipeline folder with a VAE, text encoder
     and tokenizer, such as the ``vae`` method's export), conditioned on each image's caption.
 
+    cross_attention: per level, whether the UNet cross-attends to the text there.
     caption_dropout: the fraction of rows trained on the empty prompt, so that the same network also gives the
     unconditional prediction classifier-free guidance needs (Ho & Salimans 2022). The schedule defaults are Stable
     Diffusion's: epsilon prediction, scaled-linear betas 0.00085..0.012 over 1000 steps.
@@ -186,8 +187,9 @@ class TextDenoiseConfig(MethodConfig):
 
     name: str = "text-denoise"
     components: str = "runs/glyphs-vae/pipeline"
-    num_steps: int = 4000
+    num_steps: int = 1800
     block_out_channels: list[int] = (32, 64)
+    cross_attention: list[bool] = (False, True)
     layers_per_block: int = 1
     attention_head_dim: int = 8
     caption_dropout: float = 0.1
@@ -201,6 +203,9 @@ class TextDenoiseConfig(MethodConfig):
     def __post_init__(self):
         check(self.num_steps >= 1, f"method.num_steps must be >= 1; got {self.num_steps}")
         check(len(self.block_out_channels) >= 1, "method.block_out_channels needs at least one entry")
+        check(len(self.cross_attention) == len(self.block_out_channels) and any(self.cross_attention),
+              f"method.cross_attention needs one true/false per level of method.block_out_channels "
+              f"({len(self.block_out_channels)}), at least one true; got {list(self.cross_attention)}")
         check(0 <= self.caption_dropout < 1, f"method.caption_dropout must be in [0, 1); got {self.caption_dropout}")
         check_choice("method.prediction_type", self.prediction_type, PREDICTION_TYPES)
         check_choice("method.beta_schedule", self.beta_schedule, ("linear", "scaled_linear", "squaredcos_cap_v2"))

@@ -2,7 +2,7 @@
 
 Stable Diffusion (Rombach et al. 2022) is a VAE, a CLIP text encoder with its BPE tokenizer, a UNet that
 cross-attends to the text, and a scaled-linear DDPM schedule; ``StableDiffusionPipeline`` runs any such set. Here
-each part is sized for 32 px glyphs and 2 CPU cores: a VAE to 8x8x4 latents, a tokenizer whose vocabulary is the
+each part is sized for 32 px glyphs and 2 CPU cores: a VAE to 16x16x4 latents, a tokenizer whose vocabulary is the
 caption words (every word one token, so no prompt of the glyphs grammar meets an unknown token), a small CLIP text
 encoder, and a UNet2DConditionModel.
 """
@@ -89,7 +89,7 @@ def build_text_encoder(tokenizer: CLIPTokenizer, hidden_size: int, layers: int, 
 
 def build_vae(sample_size: int, block_out_channels: list[int], latent_channels: int,
               layers_per_block: int) -> AutoencoderKL:
-    """An AutoencoderKL that downsamples by 2 at each level but the last (32 px, three levels -> 8x8 latents)."""
+    """An AutoencoderKL that downsamples by 2 at each level but the last (32 px, two levels -> 16x16 latents)."""
     levels = len(block_out_channels)
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * levels,
                          up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=tuple(block_out_channels),
@@ -98,15 +98,16 @@ def build_vae(sample_size: int, block_out_channels: list[int], latent_channels: 
 
 
 def build_unet(sample_size: int, latent_channels: int, block_out_channels: list[int], layers_per_block: int,
-               cross_attention_dim: int, attention_head_dim: int) -> UNet2DConditionModel:
-    """A UNet2DConditionModel with cross-attention to the text at every level (the lowest included)."""
-    levels = len(block_out_channels)
+               cross_attention_dim: int, attention_head_dim: int, cross_attention: list[bool]) -> UNet2DConditionModel:
+    """A UNet2DConditionModel that cross-attends to the text at the levels ``cross_attention`` marks (attention
+    costs the square of the tokens at a level, so the highest resolution may go without)."""
+    down = tuple("CrossAttnDownBlock2D" if attend else "DownBlock2D" for attend in cross_attention)
+    up = tuple("CrossAttnUpBlock2D" if attend else "UpBlock2D" for attend in reversed(cross_attention))
     return UNet2DConditionModel(
         sample_size=sample_size, in_channels=latent_channels, out_channels=latent_channels,
-        down_block_types=("CrossAttnDownBlock2D",) * levels, up_block_types=("CrossAttnUpBlock2D",) * levels,
-        block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
-        cross_attention_dim=cross_attention_dim, attention_head_dim=attention_head_dim,
-        norm_num_groups=math.gcd(32, *block_out_channels))
+        down_block_types=down, up_block_types=up, block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block, cross_attention_dim=cross_attention_dim,
+        attention_head_dim=attention_head_dim, norm_num_groups=math.gcd(32, *block_out_channels))
 
 
 def build_scheduler(beta_start: float, beta_end: float, beta_schedule: str, prediction_type: str,

@@ -45,7 +45,7 @@ class TextDenoisingTraining(Method):
         torch.manual_seed(config.train.seed)
         unet = text_pipeline.build_unet(latent_size, vae.config.latent_channels, o.block_out_channels,
                                         o.layers_per_block, parts.pipeline.text_encoder.config.hidden_size,
-                                        o.attention_head_dim)
+                                        o.attention_head_dim, o.cross_attention)
         scheduler = text_pipeline.build_scheduler(o.beta_start, o.beta_end, o.beta_schedule, o.prediction_type,
                                                   o.num_train_timesteps)
         pipeline = text_pipeline.assemble(vae, parts.pipeline.text_encoder, parts.pipeline.tokenizer, unet, scheduler)

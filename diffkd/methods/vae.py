@@ -44,7 +44,7 @@ class VaeTraining(Method):
         text_encoder = text_pipeline.build_text_encoder(tokenizer, o.text_hidden_size, o.text_layers, o.text_heads)
         vae = text_pipeline.build_vae(o.sample_size, o.block_out_channels, o.latent_channels, o.layers_per_block)
         latent_size = o.sample_size // 2 ** (len(o.block_out_channels) - 1)
-        placeholder = text_pipeline.build_unet(latent_size, o.latent_channels, [8], 1, o.text_hidden_size, 8)
+        placeholder = text_pipeline.build_unet(latent_size, o.latent_channels, [8], 1, o.text_hidden_size, 8, [True])
         scheduler = text_pipeline.build_scheduler(0.00085, 0.012, "scaled_linear", "epsilon", 1000)
         pipeline = text_pipeline.assemble(vae, text_encoder, tokenizer, placeholder, scheduler)
         return LoadedPipeline("new", pipeline, denoiser_of(pipeline))
