@@ -121,7 +121,7 @@ def distill(config: Config, output: str | Path, resume: bool | str | Path = Fals
             lora = config.student.lora
             shutil.rmtree(folder, ignore_errors=True)  # a half-written export of a killed job
             if lora is None:
-                save_pipeline(folder, teacher, student, spec.scheduler, card)
+                save_pipeline(folder, teacher, student, spec.scheduler, card, spec.component)
             else:
                 shutil.rmtree(fused_folder(folder), ignore_errors=True)
                 save_lora_student(folder, teacher, student, spec.scheduler, card, lora.fuse)

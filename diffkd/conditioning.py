@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from diffkd.config import DataConfig
+from diffkd.data import load_training_set
 from diffkd.errors import DiffkdError
 from diffkd.io import LoadedPipeline
 from diffkd.models import Conditioning
@@ -28,7 +30,6 @@ def read_prompts(prompts: Sequence[str], prompts_file: str | None, option: str =
     return prompts
 
 
-@torch.no_grad()
 def encode_rows(teacher: LoadedPipeline, prompts: Sequence[str], num_rows: int) -> dict[str, torch.Tensor]:
     """Conditioning columns for ``num_rows`` training rows (``prompts`` are cycled over the rows)."""
     if not teacher.text_conditioned:
@@ -36,11 +37,46 @@ def encode_rows(teacher: LoadedPipeline, prompts: Sequence[str], num_rows: int) 
     if not prompts:
         raise DiffkdError("the teacher is text-conditioned but no prompts were given: set data.prompts or "
                           "data.prompts_file")
-    prompts = list(prompts)
+    return encode_captions(teacher, [prompts[row % len(prompts)] for row in range(num_rows)])
+
+
+@torch.no_grad()
+def encode_captions(teacher: LoadedPipeline, captions: Sequence[str], batch_size: int = 256
+                    ) -> dict[str, torch.Tensor]:
+    """Row i's text-encoder states are those of ``captions[i]`` (each distinct caption encoded once), beside the
+    empty prompt's, the unconditional branch of classifier-free guidance."""
+    if not teacher.text_conditioned:
+        return {}
+    distinct = sorted(set(captions))
+    position = {caption: index for index, caption in enumerate(distinct)}
     device = teacher.unet.device
-    embeds, negative = teacher.pipeline.encode_prompt(prompts, device, 1, True, [""] * len(prompts))
-    rows = torch.arange(num_rows) % len(prompts)
-    return {"encoder_hidden_states": embeds.cpu()[rows], "uncond_encoder_hidden_states": negative.cpu()[rows]}
+    encode = teacher.pipeline.encode_prompt
+    embeds = torch.cat([encode(distinct[i:i + batch_size], device, 1, False)[0].cpu()
+                        for i in range(0, len(distinct), batch_size)])
+    empty = encode([""], device, 1, False)[0].cpu()
+    rows = torch.tensor([position[caption] for caption in captions])
+    return {"encoder_hidden_states": embeds[rows], "uncond_encoder_hidden_states": empty.expand(len(rows), -1, -1)}
+
+
+def row_conditioning(teacher: LoadedPipeline, data: DataConfig, captions: Sequence[str] | None, num_rows: int
+                     ) -> dict[str, torch.Tensor]:
+    """A text teacher's columns for the training rows: each image's own caption where the data set has them
+    (glyphs), otherwise data.prompts / data.prompts_file cycled over the rows."""
+    if not teacher.text_conditioned:
+        return {}
+    if captions is not None:
+        return encode_captions(teacher, captions)
+    return encode_rows(teacher, read_prompts(data.prompts, data.prompts_file), num_rows)
+
+
+def training_rows(teacher: LoadedPipeline, data: DataConfig) -> dict[str, torch.Tensor]:
+    """The data set as the teacher's latents ("x0"; the images themselves for a pixel teacher) beside each row's
+    text conditioning: the rows progressive, consistency and DMD train on."""
+    images, captions = load_training_set(data, teacher.image_size, teacher.image_channels)
+    with torch.no_grad():
+        latents = torch.cat([teacher.denoiser.encode(chunk.to(teacher.unet.device)).cpu()
+                             for chunk in images.split(64)])
+    return {"x0": latents, **row_conditioning(teacher, data, captions, len(latents))}
 
 
 def batch_conditioning(batch: dict[str, torch.Tensor], guidance_scale: float) -> Conditioning:

@@ -37,10 +37,12 @@ class TeacherConfig:
 
 @dataclass
 class DataConfig:
-    """Training images ('digits' or a folder) and prompts for text teachers.
+    """Training images ('digits', 'glyphs' or a folder) and prompts for text teachers.
 
     resize / convert: scale-and-crop images to the teacher's size / convert grey <-> RGB; off by default, so a set
     that does not match the teacher is refused rather than silently adapted.
+    num_glyphs / seed: how many glyphs-32 images (source 'glyphs') and which; each comes with its caption, which
+    a text teacher is trained or distilled on in place of data.prompts.
     """
 
     source: str = "digits"
@@ -48,6 +50,12 @@ class DataConfig:
     convert: bool = False
     prompts: list[str] = field(default_factory=list)
     prompts_file: str | None = None
+    num_glyphs: int = 20000
+    seed: int = 0
+
+    def __post_init__(self):
+        check(self.num_glyphs >= 1, f"data.num_glyphs must be >= 1; got {self.num_glyphs}")
+        check(self.seed >= 0, f"data.seed must be >= 0; got {self.seed}")
 
 
 # The layers LCM-LoRA adapts in Stable Diffusion's UNet (Luo et al. 2023): attention and feed-forward projections,

@@ -6,13 +6,21 @@ one: no sampler state needs saving, because the order is recomputed from (seed, 
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
+from safetensors.torch import load_file, save_file
 
+from diffkd.config import DataConfig
 from diffkd.errors import DiffkdError
+from diffkd.glyphs import glyph_set
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -28,6 +36,45 @@ def load_digits(size: int = 16) -> torch.Tensor:
 
 
 DIGITS_SIZES = (8, 16)  # scikit-learn's own 8 px and the embedded teacher's 16 px; other sizes need data.resize
+GLYPHS_SIZE = 32  # glyphs-32; data.resize renders them at the model's size instead
+
+
+def load_glyphs(count: int, seed: int, size: int = GLYPHS_SIZE) -> tuple[torch.Tensor, list[str]]:
+    """The first ``count`` training-split glyphs of ``seed`` (diffkd.glyphs) and their captions, rendered once
+    (~2 ms an image) and then read from a cache under $DIFFKD_CACHE (default ~/.cache/diffkd)."""
+    root = Path(os.environ.get("DIFFKD_CACHE", "~/.cache/diffkd")).expanduser()
+    file = root / "glyphs" / f"train-{count}-seed{seed}-{size}px.safetensors"
+    if file.is_file():
+        try:
+            pixels = load_file(str(file))["pixels"]
+            captions = json.loads(file.with_suffix(".json").read_text())
+            if len(captions) == len(pixels) == count:
+                return pixels.float() / 127.5 - 1, captions
+        except (OSError, ValueError, KeyError):
+            pass
+        log.warning("glyph cache %s is unreadable: rendering the set again", file)
+    log.info("rendering %d glyphs (seed %d, %d px)", count, seed, size)
+    rendered = glyph_set(count, seed, "train", size)
+    pixels = ((rendered.images + 1) * 127.5).round().to(torch.uint8).contiguous()
+    file.parent.mkdir(parents=True, exist_ok=True)
+    partial = file.with_name(f"{file.stem}.{os.getpid()}.partial")
+    save_file({"pixels": pixels}, str(partial))
+    file.with_suffix(".json").write_text(json.dumps(rendered.captions))
+    partial.replace(file)  # the tensor file last: a cache whose tensors exist is complete
+    return pixels.float() / 127.5 - 1, rendered.captions
+
+
+def load_training_set(data: DataConfig, size: int, channels: int) -> tuple[torch.Tensor, list[str] | None]:
+    """The images of ``data.source`` at the model's size and channels, and each image's caption where the set has
+    them (glyphs): a text model then trains on the caption that describes each image, not on prompts cycled over
+    the rows."""
+    if data.source != "glyphs":
+        return load_images(data.source, size, channels, data.resize, data.convert), None
+    check_fit("glyphs", size, channels, data.resize, data.convert, "data.source",
+              "glyphs are 32x32 RGB: set data.resize=true to render them at the model's size and/or "
+              "data.convert=true to make them grey")
+    images, captions = load_glyphs(data.num_glyphs, data.seed, size)
+    return (images if channels == 3 else images.mean(1, keepdim=True)), captions
 
 
 def image_files(path: str | Path) -> list[Path]:
@@ -53,6 +100,8 @@ def set_shape(source: str) -> tuple[list[tuple[int, int]], int]:
     """The sizes (width, height) an image set comes in and its channels (1 grey, 3 colour)."""
     if source == "digits":
         return [(s, s) for s in DIGITS_SIZES], 1
+    if source == "glyphs":
+        return [(GLYPHS_SIZE, GLYPHS_SIZE)], 3
     files = image_files(source)
     _check_uniform(files)
     with Image.open(files[0]) as image:
@@ -112,7 +161,8 @@ def _load_image(path: Path, size: int, channels: int) -> torch.Tensor:
 
 
 def load_images(source: str, size: int, channels: int, resize: bool = False, convert: bool = False) -> torch.Tensor:
-    """``'digits'`` for the embedded set, otherwise a folder of images, at the teacher's size and channels; a set
+    """``'digits'`` for the embedded set, ``'glyphs'`` for glyphs-32 (its default count and seed), otherwise a
+    folder of images, at the teacher's size and channels; a set
     of another size or colour is refused unless ``resize`` / ``convert`` (data.resize / data.convert) ask for it."""
     check_fit(source, size, channels, resize, convert, "data.source",
               "use images of the teacher's size and colour, or set data.resize=true (scale and centre-crop) and/or "
@@ -120,6 +170,8 @@ def load_images(source: str, size: int, channels: int, resize: bool = False, con
     if source == "digits":
         images = load_digits(size)
         return images if channels == 1 else images.repeat(1, channels, 1, 1)
+    if source == "glyphs":
+        return load_training_set(DataConfig(source="glyphs", resize=resize, convert=convert), size, channels)[0]
     return load_image_folder(source, size, channels)
 
 

@@ -238,15 +238,19 @@ def student_scheduler(teacher_scheduler, prediction_type: str, clip_sample: floa
 
 
 def save_pipeline(folder: Path, teacher: LoadedPipeline, unet: torch.nn.Module, scheduler,
-                  card: dict | None = None) -> Path:
-    """Write ``unet`` + ``scheduler`` in the teacher's pipeline class with a model card. An unconditional student
-    is a DDIMPipeline when its scheduler is DDIM (deterministic, eta = 0), else a DDPMPipeline: DDIMPipeline turns
-    any scheduler into DDIM, while DDPMPipeline's loop calls the scheduler's own step (LCMScheduler's, say)."""
+                  card: dict | None = None, component: str = "unet") -> Path:
+    """Write ``unet`` (as pipeline component ``component``) + ``scheduler`` in the teacher's pipeline class with a
+    model card. An unconditional student is a DDIMPipeline when its scheduler is DDIM (deterministic, eta = 0), else
+    a DDPMPipeline: DDIMPipeline turns any scheduler into DDIM, while DDPMPipeline's loop calls the scheduler's own
+    step (LCMScheduler's, say)."""
     pipeline_class = type(teacher.pipeline)
     if pipeline_class in (DDPMPipeline, DDIMPipeline):
         pipeline_class = DDIMPipeline if isinstance(scheduler, DDIMScheduler) else DDPMPipeline
-    components = {**teacher.pipeline.components, "unet": unet, "scheduler": scheduler}
-    pipeline = pipeline_class(**{k: v for k, v in components.items() if k in _init_names(pipeline_class)})
+    components = {**teacher.pipeline.components, component: unet, "scheduler": scheduler}
+    names = _init_names(pipeline_class)
+    settings = {k: v for k, v in teacher.pipeline.config.items()  # e.g. requires_safety_checker=False
+                if k in names and k not in components and not k.startswith("_")}
+    pipeline = pipeline_class(**{k: v for k, v in components.items() if k in names}, **settings)
     folder.mkdir(parents=True, exist_ok=True)
     pipeline.save_pretrained(folder, safe_serialization=True)
     if card is not None:

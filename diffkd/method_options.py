@@ -274,6 +274,82 @@ class DmdConfig(MethodConfig):
               "sample_seed >= 0")
 
 
+@dataclass
+class VaeConfig(MethodConfig):
+    """The frozen parts of a small Stable-Diffusion-shaped pipeline: an AutoencoderKL trained here (L1
+    reconstruction + kl_weight x KL, the LDM autoencoder's loss without its perceptual and GAN terms), and a CLIP
+    text encoder and tokenizer made from the glyphs caption words, kept at their seeded random initialisation.
+
+    The exported pipeline holds them beside a placeholder UNet; ``text-denoise`` trains the real one on top.
+    Each level of ``block_out_channels`` but the last halves the side (32 px, two levels -> 16x16x4 latents).
+    """
+
+    name: str = "vae"
+    num_steps: int = 400
+    sample_size: int = 32
+    block_out_channels: list[int] = (16, 32)
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    kl_weight: float = 1.0e-6
+    text_hidden_size: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    max_tokens: int = 20
+
+    def __post_init__(self):
+        check(self.num_steps >= 1, f"method.num_steps must be >= 1; got {self.num_steps}")
+        check(len(self.block_out_channels) >= 1, "method.block_out_channels needs at least one entry")
+        levels = len(self.block_out_channels)
+        check(self.sample_size % 2 ** (levels - 1) == 0,
+              f"method.sample_size ({self.sample_size}) must be divisible by 2^{levels - 1}, the VAE's downsampling")
+        check(self.kl_weight >= 0, f"method.kl_weight must be >= 0; got {self.kl_weight}")
+        check(self.text_hidden_size % self.text_heads == 0,
+              f"method.text_hidden_size ({self.text_hidden_size}) must be a multiple of method.text_heads "
+              f"({self.text_heads})")
+        check(self.max_tokens >= 16, f"method.max_tokens must be >= 16 (the longest glyphs caption is 15 tokens); "
+                                     f"got {self.max_tokens}")
+
+
+@dataclass
+class TextDenoiseConfig(MethodConfig):
+    """A UNet2DConditionModel trained on the latents of ``components`` (a pipeline folder with a VAE, text encoder
+    and tokenizer, such as the ``vae`` method's export), conditioned on each image's caption.
+
+    cross_attention: per level, whether the UNet cross-attends to the text there.
+    caption_dropout: the fraction of rows trained on the empty prompt, so that the same network also gives the
+    unconditional prediction classifier-free guidance needs (Ho & Salimans 2022). The schedule defaults are Stable
+    Diffusion's: epsilon prediction, scaled-linear betas 0.00085..0.012 over 1000 steps.
+    """
+
+    name: str = "text-denoise"
+    components: str = "runs/glyphs-vae/pipeline"
+    num_steps: int = 1800
+    block_out_channels: list[int] = (32, 64)
+    cross_attention: list[bool] = (False, True)
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    caption_dropout: float = 0.1
+    prediction_type: str = "epsilon"
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    num_train_timesteps: int = 1000
+    sample_steps: int = 50
+
+    def __post_init__(self):
+        check(self.num_steps >= 1, f"method.num_steps must be >= 1; got {self.num_steps}")
+        check(len(self.block_out_channels) >= 1, "method.block_out_channels needs at least one entry")
+        check(len(self.cross_attention) == len(self.block_out_channels) and any(self.cross_attention),
+              f"method.cross_attention needs one true/false per level of method.block_out_channels "
+              f"({len(self.block_out_channels)}), at least one true; got {list(self.cross_attention)}")
+        check(0 <= self.caption_dropout < 1, f"method.caption_dropout must be in [0, 1); got {self.caption_dropout}")
+        check_choice("method.prediction_type", self.prediction_type, PREDICTION_TYPES)
+        check_choice("method.beta_schedule", self.beta_schedule, ("linear", "scaled_linear", "squaredcos_cap_v2"))
+        check(0 < self.beta_start < self.beta_end < 1,
+              f"method.beta_start and beta_end must satisfy 0 < start < end < 1; got {self.beta_start}, "
+              f"{self.beta_end}")
+
+
 @dataclass(frozen=True)
 class RegisteredMethod:
     """A method's options class and where its implementation lives ("module:Class", imported on first use)."""
@@ -288,4 +364,6 @@ METHODS: dict[str, RegisteredMethod] = {
     "denoise": RegisteredMethod(DenoiseConfig, "diffkd.methods.denoise:DenoisingTraining"),
     "consistency": RegisteredMethod(ConsistencyConfig, "diffkd.methods.consistency:ConsistencyDistillation"),
     "dmd": RegisteredMethod(DmdConfig, "diffkd.methods.dmd:DistributionMatching"),
+    "vae": RegisteredMethod(VaeConfig, "diffkd.methods.vae:VaeTraining"),
+    "text-denoise": RegisteredMethod(TextDenoiseConfig, "diffkd.methods.text_denoise:TextDenoisingTraining"),
 }

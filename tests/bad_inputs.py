@@ -395,6 +395,18 @@ def _text_teacher_case(fragment: str, *sets: str) -> Callable:
     return make
 
 
+def _glyphs_teacher_before_its_parts(tmp: Path, teacher: str):
+    output = tmp / "run"
+    return (["train-teacher", str(ROOT / "configs/glyphs-teacher.yaml"), "--output", str(output), "--set",
+             f"method.components={tmp / 'no-vae-stage'}"], "train it first", output)
+
+
+def _glyphs_count_case(tmp: Path, teacher: str):
+    output = tmp / "run"
+    return (["train-teacher", str(ROOT / "configs/glyphs-vae.yaml"), "--output", str(output), "--set",
+             "data.num_glyphs=0"], "data.num_glyphs must be >= 1", output)
+
+
 CASES = [
     Case("unknown config key (closest suggested)", _set("did you mean 'train.learning_rate'", "train.learning_rat=1")),
     Case("unknown config section", _set("did you mean 'train'", "trian.batch_size=4")),
@@ -468,6 +480,9 @@ CASES = [
                                                            "--feature", "inception", "--feature-weights",
                                                            "{tmp}/no-inception.pth"),
          {"TORCH_HOME": "{tmp}/torch-home"}),
+    Case("glyphs (32 px RGB) for a grey teacher", _data_case("data.resize=true to render them", lambda tmp: "glyphs")),
+    Case("zero glyphs", _glyphs_count_case),
+    Case("glyphs UNet stage before its VAE stage", _glyphs_teacher_before_its_parts),
     Case("data folder missing", _data_case("does not exist", lambda tmp: tmp / "no-images")),
     Case("data folder empty", _data_case("holds no PNG/JPEG", lambda tmp: _images(tmp / "empty", []))),
     Case("unreadable image", _data_case("cannot read image", _garbage_image)),

@@ -24,8 +24,7 @@ from diffusers import LCMScheduler
 from torch import nn
 
 from diffkd import schedule
-from diffkd.conditioning import batch_conditioning, encode_rows, read_prompts
-from diffkd.data import load_images
+from diffkd.conditioning import batch_conditioning, training_rows
 from diffkd.errors import DiffkdError
 from diffkd.losses.kd import PerceptualKD
 from diffkd.losses.terms import LossTerms
@@ -119,14 +118,7 @@ class ConsistencyDistillation(Method):
 
     def dataset(self) -> dict[str, torch.Tensor]:
         """The training images (as latents for a latent teacher) and, for a text teacher, their prompts' encodings."""
-        images = load_images(self.config.data.source, self.teacher.image_size, self.teacher.image_channels,
-                             self.config.data.resize, self.config.data.convert)
-        with torch.no_grad():
-            latents = torch.cat([self.teacher.denoiser.encode(chunk.to(self.teacher.unet.device)).cpu()
-                                 for chunk in images.split(64)])
-        data = self.config.data
-        prompts = read_prompts(data.prompts, data.prompts_file) if self.teacher.text_conditioned else []
-        return {"x0": latents, **encode_rows(self.teacher, prompts, len(latents))}
+        return training_rows(self.teacher, self.config.data)
 
     def followers(self) -> dict[str, nn.Module]:
         return {"target": self.target} if self.target is not None else {}

@@ -25,8 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffkd import sample_cache, schedule
-from diffkd.conditioning import batch_conditioning, encode_rows, read_prompts
-from diffkd.data import load_images
+from diffkd.conditioning import batch_conditioning, encode_rows, read_prompts, training_rows
 from diffkd.errors import DiffkdError
 from diffkd.io import student_scheduler
 from diffkd.losses.terms import LossTerms
@@ -117,15 +116,10 @@ class DistributionMatching(Method):
         """The data set's images (the GAN term's real samples) with their prompts' conditioning; the teacher-sample
         pairs, when a regression uses them, are kept aside and drawn by index."""
         data = self.config.data
-        images = load_images(data.source, self.teacher.image_size, self.teacher.image_channels, data.resize,
-                             data.convert)
-        with torch.no_grad():
-            latents = torch.cat([self.teacher.denoiser.encode(chunk.to(self.teacher.unet.device)).cpu()
-                                 for chunk in images.split(64)])
-        prompts = read_prompts(data.prompts, data.prompts_file) if self.teacher.text_conditioned else []
         if self.options.uses_cache:
+            prompts = read_prompts(data.prompts, data.prompts_file) if self.teacher.text_conditioned else []
             self.pairs = self._teacher_pairs(prompts)
-        return {"x0": latents, **encode_rows(self.teacher, prompts, len(latents))}
+        return training_rows(self.teacher, data)
 
     def _teacher_pairs(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         o = self.options

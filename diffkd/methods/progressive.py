@@ -17,8 +17,7 @@ import copy
 import torch
 
 from diffkd import checkpoint, schedule, timestep_buckets
-from diffkd.conditioning import batch_conditioning, encode_rows, read_prompts
-from diffkd.data import load_images
+from diffkd.conditioning import batch_conditioning, training_rows
 from diffkd.errors import DiffkdError
 from diffkd.guidance_embedding import (
     add_guidance_embedding,
@@ -81,14 +80,7 @@ class ProgressiveDistillation(Method):
         return index == 0 or (index == 1 and self.options.imitation_steps > 0 and self.guidance is None)
 
     def dataset(self) -> dict[str, torch.Tensor]:
-        images = load_images(self.config.data.source, self.teacher.image_size, self.teacher.image_channels,
-                             self.config.data.resize, self.config.data.convert)
-        with torch.no_grad():
-            latents = torch.cat([self.teacher.denoiser.encode(chunk.to(self.teacher.unet.device)).cpu()
-                                 for chunk in images.split(64)])
-        data = self.config.data
-        prompts = read_prompts(data.prompts, data.prompts_file) if self.teacher.text_conditioned else []
-        return {"x0": latents, **encode_rows(self.teacher, prompts, len(latents))}
+        return training_rows(self.teacher, self.config.data)
 
     def begin_round(self, index: int) -> None:
         """The first halving distils the pipeline's teacher; each later one round r-1's student, frozen as it ended."""

@@ -1,0 +1,78 @@
+"""The second stage of a small text-to-image teacher: a UNet2DConditionModel trained on the first stage's latents.
+
+Plain epsilon-prediction diffusion training (Ho et al. 2020) in the latent space of a frozen VAE, conditioned by
+cross-attention on a frozen text encoder's states of each image's caption (Rombach et al. 2022), with a tenth of
+the rows given the empty prompt instead so that the one network also predicts unconditionally, which
+classifier-free guidance needs (Ho & Salimans 2022). The export is a StableDiffusionPipeline folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from diffkd import schedule, text_pipeline
+from diffkd.conditioning import training_rows
+from diffkd.config import Config
+from diffkd.errors import DiffkdError
+from diffkd.io import LoadedPipeline, denoiser_of, load_pipeline
+from diffkd.losses.terms import LossTerms
+from diffkd.method_options import TextDenoiseConfig
+from diffkd.methods.base import ExportSpec, Method, Round
+
+
+class TextDenoisingTraining(Method):
+    name = "text-denoise"
+    config_class = TextDenoiseConfig
+    needs_teacher = False
+
+    @classmethod
+    def template(cls, config: Config) -> LoadedPipeline:
+        """``method.components``' VAE, text encoder and tokenizer with a fresh seeded UNet and the schedule."""
+        o = config.method
+        if not (Path(o.components).expanduser() / "model_index.json").is_file():
+            raise DiffkdError(f"method.components {o.components!r} is not a pipeline folder: train it first "
+                              "(diffkd train-teacher configs/glyphs-vae.yaml --output runs/glyphs-vae) and point "
+                              "method.components at its pipeline folder")
+        parts = load_pipeline(o.components, trust_remote_code=config.teacher.trust_remote_code)
+        if not parts.latent or not parts.text_conditioned:
+            raise DiffkdError(f"method.components {o.components!r} has no VAE or no text encoder: point it at the "
+                              "pipeline the vae method exports (diffkd train-teacher configs/glyphs-vae.yaml)")
+        vae = parts.pipeline.vae.requires_grad_(False).eval()
+        latent_size = parts.image_size // parts.pipeline.vae_scale_factor
+        torch.manual_seed(config.train.seed)
+        unet = text_pipeline.build_unet(latent_size, vae.config.latent_channels, o.block_out_channels,
+                                        o.layers_per_block, parts.pipeline.text_encoder.config.hidden_size,
+                                        o.attention_head_dim, o.cross_attention)
+        scheduler = text_pipeline.build_scheduler(o.beta_start, o.beta_end, o.beta_schedule, o.prediction_type,
+                                                  o.num_train_timesteps)
+        pipeline = text_pipeline.assemble(vae, parts.pipeline.text_encoder, parts.pipeline.tokenizer, unet, scheduler)
+        return LoadedPipeline("new", pipeline, denoiser_of(pipeline))
+
+    def rounds(self) -> list[Round]:
+        return [Round("text-denoise", self.options.num_steps)]
+
+    def dataset(self) -> dict[str, torch.Tensor]:
+        """Latents of the training images (the VAE's mode, scaled) and each row's caption states."""
+        return training_rows(self.teacher, self.config.data)
+
+    def loss(self, phase: str, batch: dict[str, torch.Tensor], generator: torch.Generator) -> LossTerms:
+        x = batch["x0"]
+        model = self.teacher.denoiser
+        t = torch.randint(0, model.num_train_timesteps, (x.shape[0],), generator=generator).to(x.device)
+        eps = torch.randn(x.shape, generator=generator).to(x.device)
+        dropped = (torch.rand(x.shape[0], generator=generator) < self.options.caption_dropout).to(x.device)
+        hidden = torch.where(dropped[:, None, None], batch["uncond_encoder_hidden_states"],
+                             batch["encoder_hidden_states"])
+        alpha, sigma = model.alpha_sigma(t)
+        z = schedule.broadcast(alpha, x) * x + schedule.broadcast(sigma, x) * eps
+        target = schedule.from_x0_eps(x, eps, alpha, sigma, model.prediction_type)
+        prediction = self.student(z, t, encoder_hidden_states=hidden).sample
+        return LossTerms({"denoise": (prediction - target).pow(2).mean()})
+
+    def export_spec(self) -> ExportSpec:
+        o = self.options
+        return ExportSpec(self.teacher.scheduler, o.sample_steps, o.prediction_type,
+                          card={"stage": "text-denoise", "components": o.components,
+                                "caption_dropout": o.caption_dropout})

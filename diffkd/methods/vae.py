@@ -1,0 +1,85 @@
+"""The first stage of a small text-to-image teacher: its autoencoder, and the text encoder it is frozen with.
+
+Latent diffusion (Rombach et al. 2022) trains the UNet on the latents of a fixed autoencoder; this method trains
+that AutoencoderKL on the data (L1 reconstruction plus a small KL to N(0, I), their eq. 25 without the perceptual
+and adversarial terms, which a 32 px two-colour glyph does not need) and exports it inside a
+StableDiffusionPipeline, beside the tokenizer and text encoder the UNet stage (``text-denoise``) will read.
+
+The text encoder stays at its seeded random initialisation: the captions are a small closed grammar, every word
+its own token, and a random transformer with residual connections keeps distinct words at distinct positions
+apart, so the UNet's cross-attention, which is trained, learns to read them (a frozen encoder, as Imagen's; and
+frozen, the 20,000 captions are encoded once instead of at every step).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffkd import text_pipeline
+from diffkd.config import Config
+from diffkd.data import load_training_set
+from diffkd.io import LoadedPipeline, denoiser_of
+from diffkd.losses.terms import LossTerms
+from diffkd.method_options import VaeConfig
+from diffkd.methods.base import ExportSpec, Method, Network, Round
+
+SCALE_IMAGES = 2048  # images whose latents set the scaling factor
+
+
+class VaeTraining(Method):
+    name = "vae"
+    config_class = VaeConfig
+    needs_teacher = False
+
+    def __init__(self, config: Config, teacher: LoadedPipeline, student: torch.nn.Module):
+        super().__init__(config, teacher, student)
+        self.vae = teacher.pipeline.vae.requires_grad_(True).train()
+
+    @classmethod
+    def template(cls, config: Config) -> LoadedPipeline:
+        """Fresh parts, seeded: the VAE to train, the frozen text encoder and tokenizer, a placeholder UNet."""
+        o = config.method
+        torch.manual_seed(config.train.seed)
+        tokenizer = text_pipeline.build_tokenizer(text_pipeline.caption_words(), o.max_tokens)
+        text_encoder = text_pipeline.build_text_encoder(tokenizer, o.text_hidden_size, o.text_layers, o.text_heads)
+        vae = text_pipeline.build_vae(o.sample_size, o.block_out_channels, o.latent_channels, o.layers_per_block)
+        latent_size = o.sample_size // 2 ** (len(o.block_out_channels) - 1)
+        placeholder = text_pipeline.build_unet(latent_size, o.latent_channels, [8], 1, o.text_hidden_size, 8, [True])
+        scheduler = text_pipeline.build_scheduler(0.00085, 0.012, "scaled_linear", "epsilon", 1000)
+        pipeline = text_pipeline.assemble(vae, text_encoder, tokenizer, placeholder, scheduler)
+        return LoadedPipeline("new", pipeline, denoiser_of(pipeline))
+
+    def networks(self) -> dict[str, Network]:
+        return {"vae": Network(self.vae, exported=True, export_ema=True)}
+
+    def rounds(self) -> list[Round]:
+        return [Round("vae", self.options.num_steps)]
+
+    def dataset(self) -> dict[str, torch.Tensor]:
+        return {"x0": self._images()}
+
+    def _images(self) -> torch.Tensor:
+        return load_training_set(self.config.data, self.options.sample_size, 3)[0]
+
+    def loss(self, phase: str, batch: dict[str, torch.Tensor], generator: torch.Generator) -> LossTerms:
+        x = batch["x0"]
+        posterior = self.vae.encode(x).latent_dist
+        noise = torch.randn(posterior.mean.shape, generator=generator).to(x.device)
+        reconstruction = self.vae.decode(posterior.mean + posterior.std * noise).sample
+        return LossTerms({"l1": (reconstruction - x).abs().mean(),
+                          "kl": self.options.kl_weight * posterior.kl().mean()})
+
+    @torch.no_grad()
+    def latent_scale(self) -> float:
+        """1 / the standard deviation of the latents, so the UNet sees unit-variance inputs (Rombach et al. 2022,
+        sec. G: Stable Diffusion's 0.18215 was found the same way)."""
+        images = self._images()[:SCALE_IMAGES].to(self.vae.device)
+        latents = torch.cat([self.vae.encode(chunk).latent_dist.mode() for chunk in images.split(256)])
+        return float(1 / latents.float().std())
+
+    def export_spec(self) -> ExportSpec:
+        scale = self.latent_scale()
+        self.vae.register_to_config(scaling_factor=scale)
+        self.vae.eval()
+        return ExportSpec(self.teacher.scheduler, 50, "epsilon", card={"stage": "vae", "scaling_factor": scale},
+                          component="vae")

@@ -1,0 +1,185 @@
+"""The glyphs-32 text-to-image teacher: a tokenizer that knows every caption word, the two train-teacher stages (VAE
+and frozen text encoder; then the caption-conditioned UNet) exporting a StableDiffusionPipeline, their losses
+against hand computations, captions paired with their own images, and the shipped teachers/glyphs-32 sampling
+offline."""
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from transformers import CLIPTokenizer
+
+from diffkd import glyphs, text_pipeline
+from diffkd.api import distill
+from diffkd.config import parse_config
+from diffkd.data import load_training_set
+from diffkd.io import load_pipeline
+from diffkd.methods.text_denoise import TextDenoisingTraining
+from diffkd.methods.vae import VaeTraining
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "teachers" / "glyphs-32"
+sys.path.insert(0, str(ROOT / "eval"))
+TINY_GLYPHS = {"source": "glyphs", "num_glyphs": 6, "resize": True}  # rendered at the tiny pipelines' 8 px
+
+
+@pytest.fixture(autouse=True)
+def glyph_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFKD_CACHE", str(tmp_path / "cache"))
+
+
+def test_word_vocabulary_makes_each_word_one_token_by_hand():
+    vocab, merges = text_pipeline.word_vocabulary(["ab", "abc", "b", "ba"])
+    # "ab" needs (a, b</w>); "abc" then (a, b) and (ab, c</w>); "b" is whole; "ba" needs (b, a</w>)
+    assert merges == [("a", "b</w>"), ("a", "b"), ("ab", "c</w>"), ("b", "a</w>")]
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=8)
+    ids = tokenizer("ab abc b ba").input_ids
+    assert tokenizer.convert_ids_to_tokens(ids) == ["<|startoftext|>", "ab</w>", "abc</w>", "b</w>", "ba</w>",
+                                                    "<|endoftext|>"]
+
+
+def test_every_caption_word_is_one_known_token_and_survives_saving(tmp_path):
+    tokenizer = text_pipeline.build_tokenizer(text_pipeline.caption_words(), 20)
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    reloaded = CLIPTokenizer.from_pretrained(tmp_path / "tokenizer")
+    captions = [g.caption for g in glyphs.glyphs(600, seed=5) + glyphs.glyphs(200, seed=5, split="heldout")]
+    for caption in captions:
+        ids = tokenizer(caption).input_ids
+        words = tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(caption.lower())
+        assert len(ids) == len(words) + 2 <= 20, caption
+        assert tokenizer.unk_token_id not in ids[1:-1], caption
+        assert reloaded(caption).input_ids == ids
+
+
+def test_the_colour_rule_reads_a_hand_made_image_and_real_glyphs():
+    from glyphs_teacher import colour_accuracy, read_colours
+
+    colour = {name: torch.tensor(rgb, dtype=torch.float32).view(3, 1, 1) for name, rgb in glyphs.COLOURS.items()}
+    image = colour["blue"].expand(3, 12, 12).clone()
+    image[:, 3:9, 3:9] = (colour["red"] + colour["blue"]) / 2  # anti-aliased edge: 58 from purple, left out
+    image[:, 5:7, 5:7] = colour["red"]  # 4 pure red pixels inside 32 mixed ones
+    foreground, background = read_colours(image[None] / 255)
+    assert (glyphs.COLOUR_NAMES[foreground[0]], glyphs.COLOUR_NAMES[background[0]]) == ("red", "blue")
+    real = glyphs.glyph_set(100, seed=1, split="heldout")
+    assert colour_accuracy(real.images / 2 + 0.5, glyphs.glyphs(100, seed=1, split="heldout"))["both"] >= 0.98
+
+
+def _method(kind, teacher, **options):
+    config = parse_config({"method": {"name": kind.name, **options}, "data": TINY_GLYPHS})
+    return kind(config, teacher, copy.deepcopy(teacher.unet).requires_grad_(True))
+
+
+def test_text_denoise_loss_is_the_epsilon_mse_with_captions_dropped_by_hand(tiny_sd):
+    teacher = load_pipeline(tiny_sd)
+    method = _method(TextDenoisingTraining, teacher, caption_dropout=0.5)
+    torch.manual_seed(0)
+    batch = {"x0": torch.randn(6, 4, 4, 4), "encoder_hidden_states": torch.randn(6, 8, 16),
+             "uncond_encoder_hidden_states": torch.randn(6, 8, 16)}
+    loss = method.loss("student", batch, torch.Generator().manual_seed(3)).total
+
+    draws = torch.Generator().manual_seed(3)
+    t = torch.randint(0, 1000, (6,), generator=draws)
+    eps = torch.randn(6, 4, 4, 4, generator=draws)
+    dropped = torch.rand(6, generator=draws) < 0.5
+    assert 0 < dropped.sum() < 6  # both kinds of row occur, so the check below sees the dropout
+    hidden = torch.stack([batch["uncond_encoder_hidden_states" if d else "encoder_hidden_states"][i]
+                          for i, d in enumerate(dropped)])
+    alpha_bar = teacher.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    z = alpha_bar.sqrt() * batch["x0"] + (1 - alpha_bar).sqrt() * eps
+    expected = (method.student(z, t, encoder_hidden_states=hidden).sample - eps).pow(2).mean()
+    torch.testing.assert_close(loss, expected)
+
+
+def test_vae_loss_is_l1_plus_weighted_kl_by_hand(tiny_sd):
+    method = _method(VaeTraining, load_pipeline(tiny_sd), kl_weight=0.25)
+    x = torch.rand(3, 3, 8, 8) * 2 - 1
+    terms = method.loss("vae", {"x0": x}, torch.Generator().manual_seed(1))
+
+    posterior = method.vae.encode(x).latent_dist
+    mean, logvar = posterior.mean, posterior.logvar
+    noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(1))
+    reconstruction = method.vae.decode(mean + torch.exp(0.5 * logvar) * noise).sample
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
+    torch.testing.assert_close(terms.total, (reconstruction - x).abs().mean() + 0.25 * kl)
+
+
+def test_vae_export_sets_the_scaling_factor_to_unit_latent_variance(tiny_sd, monkeypatch):
+    method = _method(VaeTraining, load_pipeline(tiny_sd))
+    images = torch.rand(10, 3, 8, 8) * 2 - 1
+    monkeypatch.setattr(method, "_images", lambda: images)
+    spec = method.export_spec()
+    with torch.no_grad():
+        latents = method.vae.encode(images).latent_dist.mean
+    assert spec.component == "vae"
+    assert method.vae.config.scaling_factor == pytest.approx(1 / latents.std().item(), rel=1e-5)
+    scaled = latents * method.vae.config.scaling_factor
+    assert scaled.std().item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_each_caption_reaches_the_batch_beside_its_own_image(tiny_sd, tmp_path, monkeypatch):
+    seen = []
+    original = TextDenoisingTraining.loss
+
+    def spy(self, phase, batch, generator):
+        seen.append({k: v.clone() for k, v in batch.items()})
+        return original(self, phase, batch, generator)
+
+    monkeypatch.setattr(TextDenoisingTraining, "loss", spy)
+    config = parse_config({"method": {"name": "text-denoise", "components": tiny_sd, "num_steps": 2,
+                                      "block_out_channels": [8, 16], "attention_head_dim": 2},
+                           "data": TINY_GLYPHS, "train": {"batch_size": 4, "device": "cpu"}, "run_eval": False})
+    distill(config, tmp_path / "run")
+
+    parts = load_pipeline(tiny_sd)
+    images, captions = load_training_set(config.data, 8, 3)
+    assert len(set(captions)) == len(captions)
+    with torch.no_grad():
+        latents = parts.denoiser.encode(images)
+        states = parts.pipeline.encode_prompt(captions, "cpu", 1, False)[0]
+    rows = 0
+    for batch in seen:
+        for x0, hidden in zip(batch["x0"], batch["encoder_hidden_states"]):
+            index = next(i for i in range(len(latents)) if torch.allclose(latents[i], x0, atol=1e-5))
+            torch.testing.assert_close(hidden, states[index], atol=1e-5, rtol=1e-5)
+            rows += 1
+    assert rows == 8
+
+
+@pytest.mark.slow
+def test_the_two_stages_make_a_pipeline_that_samples_from_a_prompt(tmp_path):
+    stage1 = parse_config({"method": {"name": "vae", "num_steps": 2, "sample_size": 8, "block_out_channels": [4, 8],
+                                      "text_hidden_size": 16, "text_layers": 1, "text_heads": 2, "max_tokens": 16},
+                           "data": TINY_GLYPHS, "train": {"batch_size": 4, "device": "cpu"}})
+    parts = distill(stage1, tmp_path / "vae")
+    stage2 = parse_config({"method": {"name": "text-denoise", "components": str(parts), "num_steps": 2,
+                                      "block_out_channels": [8, 16], "attention_head_dim": 2},
+                           "data": TINY_GLYPHS, "train": {"batch_size": 4, "device": "cpu"}})
+    folder = distill(stage2, tmp_path / "teacher")
+
+    first = StableDiffusionPipeline.from_pretrained(parts)
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    assert pipe.safety_checker is None and pipe.vae.config.scaling_factor != 1.0
+    assert pipe.unet.config.sample_size == 4 and pipe.vae_scale_factor == 2
+    assert pipe.scheduler.config.prediction_type == "epsilon" and not pipe.scheduler.config.clip_sample
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear"
+    for name in ("vae", "text_encoder"):  # stage 2 trains only the UNet
+        for a, b in zip(getattr(first, name).parameters(), getattr(pipe, name).parameters(), strict=True):
+            assert torch.equal(a, b)
+    images = pipe("a red letter K on a blue background", num_inference_steps=2, guidance_scale=3.0,
+                  output_type="np").images
+    assert images.shape == (1, 8, 8, 3)
+
+
+@pytest.mark.skipif(not (SHIPPED / "model_index.json").is_file(), reason="teachers/glyphs-32 not made yet")
+def test_the_shipped_teacher_loads_and_samples_offline_with_a_prompt():
+    pipe = StableDiffusionPipeline.from_pretrained(SHIPPED, local_files_only=True)
+    assert set(pipe.tokenizer.get_vocab()) >= {w + "</w>" for w in text_pipeline.caption_words()}
+    generator = torch.Generator().manual_seed(0)
+    images = pipe("a red letter K on a blue background", num_inference_steps=2, guidance_scale=3.0,
+                  generator=generator, output_type="np").images
+    assert images.shape == (1, 32, 32, 3) and images.min() >= 0 and images.max() <= 1
+    size = sum(f.stat().st_size for f in SHIPPED.rglob("*") if f.is_file())
+    assert size < 20 * 2**20
