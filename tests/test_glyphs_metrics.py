@@ -19,7 +19,7 @@ from diffkd.evaluation.prompt_accuracy import prompt_accuracy
 
 # The accuracies the shipped networks are held to, on glyphs of held-out combinations (fresh seeds).
 CLASSIFIER_TARGET = {"character": 0.92, "foreground": 0.99, "background": 0.99}
-CLIP_RETRIEVAL_TARGET = 0.5  # top-1 among 100 held-out pairs; chance is about 0.01
+CLIP_RETRIEVAL_TARGET = 0.6  # top-1 among 100 held-out pairs; chance is about 0.01
 
 
 def caption(combination: tuple[str, str, str]) -> str:
@@ -66,7 +66,7 @@ def test_clip_score_prefers_the_right_caption_for_the_same_image():
     right_score, wrong_score = clip_score_metric("glyphs-clip"), clip_score_metric("glyphs-clip")
     right_score.update(images, data.captions)
     wrong_score.update(images, wrong)
-    assert float(right_score.compute()) > float(wrong_score.compute()) + 5
+    assert float(right_score.compute()) > float(wrong_score.compute()) + 20  # measured: 83.6 vs 30.1
 
 
 def test_prompt_accuracy_of_a_hand_made_table():
