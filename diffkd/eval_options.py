@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from diffkd.validation import SAMPLERS, check
 
-FEATURES = ("auto", "digits-classifier", "inception")
+FEATURES = ("auto", "digits-classifier", "glyphs-classifier", "inception")
 LPIPS_NETS = ("alex", "vgg", "squeeze")
 
 
@@ -28,21 +28,28 @@ class EvalConfig:
     steps: step counts k of the sweep. Students are also evaluated at the k of their model card.
     samplers: training-free samplers for teachers (see SAMPLERS), each with the settings its users use.
     reference_steps / reference_sampler: the teacher's many-step reference (a quality row and the fidelity target).
-    reference: real images: "digits" (the embedded set), a folder of images, or a ``.safetensors`` statistics file
-        written by a previous evaluation (mu/sigma; KID and the noise floor need features and are then skipped).
+    reference: real images: "digits" (the embedded set), "glyphs" (glyphs-32 as diffkd renders it), a folder of
+        images, or a ``.safetensors`` statistics file written by a previous evaluation (mu/sigma; KID and the noise
+        floor need features and are then skipped).
     num_samples / batch_size: generated images per setting, and the batch that sampling (and timing) uses.
-    feature: feature network for FD/KID: "digits-classifier" (the shipped small classifier), "inception"
-        (torchmetrics' FID Inception, 2048-d), a path to a TorchScript module mapping uint8 NxCxHxW to NxD, or
-        "auto" (digits-classifier for the digits reference, a statistics file's own network, Inception otherwise).
+    feature: feature network for FD/KID: "digits-classifier" / "glyphs-classifier" (the shipped small
+        classifiers), "inception" (torchmetrics' FID Inception, 2048-d), a path to a TorchScript module mapping uint8
+        NxCxHxW to NxD, or "auto" (the shipped classifier for the digits or glyphs reference, a statistics file's own
+        network, Inception otherwise).
     feature_weights: Inception weights file (``feature_extractor_weights_path``); None = the torch hub cache.
     kid_subsets / kid_subset_size: KID's subset estimator (Binkowski et al. 2018); the size is capped at the set sizes.
     fidelity: measure PSNR (and LPIPS) to the teacher's reference output.
     lpips: LPIPS in the fidelity metrics: True, False, or None = when the backbone weights are on disk.
     lpips_net / lpips_backbone_weights: the LPIPS backbone and an explicit weights file for it.
     prompts / prompts_file: prompts for text-conditioned pipelines, cycled over the samples.
-    guidance_scale: classifier-free guidance of text teachers (students with guidance distilled in run unguided).
+    guidance_scale: classifier-free guidance of text teachers (students with guidance distilled in run unguided);
+        the reference run uses it.
+    guidance_scales: the guidance scales the text teachers are swept over ([] = just ``guidance_scale``).
     clip_score: CLIPScore for text pipelines: True, False, or None = when there are prompts and a text pipeline.
-    clip_model: CLIP model id or local folder for CLIPScore (torchmetrics' default, ViT-L/14).
+    clip_model: CLIP model id or local folder for CLIPScore; "glyphs-clip" is the small CLIP diffkd ships for
+        glyphs-32; "auto" = glyphs-clip for the glyphs reference, ViT-L/14 (torchmetrics' default) otherwise.
+    prompt_accuracy: the fraction of images whose character and colours (read by the glyphs classifier) match
+        their prompt's: True, False, or None = when a text pipeline is evaluated and every prompt names them.
     grid_size: images per (model, sampler, steps) row of the sample grid, all from the same noise.
     seed: seed of the noise (one generator per batch index, shared by every setting) and of KID's subsets.
     device: "cpu", "cuda", "cuda:N" or "mps".
@@ -70,8 +77,10 @@ class EvalConfig:
     prompts: list[str] = field(default_factory=list)
     prompts_file: str | None = None
     guidance_scale: float = 7.5
+    guidance_scales: list[float] = field(default_factory=list)
     clip_score: bool | None = None
-    clip_model: str = "openai/clip-vit-large-patch14"
+    clip_model: str = "auto"
+    prompt_accuracy: bool | None = None
     grid_size: int = 8
     seed: int = 0
     device: str = "cpu"
@@ -93,5 +102,8 @@ class EvalConfig:
         check(bool(self.feature), f"eval.feature must be one of {', '.join(FEATURES)} or a path to a TorchScript file")
         check(bool(self.reference), "eval.reference must be 'digits', an image folder or a statistics .safetensors")
         check(self.guidance_scale >= 1, f"eval.guidance_scale must be >= 1 (1 = no guidance); got {self.guidance_scale}")
+        self.guidance_scales = sorted({float(w) for w in self.guidance_scales})
+        check(all(w >= 1 for w in self.guidance_scales),
+              f"eval.guidance_scales must all be >= 1 (1 = no guidance); got {self.guidance_scales}")
         check(self.device in ("cpu", "cuda", "mps") or self.device.startswith("cuda:"),
                f"eval.device must be cpu, cuda, cuda:N or mps; got {self.device!r}")

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--samplers", help=f"training-free samplers for teachers, comma-separated from {','.join(SAMPLERS)}")
     add("--reference-steps", type=int, help="steps of the teacher's reference sampling (default 64)")
     add("--reference-sampler", choices=SAMPLERS, help="sampler of the teacher's reference (default ddim)")
-    add("--reference", help="real images: 'digits', an image folder, or a statistics .safetensors file")
+    add("--reference", help="real images: 'digits', 'glyphs', an image folder, or a statistics .safetensors file")
     add("--output", help="folder for results.json, report.md/html, plots and grids")
     add("--num-samples", type=int, help="generated images per setting (default 1000)")
     add("--batch-size", type=int, help="sampling batch, also the batch of the timings (default 250)")
@@ -41,9 +41,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--prompt", action="append", help="prompt for text pipelines (repeatable)")
     add("--prompts-file", help="text file of prompts, one a line")
     add("--guidance-scale", type=float, help="classifier-free guidance of text teachers (default 7.5)")
+    add("--guidance-scales", help="comma-separated guidance scales to sweep text teachers over (default: "
+        "--guidance-scale alone)")
     add("--clip-score", action=argparse.BooleanOptionalAction, default=None,
         help="CLIPScore for text pipelines (default: when prompts are given)")
-    add("--clip-model", help="CLIP id or folder for CLIPScore (default openai/clip-vit-large-patch14)")
+    add("--clip-model", help="CLIP id or folder for CLIPScore, or glyphs-clip (default: glyphs-clip for the glyphs "
+        "reference, openai/clip-vit-large-patch14 otherwise)")
+    add("--prompt-accuracy", action=argparse.BooleanOptionalAction, default=None,
+        help="glyphs prompt accuracy for text pipelines (default: when every prompt names a character and colours)")
     add("--grid-size", type=int, help="images per row of the sample grid (default 8)")
     add("--seed", type=int, help="noise seed (default 0)")
     add("--device", help="cpu, cuda, cuda:N or mps")

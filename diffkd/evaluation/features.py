@@ -19,6 +19,7 @@ from torch import nn
 
 from diffkd.data import load_digits
 from diffkd.errors import DiffkdError
+from diffkd.evaluation.glyphs_classifier import GLYPHS_CLASSIFIER, GlyphsFeatures, load_glyphs_classifier
 from diffkd.weights import INCEPTION, file_sha256, locate_checkpoint
 
 log = logging.getLogger(__name__)
@@ -102,9 +103,11 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 def load_feature_network(name: str, device: str | torch.device = "cpu",
                          inception_weights: str | None = None) -> FeatureNetwork:
-    """The network called ``name``: 'digits-classifier', 'inception' or a TorchScript file."""
+    """The network called ``name``: 'digits-classifier', 'glyphs-classifier', 'inception' or a TorchScript file."""
     if name == "digits-classifier":
         return _digits(device)
+    if name == "glyphs-classifier":
+        return _glyphs(device)
     if name == "inception":
         filename, url = INCEPTION
         path = locate_checkpoint(filename, url, inception_weights, "FID (Inception)",
@@ -113,7 +116,8 @@ def load_feature_network(name: str, device: str | torch.device = "cpu",
                               file_sha256(str(path)), "bilinear antialiased to 299x299 (torchmetrics)")
     path = Path(name).expanduser()
     if not path.is_file():
-        raise DiffkdError(f"eval.feature {name!r} is neither digits-classifier, inception nor a TorchScript file")
+        raise DiffkdError(f"eval.feature {name!r} is neither digits-classifier, glyphs-classifier, inception nor a "
+                          "TorchScript file")
     module = torch.jit.load(str(path), map_location=device).eval()
     return FeatureNetwork(str(path), f"FD ({path.stem})", module, file_sha256(str(path)), "done by the module")
 
@@ -130,6 +134,12 @@ def _digits(device: str | torch.device) -> FeatureNetwork:
         details = json.loads(handle.metadata()["details"])
     return FeatureNetwork("digits-classifier", "FD (digits classifier)", DigitsFeatures(classifier).to(device).eval(),
                           file_sha256(str(DIGITS_CLASSIFIER)), "grey, bilinear antialiased to 16x16", details)
+
+
+def _glyphs(device: str | torch.device) -> FeatureNetwork:
+    classifier, details = load_glyphs_classifier(device)
+    return FeatureNetwork("glyphs-classifier", "FD (glyphs classifier)", GlyphsFeatures(classifier).eval(),
+                          file_sha256(str(GLYPHS_CLASSIFIER)), "RGB, bilinear antialiased to 32x32", details)
 
 
 def train_digits_classifier(seed: int = 0, epochs: int = 30, test_fraction: float = 0.2

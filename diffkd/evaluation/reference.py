@@ -22,8 +22,11 @@ from diffkd.data import DIGITS_SIZES, check_fit, load_images
 from diffkd.errors import DiffkdError
 from diffkd.evaluation.features import FeatureNetwork, to_uint8
 from diffkd.evaluation.frechet import frechet_distance, gaussian_stats
+from diffkd.glyphs import HELDOUT_FRACTION, glyph_set
 
 log = logging.getLogger(__name__)
+
+GLYPHS_REFERENCE = 5000  # real glyphs: train and held-out splits in their true proportions, seed 0
 
 
 @dataclass
@@ -43,10 +46,12 @@ class RealSet:
 
 
 def auto_feature(reference: str) -> str:
-    """The feature network 'auto' means: the digits classifier for digits, the one a statistics file was made
-    with, Inception otherwise."""
+    """The feature network 'auto' means: the shipped classifier for digits or glyphs, the one a statistics file
+    was made with, Inception otherwise."""
     if reference == "digits":
         return "digits-classifier"
+    if reference == "glyphs":
+        return "glyphs-classifier"
     if reference.endswith(".safetensors") and Path(reference).expanduser().is_file():
         with safe_open(str(Path(reference).expanduser()), "pt") as handle:
             return (handle.metadata() or {}).get("feature", "inception")
@@ -64,6 +69,11 @@ def check_reference(reference: str, feature: str, size: int, channels: int) -> N
         raise DiffkdError(f"the digits classifier (eval.feature) scores grey digits of at most {max(DIGITS_SIZES)} px, "
                           f"but the pipeline makes {size}x{size} {'RGB' if channels == 3 else f'{channels}-channel'} "
                           f"images: {REFERENCE_FIX}")
+    if reference == "glyphs":
+        if (size, channels) != (32, 3):
+            raise DiffkdError(f"eval.reference 'glyphs' holds 32x32 RGB images but the pipeline makes {size}x{size} "
+                              f"{'RGB' if channels == 3 else f'{channels}-channel'} images: {REFERENCE_FIX}")
+        return
     if reference.endswith(".safetensors"):
         path = Path(reference).expanduser()
         if not path.is_file():
@@ -88,6 +98,8 @@ def default_cache_dir() -> Path:
 def _dataset_id(reference: str) -> str:
     if reference == "digits":
         return "digits (scikit-learn, bilinear-resized)"
+    if reference == "glyphs":
+        return f"glyphs-32 (diffkd.glyphs, {GLYPHS_REFERENCE} images, seed 0)"
     folder = Path(reference).expanduser().resolve()
     if not folder.is_dir():
         raise DiffkdError(f"eval.reference {reference!r} is not 'digits', an image folder or a .safetensors file")
@@ -112,7 +124,7 @@ def load_real_set(reference: str, feature: FeatureNetwork, size: int, channels: 
     if path.is_file():
         log.info("real-set statistics from cache %s", path)
         return _from_file(path, feature, reference)
-    images = load_images(reference, size, channels)
+    images = glyphs_reference() if reference == "glyphs" else load_images(reference, size, channels)
     features = torch.cat([feature(to_uint8(batch).to(_device(feature))) for batch in images.split(batch_size)])
     mu, sigma = gaussian_stats(features)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -121,6 +133,13 @@ def load_real_set(reference: str, feature: FeatureNetwork, size: int, channels: 
         "size": str(size), "channels": str(channels)})
     log.info("cached real-set statistics of %d images in %s", len(features), path)
     return RealSet(reference, len(features), mu, sigma, features, str(path))
+
+
+def glyphs_reference() -> torch.Tensor:
+    """Real glyphs as generation from every combination would give them: a tenth from the held-out split."""
+    heldout = round(HELDOUT_FRACTION * GLYPHS_REFERENCE)
+    return torch.cat([glyph_set(GLYPHS_REFERENCE - heldout, 0, "train").images,
+                      glyph_set(heldout, 0, "heldout").images])
 
 
 def _device(feature: FeatureNetwork) -> torch.device:

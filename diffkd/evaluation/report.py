@@ -13,7 +13,6 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-import numpy
 import torch
 import yaml
 from matplotlib.figure import Figure  # the object API: no pyplot state, no GUI backend
@@ -21,6 +20,14 @@ from matplotlib.ticker import NullLocator
 from PIL import Image
 
 from diffkd import round_health
+from diffkd.evaluation.formatting import fmt, markdown_table, strip_images
+from diffkd.evaluation.text_report import (
+    markdown_section,
+    plot_fd_vs_clip,
+    plot_prompt_grid,
+    text_rows,
+    text_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,26 +35,29 @@ COLUMNS = [("model", "model"), ("sampler", "sampler"), ("steps", "k"), ("fd", No
            ("psnr", "PSNR dB"), ("lpips", "LPIPS"), ("clip_score", "CLIP"), ("ms_per_image", "ms/image"),
            ("images_per_second", "images/s"), ("speedup", "speed-up"), ("parameters", "params"),
            ("peak_memory_mb", "peak MB")]
-TILE = 64  # grid tiles are resized (nearest) to this side so 16 px digits and 512 px images both read well
-
-
-def fmt(value) -> str:
-    """How a results.json value is shown: 4 significant digits, integers and text as they are, '–' for none."""
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
 
 
 def fd_label(results: dict) -> str:
     return results["protocol"]["feature_network"]["label"]
 
 
+def setting_key(model: str, sampler: str, steps: int, guidance: float | None) -> str:
+    """A setting's name in grids and results: model/sampler/steps, and /w<scale> for text pipelines."""
+    return f"{model}/{sampler}/{steps}" + (f"/w{guidance:g}" if guidance is not None else "")
+
+
+def row_key(row: dict) -> str:
+    return setting_key(row["model"], row["sampler"], row["steps"], row.get("guidance_scale"))
+
+
+def curve_label(row: dict) -> str:
+    """The sampler, and the guidance scale for text pipelines: one curve of the quality-vs-steps table."""
+    guidance = row.get("guidance_scale")
+    return row["sampler"] + (f" w={guidance:g}" if guidance is not None else "")
+
+
 def setting_name(row: dict) -> str:
-    name = f"{row['model']} · {row['sampler']}"
+    name = f"{row['model']} · {curve_label(row)}"
     return name + " (reference)" if row["is_reference"] else name
 
 
@@ -57,12 +67,12 @@ def steps_table(results: dict) -> tuple[list[str], list[list[str]]]:
     curves: dict[tuple, dict] = defaultdict(dict)
     for row in results["rows"]:
         if not row["is_reference"] or row["steps"] in steps:  # a reference run at a swept k is that k's number too
-            curves[(row["model"], row["sampler"])][row["steps"]] = row["fd"]
+            curves[(row["model"], curve_label(row))][row["steps"]] = row["fd"]
     header = ["model", "sampler", *[f"k={k}" for k in steps]]
     body = [[m, s, *[fmt(values.get(k)) for k in steps]] for (m, s), values in curves.items()]
     for row in results["rows"]:
         if row["is_reference"]:
-            body.append([row["model"], f"{row['sampler']}-{row['steps']} (reference)", fmt(row["fd"]),
+            body.append([row["model"], f"{curve_label(row)}-{row['steps']} (reference)", fmt(row["fd"]),
                          *[""] * (len(steps) - 1)])
     if results["noise_floor"]:
         body.append(["real vs real", "noise floor", fmt(results["noise_floor"]["fd"]), *[""] * (len(steps) - 1)])
@@ -71,7 +81,8 @@ def steps_table(results: dict) -> tuple[list[str], list[list[str]]]:
 
 def settings_table(results: dict) -> tuple[list[str], list[list[str]]]:
     header = [label or fd_label(results) for _, label in COLUMNS]
-    body = [[fmt(row[key]) + (" (reference)" if key == "sampler" and row["is_reference"] else "")
+    body = [[(curve_label(row) if key == "sampler" else fmt(row[key]))
+             + (" (reference)" if key == "sampler" and row["is_reference"] else "")
              for key, _ in COLUMNS] for row in results["rows"]]
     return header, body
 
@@ -120,11 +131,6 @@ def coinciding_samplers(results: dict) -> str | None:
             "outputs are DDIM's.")
 
 
-def markdown_table(header: list[str], body: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
-
-
 def summary_table(results: dict) -> str:
     """The quality-vs-steps table as Markdown (what the CLI prints)."""
     header, body = steps_table(results)
@@ -137,12 +143,14 @@ def write_report(results, grids: dict[str, torch.Tensor], output: Path) -> None:
     data = results.to_dict()
     (output / "results.json").write_text(json.dumps(data, indent=2, allow_nan=False))
     (output / "grids").mkdir(exist_ok=True)
-    rows = {f"{r['model']}/{r['sampler']}/{r['steps']}": r for r in data["rows"]}
+    rows = {row_key(r): r for r in data["rows"]}
     for key, images in grids.items():
         if images is not None:
-            Image.fromarray(_strip(images)).save(output / rows[key]["grid"])
+            Image.fromarray(strip_images(images)).save(output / rows[key]["grid"])
     figures = {"quality_vs_steps.png": plot_quality_vs_steps(data), "quality_vs_latency.png":
                plot_quality_vs_latency(data), "samples.png": plot_samples(data, grids)}
+    if text_rows(data):
+        figures |= {"fd_vs_clip.png": plot_fd_vs_clip(data), "prompt_grid.png": plot_prompt_grid(data, grids, row_key)}
     for name, figure in figures.items():
         figure.savefig(output / name, dpi=110, bbox_inches="tight")
     (output / "report.md").write_text(markdown_report(data, round_health.report_lines(
@@ -151,20 +159,11 @@ def write_report(results, grids: dict[str, torch.Tensor], output: Path) -> None:
     log.info("wrote %s", output / "report.html")
 
 
-def _strip(images: torch.Tensor) -> numpy.ndarray:
-    """uint8 N x C x H x W -> one row image, each tile resized to TILE px high (nearest)."""
-    images = images if images.shape[1] == 3 else images[:, :1].repeat(1, 3, 1, 1)
-    scale = TILE / images.shape[-2]
-    tiles = torch.nn.functional.interpolate(images.float(), scale_factor=scale, mode="nearest" if scale >= 1
-                                            else "area").round().clamp(0, 255).to(torch.uint8)
-    return torch.cat(list(tiles), dim=-1).permute(1, 2, 0).numpy()
-
-
 def _curves(results: dict) -> dict[tuple, list[dict]]:
     curves: dict[tuple, list[dict]] = defaultdict(list)
     for row in results["rows"]:
         if not row["is_reference"] and row["fd"] is not None:
-            curves[(row["model"], row["sampler"])].append(row)
+            curves[(row["model"], curve_label(row))].append(row)
     return curves
 
 
@@ -222,8 +221,8 @@ def plot_quality_vs_latency(results: dict):
 
 def plot_samples(results: dict, grids: dict[str, torch.Tensor]):
     """All settings' first images from the same noise, one row per (model, sampler, steps)."""
-    rows = [r for r in results["rows"] if grids.get(f"{r['model']}/{r['sampler']}/{r['steps']}") is not None]
-    strips = [_strip(grids[f"{r['model']}/{r['sampler']}/{r['steps']}"]) for r in rows]
+    rows = [r for r in results["rows"] if grids.get(row_key(r)) is not None]
+    strips = [strip_images(grids[row_key(r)]) for r in rows]
     width = max(s.shape[1] for s in strips)
     figure = Figure(figsize=(width / 80 + 2.5, 0.9 * len(rows)))
     axes = figure.subplots(len(rows), 1, squeeze=False)
@@ -260,7 +259,7 @@ def markdown_report(results: dict, warnings: list[str] = ()) -> str:
              "![quality vs steps](quality_vs_steps.png)", "",
              "## Every setting", "", markdown_table(header, body), "",
              "![quality vs latency](quality_vs_latency.png)", "",
-             "## Samples from the same noise", "", "![samples](samples.png)", "",
+             "## Samples from the same noise", "", "![samples](samples.png)", "", *markdown_section(results),
              "## Protocol", "", "```yaml", yaml.safe_dump(results["protocol"], sort_keys=False).strip(), "```", ""]
     return "\n".join(parts)
 
@@ -283,6 +282,15 @@ def _img(path: Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
+def _html_text_section(results: dict, output: Path) -> str:
+    if not text_rows(results):
+        return ""
+    intro = markdown_section(results)[2]
+    return "".join(["<h2>Text-to-image: prompt accuracy and CLIP score</h2>", f"<p>{inline_markdown(intro)}</p>",
+                     _html_table(*text_table(results)), _img(output / "fd_vs_clip.png", "FD vs CLIP score"),
+                     _img(output / "prompt_grid.png", "prompts x steps")])
+
+
 def html_report(results: dict, output: Path) -> str:
     """The Markdown report's content as one HTML file with the images inlined (mail it, open it anywhere)."""
     steps_header, steps_body = steps_table(results)
@@ -300,6 +308,6 @@ def html_report(results: dict, output: Path) -> str:
         _html_table(steps_header, steps_body), f"<p>{inline_markdown(note)}</p>" if note else "", _img(output / "quality_vs_steps.png", "quality vs steps"),
         "<h2>Every setting</h2>", _html_table(header, body),
         _img(output / "quality_vs_latency.png", "quality vs latency"),
-        "<h2>Samples from the same noise</h2>", _img(output / "samples.png", "samples"),
+        "<h2>Samples from the same noise</h2>", _img(output / "samples.png", "samples"), _html_text_section(results, output),
         "<h2>Protocol</h2><pre>", html.escape(yaml.safe_dump(results["protocol"], sort_keys=False)), "</pre>",
         "</body></html>"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -20,12 +20,14 @@ from diffkd.conditioning import read_prompts
 from diffkd.errors import DiffkdError
 from diffkd.eval_options import EvalConfig
 from diffkd.evaluation import protocol
-from diffkd.evaluation.clip import clip_score_metric
+from diffkd.evaluation.clip import clip_score_metric, locate_clip
 from diffkd.evaluation.features import load_feature_network, to_uint8
 from diffkd.evaluation.frechet import frechet_distance, gaussian_stats, kernel_distance
+from diffkd.evaluation.glyphs_classifier import GLYPHS_CLASSIFIER, load_glyphs_classifier, read_attributes
 from diffkd.evaluation.plan import MetricPlan, plan_metrics
+from diffkd.evaluation.prompt_accuracy import prompt_accuracy
 from diffkd.evaluation.reference import check_reference, default_cache_dir, load_real_set
-from diffkd.evaluation.report import write_report
+from diffkd.evaluation.report import setting_key, write_report
 from diffkd.guidance_embedding import student_conditioning
 from diffkd.io import LoadedPipeline, load_pipeline
 from diffkd.losses.perceptual import LPIPSLoss
@@ -33,7 +35,7 @@ from diffkd.methods import METHODS, method_class
 from diffkd.models import Conditioning
 from diffkd.progress import Progress
 from diffkd.sampling import sampler_settings, scheduler_sample, teacher_sample
-from diffkd.weights import file_sha256, locate_hf_model
+from diffkd.weights import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +74,14 @@ class Model:
 
 @dataclass
 class Setting:
-    """One (model, sampler, steps) and what has been measured for it so far."""
+    """One (model, sampler, steps, guidance scale) and what has been measured for it so far. ``guidance`` is None
+    for pipelines without text; ``unet_rows`` counts the rows the UNet evaluated (a CFG step is two per image)."""
 
     model: Model
     sampler: str
     steps: int
     reference: bool = False
+    guidance: float | None = None
     features: list = field(default_factory=list)
     psnr: list = field(default_factory=list)
     lpips: list = field(default_factory=list)
@@ -85,10 +89,12 @@ class Setting:
     peak_bytes: int = 0
     grid: torch.Tensor | None = None
     clip: object = None
+    unet_rows: int = 0
+    read: list = field(default_factory=list)
 
     @property
     def key(self) -> str:
-        return f"{self.model.name}/{self.sampler}/{self.steps}"
+        return setting_key(self.model.name, self.sampler, self.steps, self.guidance)
 
 
 def read_card(source: str) -> dict:
@@ -138,20 +144,47 @@ def load_models(config: EvalConfig, device: torch.device) -> tuple[list[Model], 
     return models, teacher
 
 
+def guidance_distilled(model: Model) -> bool:
+    """A student trained to give the guided output at one fixed scale in one pass (its card records the scale)."""
+    return (model.student and not guidance_embedding_dim(model)
+            and float(model.card.get("guidance_scale", 1.0)) > 1)
+
+
+def guidance_embedding_dim(model: Model) -> int | None:
+    """A guidance-embedded student's w-embedding size (None otherwise): it takes any scale as an input."""
+    return getattr(model.pipe.unet, "config", {}).get("time_cond_proj_dim")
+
+
+def guidance_scales(config: EvalConfig, model: Model) -> list[float | None]:
+    """The guidance scales a model is swept over: none without text; the card's for a guidance-distilled student
+    (it runs unguided, the scale is baked in); ``guidance_scales`` (or ``guidance_scale``) otherwise."""
+    if not model.pipe.text_conditioned:
+        return [None]
+    if guidance_distilled(model):
+        return [float(model.card["guidance_scale"])]
+    return list(config.guidance_scales or [config.guidance_scale])
+
+
 def make_settings(config: EvalConfig, models: list[Model], teacher: Model | None) -> list[Setting]:
-    """Teachers: each sampler at each k. Students: their own scheduler at each k and at their card's k.
-    The reference teacher's ``reference_steps`` run comes first: it is the fidelity target of the rest."""
+    """Teachers: each sampler at each k and guidance scale. Students: their own scheduler at each k and at their
+    card's k. The reference teacher's ``reference_steps`` run (at ``guidance_scale``) comes first: it is the
+    fidelity target of the rest."""
     settings = []
+    reference = None
     if teacher is not None:
-        settings.append(Setting(teacher, config.reference_sampler, config.reference_steps, reference=True))
+        guidance = config.guidance_scale if teacher.pipe.text_conditioned else None
+        reference = (config.reference_sampler, config.reference_steps, guidance)
+        settings.append(Setting(teacher, config.reference_sampler, config.reference_steps, reference=True,
+                                guidance=guidance))
     for model in models:
+        scales = guidance_scales(config, model)
         if model.student:
             own = model.card.get("num_inference_steps")
             steps = sorted(set(config.steps) | ({int(own)} if isinstance(own, int) else set()))
-            settings += [Setting(model, OWN, k) for k in steps]
+            settings += [Setting(model, OWN, k, guidance=w) for k in steps for w in scales]
         else:
-            settings += [Setting(model, s, k) for s in config.samplers for k in config.steps
-                         if not (model is teacher and s == config.reference_sampler and k == config.reference_steps)]
+            settings += [Setting(model, s, k, guidance=w) for s in config.samplers for k in config.steps
+                         for w in scales if not (model is teacher and (s, k, w) == reference)]
     return settings
 
 
@@ -187,11 +220,21 @@ class Prompts:
         embeds, negative = model.pipe.pipeline.encode_prompt(self.batch(start, count), device, 1, True, [""] * count)
         cond = Conditioning(encoder_hidden_states=embeds, uncond_encoder_hidden_states=negative,
                             guidance_scale=self.guidance_scale)
-        embedding_dim = model.pipe.unet.config.get("time_cond_proj_dim")
-        if embedding_dim:  # a guidance-embedded student: one pass, told w (as StableDiffusionPipeline does)
-            return student_conditioning(cond, torch.full((count,), float(self.guidance_scale), device=device),
-                                        embedding_dim)
-        return cond.unguided() if float(model.card.get("guidance_scale", 1.0)) > 1 else cond
+        return cond.unguided() if guidance_distilled(model) else cond
+
+
+def with_guidance(cond: Conditioning | None, setting: Setting) -> Conditioning | None:
+    """The batch's conditioning at the setting's guidance scale (a guidance-distilled student stays unguided; a
+    guidance-embedded one makes one pass, told w as StableDiffusionPipeline tells it)."""
+    if cond is None or setting.guidance is None or cond.uncond_encoder_hidden_states is None:
+        return cond
+    cond = replace(cond, guidance_scale=setting.guidance)
+    embedding_dim = guidance_embedding_dim(setting.model)
+    if embedding_dim:
+        w = torch.full((cond.encoder_hidden_states.shape[0],), float(setting.guidance),
+                       device=cond.encoder_hidden_states.device)
+        return student_conditioning(cond, w, embedding_dim)
+    return cond
 
 
 def _sync(device: torch.device) -> None:
@@ -205,12 +248,19 @@ def run_setting(setting: Setting, noise: torch.Tensor, cond: Conditioning | None
     """Sample and decode one batch; time it (and its peak GPU memory) into the setting."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    rows = [0]
+    counter = setting.model.pipe.unet.register_forward_pre_hook(
+        lambda _module, inputs: rows.__setitem__(0, rows[0] + inputs[0].shape[0]))
     _sync(device)
     start = time.perf_counter()
-    latents = sample(setting, noise, cond)
-    images = setting.model.pipe.denoiser.decode(latents)
-    _sync(device)
+    try:
+        latents = sample(setting, noise, cond)
+        images = setting.model.pipe.denoiser.decode(latents)
+        _sync(device)
+    finally:
+        counter.remove()
     setting.seconds += time.perf_counter() - start
+    setting.unet_rows += rows[0]
     if device.type == "cuda":
         setting.peak_bytes = max(setting.peak_bytes, torch.cuda.max_memory_allocated(device))
     return images
@@ -231,7 +281,8 @@ def evaluate(config: EvalConfig) -> EvalResults:
     first = teacher or models[0]
     size, channels = first.pipe.image_size, first.pipe.image_channels
     prompts = _prompts(config, models)
-    plan = plan_metrics(config, teacher is not None, any(m.pipe.text_conditioned for m in models), prompts is not None)
+    plan = plan_metrics(config, teacher is not None, any(m.pipe.text_conditioned for m in models), prompts is not None,
+                        prompts.prompts if prompts else None)
     check_reference(config.reference, plan.feature, size, channels)
     feature = load_feature_network(plan.feature, device, config.feature_weights)
     cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
@@ -239,12 +290,13 @@ def evaluate(config: EvalConfig) -> EvalResults:
     lpips_model, lpips_note = _lpips(config, plan, device)
     clip_note = plan.clip_off
     if plan.clip:
-        clip_note = f"on: {locate_hf_model(config.clip_model, 'CLIPScore', 'eval.clip_model')}"
+        clip_note = f"on: {locate_clip(plan.clip_model)}"
     settings = make_settings(config, models, teacher)
     if plan.clip:
         for setting in settings:
             if setting.model.pipe.text_conditioned:
-                setting.clip = clip_score_metric(config.clip_model).to(device)
+                setting.clip = clip_score_metric(plan.clip_model).to(device)
+    reader, accuracy_note = _attribute_reader(plan, device)
 
     _warm_up(settings, config.seed, device, prompts)
     log.info("%d settings x %d samples (%d models; feature %s)", len(settings), config.num_samples, len(models),
@@ -257,8 +309,10 @@ def evaluate(config: EvalConfig) -> EvalResults:
         for setting in settings:
             model = setting.model
             images = to_uint8(run_setting(setting, batch_noise(model.noise_shape, config.seed, index, count, device),
-                                          conds[model.name], device))
+                                          with_guidance(conds[model.name], setting), device))
             setting.features.append(feature(images))
+            if reader is not None and model.pipe.text_conditioned:
+                setting.read.append(read_attributes(reader, images))
             if setting.reference:
                 target = images
             elif config.fidelity and target is not None and images.shape == target.shape:
@@ -272,9 +326,10 @@ def evaluate(config: EvalConfig) -> EvalResults:
             shown.update(1, f"batch {index + 1}, {setting.key}")
     shown.close()
 
-    rows = [_row(s, real, config, teacher, settings) for s in settings]
+    rows = [_row(s, real, config, teacher, settings, prompts) for s in settings]
     results = EvalResults(
-        protocol=_protocol(config, device, feature, real, models, teacher, lpips_note, clip_note, size, channels),
+        protocol=_protocol(config, device, feature, real, models, teacher, lpips_note, clip_note, accuracy_note, size,
+                           channels, prompts),
         models=[_model_info(m, teacher) for m in models], rows=rows, noise_floor=_noise_floor(real, config),
         elapsed_seconds=round(time.perf_counter() - started, 2))
     if config.output:
@@ -298,6 +353,15 @@ def _warm_up(settings: list[Setting], seed: int, device: torch.device, prompts: 
 
 def _rgb(images: torch.Tensor) -> torch.Tensor:
     return images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images
+
+
+def _attribute_reader(plan: MetricPlan, device: torch.device):
+    """The glyphs classifier that reads each image's attributes for prompt accuracy, or None, and a note."""
+    if not plan.prompt_accuracy:
+        return None, plan.prompt_accuracy_off
+    classifier, details = load_glyphs_classifier(device)
+    return classifier, (f"on: glyphs classifier sha256 {file_sha256(str(GLYPHS_CLASSIFIER))}, held-out accuracy "
+                        f"{details['heldout_accuracy']}")
 
 
 def _lpips(config: EvalConfig, plan: MetricPlan, device: torch.device):
@@ -331,7 +395,15 @@ def _mean(values: list[torch.Tensor]) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _row(setting: Setting, real, config: EvalConfig, teacher: Model | None, settings: list[Setting]) -> dict:
+def _prompt_accuracy(setting: Setting, prompts: Prompts | None, num: int) -> dict | None:
+    if not setting.read:
+        return None
+    read = {name: torch.cat([r[name] for r in setting.read]) for name in setting.read[0]}
+    return prompt_accuracy(read, prompts.batch(0, num))
+
+
+def _row(setting: Setting, real, config: EvalConfig, teacher: Model | None, settings: list[Setting],
+         prompts: Prompts | None) -> dict:
     features = torch.cat(setting.features)
     fd = kid = kid_std = None
     if not torch.isfinite(features).all():  # a diverged sampler: say so in the table rather than crash
@@ -346,10 +418,12 @@ def _row(setting: Setting, real, config: EvalConfig, teacher: Model | None, sett
     ms = 1000 * setting.seconds / num
     return {
         "model": setting.model.name, "role": "student" if setting.model.student else "teacher",
-        "sampler": setting.sampler, "steps": setting.steps, "is_reference": setting.reference,
+        "sampler": setting.sampler, "steps": setting.steps, "guidance_scale": setting.guidance,
+        "is_reference": setting.reference, "unet_passes": setting.unet_rows / num,
         "fd": fd, "kid": kid, "kid_std": kid_std,
         "psnr": _mean(setting.psnr), "lpips": _mean(setting.lpips),
         "clip_score": float(setting.clip.compute()) if setting.clip is not None else None,
+        "prompt_accuracy": _prompt_accuracy(setting, prompts, num),
         "ms_per_image": ms, "images_per_second": 1000 / ms if ms > 0 else None,
         "speedup": (1000 * reference.seconds / num) / ms if reference is not None and ms > 0 else None,
         "peak_memory_mb": setting.peak_bytes / 2**20 if setting.peak_bytes else None,
@@ -385,7 +459,8 @@ def _model_info(model: Model, teacher: Model | None) -> dict:
 
 
 def _protocol(config: EvalConfig, device: torch.device, feature, real, models: list[Model], teacher: Model | None,
-              lpips_note: str, clip_note: str, size: int, channels: int) -> dict:
+              lpips_note: str, clip_note: str, accuracy_note: str, size: int, channels: int,
+              prompts: Prompts | None) -> dict:
     samplers = {}
     for model in models:
         pipe = model.pipe
@@ -414,8 +489,12 @@ def _protocol(config: EvalConfig, device: torch.device, feature, real, models: l
         "fidelity": ("PSNR (dB, per image on [0, 1] after uint8 rounding, averaged) and LPIPS to the teacher's "
                      f"{config.reference_sampler}-{config.reference_steps} output from the same noise")
         if config.fidelity and teacher else "off",
-        "lpips": lpips_note, "clip_score": clip_note,
+        "lpips": lpips_note, "clip_score": clip_note, "prompt_accuracy": accuracy_note,
         "guidance_scale": config.guidance_scale if any(m.pipe.text_conditioned for m in models) else None,
+        "grid_prompts": prompts.batch(0, config.grid_size) if prompts else None,
+        "guidance_scales": (config.guidance_scales or [config.guidance_scale])
+        if any(m.pipe.text_conditioned for m in models) else None,
+        "unet_passes": "UNet rows evaluated per image while sampling (a classifier-free-guided step is two)",
         "timing": "sampling + decoding wall time over all batches of batch_size, after one warm-up pass per model",
         "peak_memory": "torch.cuda.max_memory_allocated per setting" if device.type == "cuda" else
         f"per setting on CUDA only; this process's peak RSS was {protocol.peak_rss_mb():.0f} MB",
