@@ -153,7 +153,9 @@ class ConsistencyConfig(MethodConfig):
     ``distance``: iCT's pseudo-Huber (c = 0.00054 sqrt(d)), the squared L2, or LPIPS (pixel teachers).
     ``solver``: the teacher's ODE step, DDIM (one teacher pass) or DPM-Solver++(2S) through the interval's
     midpoint (two passes, second order). ``guidance_scale``: the teacher's fixed classifier-free guidance inside its
-    ODE step (conditional teachers).
+    ODE step (conditional teachers). ``guidance``: a w range instead (LCM's w-conditioning): the teacher's step is
+    guided at a w drawn per sample and the student and its target network are told that w through a guidance
+    embedding (``diffkd.guidance_embedding``); exclusive with a fixed ``guidance_scale``.
     ``num_inference_steps``: the step count the model card and the evaluation name as the student's own; the
     exported LCMScheduler samples any k from 1 to 8 (and up to teacher_grid).
     """
@@ -166,6 +168,7 @@ class ConsistencyConfig(MethodConfig):
     distance: str = "pseudo_huber"
     solver: str = "ddim"
     guidance_scale: float = 1.0
+    guidance: GuidanceRange | None = None
     timestep_scaling: float = 10.0
     num_inference_steps: int = 4
 
@@ -181,6 +184,9 @@ class ConsistencyConfig(MethodConfig):
         check_choice("method.solver", self.solver, CONSISTENCY_SOLVERS)
         check(self.guidance_scale >= 1, f"method.guidance_scale must be >= 1 (1 = no guidance); "
                                         f"got {self.guidance_scale}")
+        check(self.guidance is None or self.guidance_scale == 1,
+              "method.guidance (a w range, embedded in the student) and a fixed method.guidance_scale exclude each "
+              "other: drop one")
         check(self.timestep_scaling > 0, f"method.timestep_scaling must be > 0 (LCM uses 10); "
                                          f"got {self.timestep_scaling}")
         check(1 <= self.num_inference_steps <= self.teacher_grid,

@@ -123,13 +123,13 @@ def test_consistency_target_with_an_exact_teacher_is_the_closed_form_ode_solutio
         grid = method.grid
         t = torch.full((7,), grid[len(grid) // 2])
         s = torch.full((7,), grid[len(grid) // 2 - 1])
-        target = method.target_at(z, t, s, Conditioning())
+        target = method.target_at(z, t, s, Conditioning(), Conditioning())
         errors.append((target - flow_ratio(t, std).view(-1, 1) * z).abs().max().item())
     assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-4, errors
     # at the boundary the target is the teacher's step itself (f(x, 0) = x), which lands on the exact flow too
     method = method_for(GaussianTeacher(std), ExactFlowMap(std, 10.0), teacher_grid=500)
     t, s = torch.full((7,), method.grid[1]), torch.zeros(7, dtype=torch.long)
-    target = method.target_at(z, t, s, Conditioning())
+    target = method.target_at(z, t, s, Conditioning(), Conditioning())
     torch.testing.assert_close(target, method.teacher.denoiser.ddim_step(z, t, s))
     torch.testing.assert_close(target, flow_ratio(t, std).view(-1, 1) * z, atol=1e-4, rtol=1e-4)
 

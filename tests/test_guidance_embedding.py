@@ -92,30 +92,70 @@ def count_passes(unet: torch.nn.Module) -> tuple[list[int], list]:
     return sizes, conds
 
 
-@pytest.mark.slow
-def test_guidance_progressive_student_runs_one_pass_per_step_at_any_w(tiny_sd, tmp_path):
-    """The glyphs recipe, on the tiny text teacher: 4 (guidance) -> 2 steps."""
-    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "glyphs-guidance-progressive.yaml", [
-        "method.start_steps=4", "method.final_steps=2", "method.steps_per_round=2", "method.guidance.embedding_dim=16",
-        f"teacher.source={tiny_sd}", "data.source=digits", "data.convert=true", "data.prompts=[a cat, a dog]",
-        "train.batch_size=4", "train.learning_rate=1e-2", "train.warmup_steps=0", "train.device=cpu"])
-    folder = distill(config, tmp_path / "run")
+RECIPES = Path(__file__).resolve().parents[1] / "configs"
+TINY_TEXT_RUN = ["data.source=digits", "data.convert=true", "data.prompts=[a cat, a dog]", "train.batch_size=4",
+                 "train.learning_rate=1e-2", "train.warmup_steps=0", "train.device=cpu",
+                 "method.guidance.embedding_dim=16"]
+
+
+def assert_one_pass_per_step_at_any_w(folder: Path, teacher_folder: str, steps: int) -> None:
+    """The exported student, loaded by StableDiffusionPipeline, runs one UNet pass per image per step told w where
+    the teacher with classifier-free guidance runs two."""
     student = StableDiffusionPipeline.from_pretrained(folder)
-    teacher = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    teacher = StableDiffusionPipeline.from_pretrained(teacher_folder)
     assert student.unet.config.time_cond_proj_dim == 16
     assert student.unet.time_embedding.cond_proj.weight.abs().sum() > 0  # w reached the student
-    options = {"num_inference_steps": 2, "height": 8, "width": 8, "output_type": "np", "num_images_per_prompt": 3}
+    options = {"num_inference_steps": steps, "height": 8, "width": 8, "output_type": "np", "num_images_per_prompt": 3}
     for w in (2.0, 4.0):
         sizes, conds = count_passes(student.unet)
         images = student("a cat", guidance_scale=w, **options).images
         assert images.shape == (3, 8, 8, 3)
-        assert sum(sizes) / 3 == 2  # one pass per image per step
+        assert sum(sizes) / 3 == steps  # one pass per image per step
         torch.testing.assert_close(conds[0], guidance_scale_embedding(torch.full((3,), w), 16))
         teacher_sizes, _ = count_passes(teacher.unet)
         teacher("a cat", guidance_scale=w, **options)
-        assert sum(teacher_sizes) / 3 == 4  # classifier-free guidance: two per step
+        assert sum(teacher_sizes) / 3 == 2 * steps  # classifier-free guidance: two per step
         student.unet._forward_pre_hooks.clear()
         teacher.unet._forward_pre_hooks.clear()
+
+
+@pytest.mark.slow
+def test_guidance_progressive_student_runs_one_pass_per_step_at_any_w(tiny_sd, tmp_path):
+    """The glyphs recipe, on the tiny text teacher: 4 (guidance) -> 2 steps."""
+    config = load_config(RECIPES / "glyphs-guidance-progressive.yaml", [
+        "method.start_steps=4", "method.final_steps=2", "method.steps_per_round=2", f"teacher.source={tiny_sd}",
+        *TINY_TEXT_RUN])
+    assert_one_pass_per_step_at_any_w(distill(config, tmp_path / "run"), tiny_sd, 2)
+
+
+@pytest.mark.slow
+def test_guidance_consistency_student_runs_one_pass_per_step_at_any_w(tiny_sd, tmp_path):
+    """The glyphs LCM recipe, on the tiny text teacher: a w-conditioned consistency student sampled by its
+    LCMScheduler at 4 steps."""
+    config = load_config(RECIPES / "glyphs-guidance-consistency.yaml", [
+        "method.num_steps=3", "method.teacher_grid=20", f"teacher.source={tiny_sd}", *TINY_TEXT_RUN])
+    folder = distill(config, tmp_path / "run")
+    assert StableDiffusionPipeline.from_pretrained(folder).scheduler.__class__.__name__ == "LCMScheduler"
+    assert_one_pass_per_step_at_any_w(folder, tiny_sd, 4)
+
+
+def test_consistency_tells_the_teacher_and_both_student_networks_each_samples_w(tiny_sd):
+    from diffkd.api import prepare
+
+    config = parse_config({
+        "method": {"name": "consistency", "teacher_grid": 20, "target_ema": 0.9,
+                   "guidance": {"w_min": 2.0, "w_max": 6.0, "embedding_dim": 16}},
+        "teacher": {"source": tiny_sd}, "data": {"prompts": ["a cat"]}, "run_eval": False})
+    teacher, method, _ = prepare(config)
+    assert method.student.config.time_cond_proj_dim == 16 and method.target.config.time_cond_proj_dim == 16
+    assert teacher.unet.config.time_cond_proj_dim is None
+    batch = {"x0": torch.randn(3, 4, 4, 4), "encoder_hidden_states": torch.randn(3, 8, 16),
+             "uncond_encoder_hidden_states": torch.randn(3, 8, 16)}
+    cond, student_cond = method.conditioning(batch, torch.Generator().manual_seed(0))
+    w = cond.guidance_scale
+    assert w.shape == (3,) and 2 <= w.min() and w.max() <= 6 and cond.guided and not student_cond.guided
+    torch.testing.assert_close(student_cond.timestep_cond, guidance_scale_embedding(w, 16))
+    assert method.export_spec().card["guidance_range"] == [2.0, 6.0]
 
 
 def test_guidance_round_learns_the_cfg_teacher_then_halvings_the_w_conditioned_student(tiny_sd):
@@ -141,7 +181,7 @@ def test_guidance_round_learns_the_cfg_teacher_then_halvings_the_w_conditioned_s
 
 
 def test_evaluation_runs_an_embedded_student_once_per_step_told_w(tiny_sd):
-    from diffkd.evaluation.sweep import Model, Prompts
+    from diffkd.evaluation.sweep import OWN, Model, Prompts, Setting, with_guidance
     from diffkd.io import load_pipeline
 
     pipe = load_pipeline(tiny_sd)
@@ -150,7 +190,7 @@ def test_evaluation_runs_an_embedded_student_once_per_step_told_w(tiny_sd):
     embedded.pipeline.unet = add_guidance_embedding(embedded.unet, 16)
     student = Model("student", tiny_sd, embedded, {"guidance_range": [2.0, 6.0]}, student=True)
     prompts = Prompts(["a cat", "a dog"], guidance_scale=4.0)
-    assert prompts.condition(teacher, 0, 3).guided
-    cond = prompts.condition(student, 0, 3)
-    assert not cond.guided
-    torch.testing.assert_close(cond.timestep_cond, guidance_scale_embedding(torch.full((3,), 4.0), 16))
+    assert with_guidance(prompts.condition(teacher, 0, 3), Setting(teacher, "ddim", 2, guidance=4.0)).guided
+    cond = with_guidance(prompts.condition(student, 0, 3), Setting(student, OWN, 2, guidance=3.0))
+    assert not cond.guided  # one pass per step, told the setting's w
+    torch.testing.assert_close(cond.timestep_cond, guidance_scale_embedding(torch.full((3,), 3.0), 16))

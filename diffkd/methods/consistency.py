@@ -26,6 +26,13 @@ from torch import nn
 from diffkd import schedule
 from diffkd.conditioning import batch_conditioning, training_rows
 from diffkd.errors import DiffkdError
+from diffkd.guidance_embedding import (
+    add_guidance_embedding,
+    check_guidance_run,
+    draw_guidance_scales,
+    student_conditioning,
+    teacher_conditioning,
+)
 from diffkd.losses.kd import PerceptualKD
 from diffkd.losses.terms import LossTerms
 from diffkd.method_options import ConsistencyConfig
@@ -90,6 +97,10 @@ class ConsistencyDistillation(Method):
     config_class = ConsistencyConfig
 
     def __init__(self, config, teacher, student):
+        self.guidance = config.method.guidance
+        if self.guidance is not None:
+            check_guidance_run(config, self.guidance, teacher)
+            student = add_guidance_embedding(student, self.guidance.embedding_dim)
         super().__init__(config, teacher, student)
         teacher_model = teacher.denoiser
         self.grid = consistency_grid(teacher_model.num_train_timesteps, self.options.teacher_grid)
@@ -141,7 +152,19 @@ class ConsistencyDistillation(Method):
 
     def student_output(self, model: Denoiser, z: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The consistency function of ``model`` (the student or its target network): one conditional pass."""
-        return consistency_function(model, z, t, cond.unguided(), self.options.timestep_scaling)
+        return consistency_function(model, z, t, cond, self.options.timestep_scaling)
+
+    def conditioning(self, batch: dict[str, torch.Tensor], generator: torch.Generator
+                     ) -> tuple[Conditioning, Conditioning]:
+        """(the teacher's conditioning, the student's): a fixed w guides the teacher's step and is baked into the
+        student; a w range draws one w per sample for the teacher's step and tells the student (and its target
+        network) that w through the guidance embedding (LCM's w-conditioning)."""
+        if self.guidance is None:
+            cond = batch_conditioning(batch, self.options.guidance_scale)
+            return cond, cond.unguided()
+        plain = batch_conditioning(batch, 1.0)
+        w = draw_guidance_scales(len(batch["x0"]), self.guidance, generator, batch["x0"].device)
+        return teacher_conditioning(plain, w), student_conditioning(plain, w, self.guidance.embedding_dim)
 
     def loss(self, phase: str, batch: dict[str, torch.Tensor], generator: torch.Generator) -> LossTerms:
         x = batch["x0"]
@@ -151,15 +174,16 @@ class ConsistencyDistillation(Method):
         eps = torch.randn(x.shape, generator=generator).to(x.device)
         alpha_t, sigma_t = self.teacher.denoiser.alpha_sigma(t)
         z_t = schedule.broadcast(alpha_t, x) * x + schedule.broadcast(sigma_t, x) * eps
-        cond = batch_conditioning(batch, self.options.guidance_scale)
-        target = self.target_at(z_t, t, s, cond)
-        prediction = self.student_output(self.model, z_t, t, cond)
+        teacher_cond, student_cond = self.conditioning(batch, generator)
+        target = self.target_at(z_t, t, s, teacher_cond, student_cond)
+        prediction = self.student_output(self.model, z_t, t, student_cond)
         return LossTerms({"consistency": self.distance(prediction, target).mean()})
 
     @torch.no_grad()
-    def target_at(self, z_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    def target_at(self, z_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, teacher_cond: Conditioning,
+                  student_cond: Conditioning) -> torch.Tensor:
         """The consistency target of z_t: the target network's f at the teacher's ODE step's landing point z_s."""
-        return self.student_output(self.target_model, self.teacher_step(z_t, t, s, cond), s, cond)
+        return self.student_output(self.target_model, self.teacher_step(z_t, t, s, teacher_cond), s, student_cond)
 
     def distance(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Per-sample distance between the student's and the target network's outputs."""
@@ -180,7 +204,8 @@ class ConsistencyDistillation(Method):
         return ExportSpec(scheduler, o.num_inference_steps, self.prediction_type, card={
             "trained_timesteps": self.grid, "teacher_grid": o.teacher_grid, "skip": o.skip,
             "target_ema": o.target_ema, "distance": o.distance, "solver": o.solver, "guidance_scale": o.guidance_scale,
-            "timestep_scaling": o.timestep_scaling, "sampling_timesteps": sampled})
+            "timestep_scaling": o.timestep_scaling, "sampling_timesteps": sampled,
+            **({} if self.guidance is None else {"guidance_range": [self.guidance.w_min, self.guidance.w_max]})})
 
 
 def student_scheduler(teacher_scheduler, prediction_type: str, clip_sample: float | None, grid_points: int,
