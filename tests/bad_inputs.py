@@ -47,27 +47,25 @@ def _set(fragment: str, *sets: str) -> Callable:
     return make
 
 
-def _consistency(fragment: str, *sets: str) -> Callable:
-    """A consistency distillation of the tiny teacher with ``sets`` (the progressive base's keys do not apply)."""
+def _recipe(config: str, fragment: str, *sets: str) -> Callable:
+    """A run of the shipped recipe ``config`` on the tiny teacher with ``sets`` (the progressive base's keys do not
+    apply to other methods)."""
     def make(tmp: Path, teacher: str):
         output = tmp / "run"
-        argv = ["distill", str(ROOT / "configs/digits-consistency.yaml"), "--output", str(output)]
-        for assignment in (f"teacher.source={teacher}", "method.num_steps=2", "train.batch_size=8",
-                           "train.device=cpu", "run_eval=false", *sets):
+        argv = ["distill", str(ROOT / "configs" / config), "--output", str(output)]
+        for assignment in (f"teacher.source={teacher}", "train.batch_size=8", "train.device=cpu", "run_eval=false",
+                           *sets):
             argv += ["--set", assignment]
         return argv, fragment, output
     return make
+
+
+def _consistency(fragment: str, *sets: str) -> Callable:
+    return _recipe("digits-consistency.yaml", fragment, "method.num_steps=2", *sets)
 
 
 def _dmd(fragment: str, *sets: str) -> Callable:
-    """A configs/digits-dmd.yaml run on the test teacher with ``sets``."""
-    def make(tmp: Path, teacher: str):
-        output = tmp / "run"
-        argv = ["distill", str(ROOT / "configs" / "digits-dmd.yaml"), "--output", str(output)]
-        for assignment in (f"teacher.source={teacher}", "train.device=cpu", "run_eval=false", *sets):
-            argv += ["--set", assignment]
-        return argv, fragment, output
-    return make
+    return _recipe("digits-dmd.yaml", fragment, *sets)
 
 
 def _copy_teacher(teacher: str, tmp: Path) -> Path:
