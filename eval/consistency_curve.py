@@ -50,10 +50,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as scratch:
         students = {}
         for folder in checkpoint.complete(run / "checkpoints"):
-            _, state = checkpoint.load(folder)
-            step = state["progress"]["step"] or "end"
-            students[f"step {step}"] = str(export_checkpoint(run, folder, Path(scratch) / f"step-{step}"))
-        students["exported"] = str(run / "student")
+            step = checkpoint.load(folder)[1]["progress"]["step"]
+            if step:  # the end-of-round checkpoint holds what was exported
+                students[f"step {step}"] = str(export_checkpoint(run, folder, Path(scratch) / f"step-{step}"))
+        students["exported (last step)"] = str(run / "student")
         results = evaluate(EvalConfig(
             pipelines=[args.teacher, *students.values()], teacher=args.teacher, steps=STEPS, samplers=["ddim"],
             reference_steps=64, reference="digits", feature="digits-classifier", num_samples=args.num_samples,
