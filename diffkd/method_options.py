@@ -144,7 +144,8 @@ class VaeConfig(MethodConfig):
     reconstruction + kl_weight x KL, the LDM autoencoder's loss without its perceptual and GAN terms), and a CLIP
     text encoder and tokenizer made from the glyphs caption words, kept at their seeded random initialisation.
 
-    The exported pipeline holds them beside a placeholder UNet; ``text-denoise`` trains the real one on top.
+    init_from: a pipeline folder (this method's export) whose VAE training continues, its architecture options
+    then ignored. The exported pipeline holds them beside a placeholder UNet; ``text-denoise`` trains the real one on top.
     Each level of ``block_out_channels`` but the last halves the side (32 px, two levels -> 16x16x4 latents).
     """
 
@@ -159,6 +160,7 @@ class VaeConfig(MethodConfig):
     text_layers: int = 2
     text_heads: int = 4
     max_tokens: int = 20
+    init_from: str = ""
 
     def __post_init__(self):
         check(self.num_steps >= 1, f"method.num_steps must be >= 1; got {self.num_steps}")
@@ -187,7 +189,7 @@ class TextDenoiseConfig(MethodConfig):
 
     name: str = "text-denoise"
     components: str = "runs/glyphs-vae/pipeline"
-    num_steps: int = 1800
+    num_steps: int = 1600
     block_out_channels: list[int] = (32, 64)
     cross_attention: list[bool] = (False, True)
     layers_per_block: int = 1
