@@ -189,7 +189,7 @@ class TextDenoiseConfig(MethodConfig):
 
     name: str = "text-denoise"
     components: str = "runs/glyphs-vae/pipeline"
-    num_steps: int = 1600
+    num_steps: int = 1400
     block_out_channels: list[int] = (32, 64)
     cross_attention: list[bool] = (False, True)
     layers_per_block: int = 1
