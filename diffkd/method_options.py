@@ -8,7 +8,7 @@ method is its options dataclass here, one registry line in ``METHODS``, and its 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from diffkd.validation import LOSS_WEIGHTINGS, PREDICTION_TYPES, SAMPLERS, check, check_choice
 
@@ -152,7 +152,7 @@ class VaeConfig(MethodConfig):
     name: str = "vae"
     num_steps: int = 400
     sample_size: int = 32
-    block_out_channels: list[int] = (16, 32)
+    block_out_channels: list[int] = field(default_factory=lambda: [16, 32])
     layers_per_block: int = 1
     latent_channels: int = 4
     kl_weight: float = 1.0e-6
@@ -190,8 +190,8 @@ class TextDenoiseConfig(MethodConfig):
     name: str = "text-denoise"
     components: str = "runs/glyphs-vae/pipeline"
     num_steps: int = 1400
-    block_out_channels: list[int] = (32, 64)
-    cross_attention: list[bool] = (False, True)
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
+    cross_attention: list[bool] = field(default_factory=lambda: [False, True])
     layers_per_block: int = 1
     attention_head_dim: int = 8
     caption_dropout: float = 0.1
