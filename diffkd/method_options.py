@@ -8,7 +8,7 @@ method is its options dataclass here, one registry line in ``METHODS``, and its 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from diffkd.validation import LOSS_WEIGHTINGS, PREDICTION_TYPES, SAMPLERS, check, check_choice
 
@@ -286,14 +286,15 @@ class VaeConfig(MethodConfig):
     reconstruction + kl_weight x KL, the LDM autoencoder's loss without its perceptual and GAN terms), and a CLIP
     text encoder and tokenizer made from the glyphs caption words, kept at their seeded random initialisation.
 
-    The exported pipeline holds them beside a placeholder UNet; ``text-denoise`` trains the real one on top.
+    init_from: a pipeline folder (this method's export) whose VAE training continues, its architecture options
+    then ignored. The exported pipeline holds them beside a placeholder UNet; ``text-denoise`` trains the real one on top.
     Each level of ``block_out_channels`` but the last halves the side (32 px, two levels -> 16x16x4 latents).
     """
 
     name: str = "vae"
     num_steps: int = 400
     sample_size: int = 32
-    block_out_channels: list[int] = (16, 32)
+    block_out_channels: list[int] = field(default_factory=lambda: [16, 32])
     layers_per_block: int = 1
     latent_channels: int = 4
     kl_weight: float = 1.0e-6
@@ -301,6 +302,7 @@ class VaeConfig(MethodConfig):
     text_layers: int = 2
     text_heads: int = 4
     max_tokens: int = 20
+    init_from: str = ""
 
     def __post_init__(self):
         check(self.num_steps >= 1, f"method.num_steps must be >= 1; got {self.num_steps}")
@@ -329,9 +331,9 @@ class TextDenoiseConfig(MethodConfig):
 
     name: str = "text-denoise"
     components: str = "runs/glyphs-vae/pipeline"
-    num_steps: int = 1800
-    block_out_channels: list[int] = (32, 64)
-    cross_attention: list[bool] = (False, True)
+    num_steps: int = 1400
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
+    cross_attention: list[bool] = field(default_factory=lambda: [False, True])
     layers_per_block: int = 1
     attention_head_dim: int = 8
     caption_dropout: float = 0.1

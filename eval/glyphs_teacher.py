@@ -1,7 +1,8 @@
 """glyphs-32 teacher check: the VAE's reconstruction error, and at DDIM-k over guidance scales how often a sample's
 colours are the ones its prompt asks for, on held-out and training combinations, plus a prompt x scale grid.
 
-    python eval/glyphs_teacher.py --teacher teachers/glyphs-32 [--guidance 1,2,3,5] [--num-prompts 100]
+    python eval/glyphs_teacher.py --teacher teachers/glyphs-32 [--guidance 1,2,3,5] [--num-prompts 100] \
+        [--splits heldout,train]
 
 The colours are read by a fixed rule, not a learned classifier: every pixel goes to its nearest palette colour,
 the background is the commonest colour of the border, the foreground the commonest other colour among pixels that
@@ -87,6 +88,7 @@ def main() -> int:
     parser.add_argument("--guidance", default="1,2,3,5", help="guidance scales, comma-separated")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--num-prompts", type=int, default=100, help="prompts per split")
+    parser.add_argument("--splits", default="heldout,train", help="prompt splits, comma-separated")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=str(Path(__file__).parent / "out" / "glyphs-teacher"))
@@ -107,7 +109,7 @@ def main() -> int:
     print(f"| split | w | DDIM-{args.steps} fg colour | background | both | seconds |")
     print("|---|---|---|---|---|---|")
     grid_rows = []
-    for split in ("heldout", "train"):
+    for split in args.splits.split(","):
         prompts_items = glyphs.glyphs(args.num_prompts, seed=2, split=split)
         prompts = [g.caption for g in prompts_items]
         for scale in [float(w) for w in args.guidance.split(",")]:

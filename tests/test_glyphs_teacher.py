@@ -154,6 +154,10 @@ def test_the_two_stages_make_a_pipeline_that_samples_from_a_prompt(tmp_path):
                                       "text_hidden_size": 16, "text_layers": 1, "text_heads": 2, "max_tokens": 16},
                            "data": TINY_GLYPHS, "train": {"batch_size": 4, "device": "cpu"}})
     parts = distill(stage1, tmp_path / "vae")
+    more = parse_config({"method": {"name": "vae", "init_from": str(parts), "num_steps": 1, "sample_size": 8,
+                                    "text_hidden_size": 16, "text_layers": 1, "text_heads": 2, "max_tokens": 16},
+                         "data": TINY_GLYPHS, "train": {"batch_size": 4, "device": "cpu", "learning_rate": 1e-9}})
+    continued = StableDiffusionPipeline.from_pretrained(distill(more, tmp_path / "vae-more"))
     stage2 = parse_config({"method": {"name": "text-denoise", "components": str(parts), "num_steps": 2,
                                       "block_out_channels": [8, 16], "attention_head_dim": 2},
                            "data": TINY_GLYPHS, "train": {"batch_size": 4, "device": "cpu"}})
@@ -165,6 +169,10 @@ def test_the_two_stages_make_a_pipeline_that_samples_from_a_prompt(tmp_path):
     assert pipe.unet.config.sample_size == 4 and pipe.vae_scale_factor == 2
     assert pipe.scheduler.config.prediction_type == "epsilon" and not pipe.scheduler.config.clip_sample
     assert pipe.scheduler.config.beta_schedule == "scaled_linear"
+    for a, b in zip(first.vae.parameters(), continued.vae.parameters(), strict=True):  # init_from: a near-zero
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)  # step away from stage 1's VAE, not a fresh one
+    for a, b in zip(first.text_encoder.parameters(), continued.text_encoder.parameters(), strict=True):
+        assert torch.equal(a, b)  # the frozen text encoder is remade from the same seed
     for name in ("vae", "text_encoder"):  # stage 2 trains only the UNet
         for a, b in zip(getattr(first, name).parameters(), getattr(pipe, name).parameters(), strict=True):
             assert torch.equal(a, b)

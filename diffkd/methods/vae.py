@@ -14,6 +14,7 @@ frozen, the 20,000 captions are encoded once instead of at every step).
 from __future__ import annotations
 
 import torch
+from diffusers import AutoencoderKL
 
 from diffkd import text_pipeline
 from diffkd.config import Config
@@ -37,12 +38,16 @@ class VaeTraining(Method):
 
     @classmethod
     def template(cls, config: Config) -> LoadedPipeline:
-        """Fresh parts, seeded: the VAE to train, the frozen text encoder and tokenizer, a placeholder UNet."""
+        """Fresh parts, seeded: the VAE to train (or ``init_from``'s, to train further), the frozen text encoder and
+        tokenizer, a placeholder UNet."""
         o = config.method
         torch.manual_seed(config.train.seed)
         tokenizer = text_pipeline.build_tokenizer(text_pipeline.caption_words(), o.max_tokens)
         text_encoder = text_pipeline.build_text_encoder(tokenizer, o.text_hidden_size, o.text_layers, o.text_heads)
-        vae = text_pipeline.build_vae(o.sample_size, o.block_out_channels, o.latent_channels, o.layers_per_block)
+        if o.init_from:
+            vae = AutoencoderKL.from_pretrained(o.init_from, subfolder="vae", use_safetensors=True)
+        else:
+            vae = text_pipeline.build_vae(o.sample_size, o.block_out_channels, o.latent_channels, o.layers_per_block)
         latent_size = o.sample_size // 2 ** (len(o.block_out_channels) - 1)
         placeholder = text_pipeline.build_unet(latent_size, o.latent_channels, [8], 1, o.text_hidden_size, 8, [True])
         scheduler = text_pipeline.build_scheduler(0.00085, 0.012, "scaled_linear", "epsilon", 1000)
