@@ -18,7 +18,7 @@ from diffkd.evaluation.plan import plan_metrics
 from diffkd.evaluation.prompt_accuracy import prompt_accuracy
 
 # The accuracies the shipped networks are held to, on glyphs of held-out combinations (fresh seeds).
-CLASSIFIER_TARGET = {"character": 0.92, "foreground": 0.99, "background": 0.99}
+CLASSIFIER_TARGET = {"character": 0.95, "foreground": 0.99, "background": 0.99}
 CLIP_RETRIEVAL_TARGET = 0.6  # top-1 among 100 held-out pairs; chance is about 0.01
 
 

@@ -112,7 +112,7 @@ def accuracy(classifier: GlyphsClassifier, count: int, seed: int, split: str) ->
     return result
 
 
-def train_glyphs_classifier(seed: int = 0, num_train: int = 30_000, epochs: int = 6, batch_size: int = 128,
+def train_glyphs_classifier(seed: int = 0, num_train: int = 30_000, epochs: int = 7, batch_size: int = 128,
                             num_heldout: int = 2000) -> tuple[GlyphsClassifier, dict]:
     """Train on ``num_train`` training-split glyphs (uint8-quantised, as generated images will be, with a little
     Gaussian noise so that slightly noisy samples still read); measure on held-out combinations."""
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=str(GLYPHS_CLASSIFIER))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-train", type=int, default=30_000)
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=7)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     model, details = train_glyphs_classifier(args.seed, args.num_train, args.epochs)
