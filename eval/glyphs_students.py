@@ -79,7 +79,8 @@ def main() -> None:
     diffkd = [sys.executable, "-m", "diffkd"]
     if args.train:
         for recipe in RECIPES:
-            subprocess.run([*diffkd, "distill", str(ROOT / "configs" / f"{recipe}.yaml"), "--output",
+            path = ROOT / "configs" / f"{recipe}.yaml"
+            subprocess.run([*diffkd, "distill", str(path), "--output",
                             str(runs / recipe), "--set", f"teacher.source={args.teacher}"], check=True)
     teacher = StableDiffusionPipeline.from_pretrained(args.teacher)
     teacher.set_progress_bar_config(disable=True)
