@@ -57,8 +57,8 @@ def test_exported_adapters_on_the_teacher_pipeline_are_the_trained_student(tiny_
     teacher = load_pipeline(tiny_sd)
     student = lora_student(teacher.unet, LoraOptions(rank=4, alpha=8, target_modules=ATTENTION))
     tensors, _ = checkpoint.load(checkpoint.latest(tmp_path / "run" / "checkpoints"))
-    student.load_state_dict(tensors["student"])
-    assert any(v.abs().sum() > 0 for k, v in adapter_state_dict(student).items() if "lora.up" in k)  # it trained
+    checkpoint.load_network_state(student, tensors["student"])
+    assert any(v.abs().sum() > 0 for k, v in adapter_state_dict(student).items() if "lora_B" in k)  # it trained
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
     pipe.load_lora_weights(folder)
@@ -117,3 +117,35 @@ def test_killed_lora_run_resumes_bit_identical(tmp_path):
     assert result.resumed_from == ["ckpt-r01-s00000000"]
     tensors, _ = checkpoint.load(tmp_path / "killed" / "checkpoints" / "ckpt-r01-s00000002")  # mid-round 2
     assert tensors["method"] and all(".lora_" in k for k in tensors["method"])  # the frozen round teacher's adapters
+
+
+@pytest.mark.slow
+def test_lcm_lora_recipe_loads_onto_the_teacher_with_its_lcm_scheduler(tiny_sd, tmp_path):
+    """LCM-LoRA (the glyphs recipe, its default target layers, on the tiny text teacher): load_lora_weights puts the
+    trained consistency student on the teacher's pipeline, sampled by the LCMScheduler saved beside the adapters."""
+    from pathlib import Path
+
+    from diffusers import LCMScheduler
+
+    from diffkd.config import load_config
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "glyphs-lora-consistency.yaml"
+    config = load_config(recipe, ["method.num_steps=3", "method.teacher_grid=20", f"teacher.source={tiny_sd}",
+                                  "data.source=digits", "data.convert=true", "data.prompts=[a cat, a dog]",
+                                  "train.batch_size=4", "train.learning_rate=1e-2", "train.warmup_steps=0",
+                                  "train.device=cpu", "student.lora.rank=4", "student.lora.fuse=false"])
+    folder = distill(config, tmp_path / "run")
+    student = lora_student(load_pipeline(tiny_sd).unet, config.student.lora)
+    tensors, _ = checkpoint.load(checkpoint.latest(tmp_path / "run" / "checkpoints"))
+    checkpoint.load_network_state(student, tensors["student"])  # the adapters as trained
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    pipe.load_lora_weights(folder)
+    pipe.scheduler = LCMScheduler.from_pretrained(folder, subfolder="scheduler")
+    z, t, hidden = torch.randn(2, 4, 4, 4), torch.tensor([99, 699]), torch.randn(2, 8, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.unet(z, t, encoder_hidden_states=hidden).sample,
+                                   student(z, t, encoder_hidden_states=hidden).sample)
+    assert pipe.scheduler.config.original_inference_steps == 20
+    images = pipe("a cat", num_inference_steps=4, guidance_scale=1.0, height=8, width=8, output_type="np").images
+    assert images.shape == (1, 8, 8, 3) and not (folder.parent / "student-fused").exists()
+    assert "LCMScheduler.from_pretrained" in (folder / "README.md").read_text()
