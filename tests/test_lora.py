@@ -57,7 +57,7 @@ def test_exported_adapters_on_the_teacher_pipeline_are_the_trained_student(tiny_
     teacher = load_pipeline(tiny_sd)
     student = lora_student(teacher.unet, LoraOptions(rank=4, alpha=8, target_modules=ATTENTION))
     tensors, _ = checkpoint.load(checkpoint.latest(tmp_path / "run" / "checkpoints"))
-    checkpoint.load_network_state(student, tensors["student"])
+    checkpoint.load_network_state(student, tensors["student"])  # the adapters; the base is the teacher's
     assert any(v.abs().sum() > 0 for k, v in adapter_state_dict(student).items() if "lora_B" in k)  # it trained
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)

@@ -50,5 +50,5 @@ def test_a_config_typo_names_the_key_and_its_fix(tmp_path):
     errors = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
     expected = ("diffkd: error: unknown config key 'method.steps_per_rond'; did you mean 'method.steps_per_round'? "
                 "(valid: name, start_steps, final_steps, steps_per_round, imitation_steps, loss_weighting, "
-                "student_prediction_type, guidance_scale, kd_rounds, target_space)")
+                "student_prediction_type, guidance_scale, guidance, kd_rounds, target_space)")
     assert errors == [expected]
