@@ -18,6 +18,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
+from diffkd.conditioning import batch_conditioning
 from diffkd.config import Config
 from diffkd.errors import DiffkdError
 from diffkd.io import LoadedPipeline
@@ -90,3 +91,24 @@ def student_conditioning(cond: Conditioning, w: torch.Tensor, embedding_dim: int
     """A guidance-embedded network's one conditional pass, told each sample's w."""
     return Conditioning(encoder_hidden_states=cond.encoder_hidden_states, class_labels=cond.class_labels,
                         timestep_cond=guidance_scale_embedding(w, embedding_dim))
+
+
+def embedded_student(config: Config, teacher: LoadedPipeline, student: nn.Module) -> nn.Module:
+    """The student a method trains: ``student`` given a guidance input when ``method.guidance`` asks for one."""
+    guidance = config.method.guidance
+    if guidance is None:
+        return student
+    check_guidance_run(config, guidance, teacher)
+    return add_guidance_embedding(student, guidance.embedding_dim)
+
+
+def conditioning_pair(batch: dict[str, torch.Tensor], guidance_scale: float, guidance: GuidanceRange | None,
+                      generator: torch.Generator) -> tuple[Conditioning, Conditioning]:
+    """(the teacher's conditioning, the student's) for a batch: a fixed ``guidance_scale`` guides the teacher and is
+    baked into the student; a w range draws one w per sample for the teacher's CFG and tells the student that w."""
+    if guidance is None:
+        cond = batch_conditioning(batch, guidance_scale)
+        return cond, cond.unguided()
+    plain = batch_conditioning(batch, 1.0)
+    w = draw_guidance_scales(len(batch["x0"]), guidance, generator, batch["x0"].device)
+    return teacher_conditioning(plain, w), student_conditioning(plain, w, guidance.embedding_dim)

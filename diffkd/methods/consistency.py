@@ -24,15 +24,9 @@ from diffusers import LCMScheduler
 from torch import nn
 
 from diffkd import schedule
-from diffkd.conditioning import batch_conditioning, training_rows
+from diffkd.conditioning import training_rows
 from diffkd.errors import DiffkdError
-from diffkd.guidance_embedding import (
-    add_guidance_embedding,
-    check_guidance_run,
-    draw_guidance_scales,
-    student_conditioning,
-    teacher_conditioning,
-)
+from diffkd.guidance_embedding import conditioning_pair, embedded_student
 from diffkd.losses.kd import PerceptualKD
 from diffkd.losses.terms import LossTerms
 from diffkd.method_options import ConsistencyConfig
@@ -98,9 +92,7 @@ class ConsistencyDistillation(Method):
 
     def __init__(self, config, teacher, student):
         self.guidance = config.method.guidance
-        if self.guidance is not None:
-            check_guidance_run(config, self.guidance, teacher)
-            student = add_guidance_embedding(student, self.guidance.embedding_dim)
+        student = embedded_student(config, teacher, student)
         super().__init__(config, teacher, student)
         teacher_model = teacher.denoiser
         self.grid = consistency_grid(teacher_model.num_train_timesteps, self.options.teacher_grid)
@@ -159,12 +151,7 @@ class ConsistencyDistillation(Method):
         """(the teacher's conditioning, the student's): a fixed w guides the teacher's step and is baked into the
         student; a w range draws one w per sample for the teacher's step and tells the student (and its target
         network) that w through the guidance embedding (LCM's w-conditioning)."""
-        if self.guidance is None:
-            cond = batch_conditioning(batch, self.options.guidance_scale)
-            return cond, cond.unguided()
-        plain = batch_conditioning(batch, 1.0)
-        w = draw_guidance_scales(len(batch["x0"]), self.guidance, generator, batch["x0"].device)
-        return teacher_conditioning(plain, w), student_conditioning(plain, w, self.guidance.embedding_dim)
+        return conditioning_pair(batch, self.options.guidance_scale, self.guidance, generator)
 
     def loss(self, phase: str, batch: dict[str, torch.Tensor], generator: torch.Generator) -> LossTerms:
         x = batch["x0"]

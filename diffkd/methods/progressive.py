@@ -17,15 +17,9 @@ import copy
 import torch
 
 from diffkd import checkpoint, schedule, timestep_buckets
-from diffkd.conditioning import batch_conditioning, training_rows
+from diffkd.conditioning import training_rows
 from diffkd.errors import DiffkdError
-from diffkd.guidance_embedding import (
-    add_guidance_embedding,
-    check_guidance_run,
-    draw_guidance_scales,
-    student_conditioning,
-    teacher_conditioning,
-)
+from diffkd.guidance_embedding import conditioning_pair, embedded_student
 from diffkd.io import student_scheduler
 from diffkd.losses.kd import AuxiliaryLosses
 from diffkd.losses.terms import LossTerms
@@ -40,9 +34,7 @@ class ProgressiveDistillation(Method):
 
     def __init__(self, config, teacher, student):
         self.guidance = config.method.guidance
-        if self.guidance is not None:
-            check_guidance_run(config, self.guidance, teacher)
-            student = add_guidance_embedding(student, self.guidance.embedding_dim)
+        student = embedded_student(config, teacher, student)
         super().__init__(config, teacher, student)
         self.round_teacher: Denoiser = teacher.denoiser
         self.student_steps, self.teacher_steps = self.plan()[0]
@@ -155,12 +147,7 @@ class ProgressiveDistillation(Method):
                      ) -> tuple[Conditioning, Conditioning]:
         """(the pipeline teacher's conditioning, the student's): a fixed w guides the teacher and is baked into the
         student; a w range draws one w per sample, for the teacher's CFG and the student's guidance embedding."""
-        if self.guidance is None:
-            cond = batch_conditioning(batch, self.options.guidance_scale)
-            return cond, cond.unguided()
-        plain = batch_conditioning(batch, 1.0)
-        w = draw_guidance_scales(len(batch["x0"]), self.guidance, generator, batch["x0"].device)
-        return teacher_conditioning(plain, w), student_conditioning(plain, w, self.guidance.embedding_dim)
+        return conditioning_pair(batch, self.options.guidance_scale, self.guidance, generator)
 
     def uses_z_space(self) -> bool:
         """Whether this round's loss is measured where the student's step lands (see ``step_weight``)."""
