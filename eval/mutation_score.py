@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # usually costs one interpreter start and a few seconds.
 FAST_TESTS = ["tests/test_schedule.py", "tests/test_progressive_target.py", "tests/test_denoise.py",
               "tests/test_psnr.py", "tests/test_frechet.py", "tests/test_kd_losses.py", "tests/test_generator.py",
-              "tests/test_progressive.py", "tests/test_perceptual.py"]
+              "tests/test_progressive.py", "tests/test_perceptual.py", "tests/test_consistency.py", "tests/test_dmd.py",
+              "tests/test_guidance_embedding.py"]
 
 
 @dataclass(frozen=True)
@@ -103,8 +104,8 @@ MUTATIONS = [
              "alpha_s, sigma_s = self.round_teacher.alpha_sigma(fine[per_step * i + 1])",
              "x_tilde solved for t' instead of t'' (t' and t'' swapped in the target)"),
     Mutation("progressive-student-at-s", "diffkd/methods/progressive.py",
-             "x_pred, eps_pred = model.x0_eps(z_t, t, cond.unguided())",
-             "x_pred, eps_pred = model.x0_eps(z_t, s.clamp(min=0), cond.unguided())",
+             "x_pred, eps_pred = model.x0_eps(z_t, t, student_cond)",
+             "x_pred, eps_pred = model.x0_eps(z_t, s.clamp(min=0), student_cond)",
              "the student is asked at the step's end s instead of t"),
     Mutation("progressive-noising", "diffkd/methods/progressive.py",
              "z_t = schedule.broadcast(alpha_t, x) * x + schedule.broadcast(sigma_t, x) * eps",
@@ -140,6 +141,20 @@ MUTATIONS = [
              "return -20 * torch.log10(mse)", "PSNR = -20 log10(MSE)"),
     Mutation("psnr-peak", "diffkd/evaluation/sweep.py", "target.double()) / 255)", "target.double()) / 256)",
              "PSNR with a peak of 256"),
+    Mutation("consistency-c-skip", "diffkd/methods/consistency.py",
+             "c_skip = SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2)", "c_skip = SIGMA_DATA**2 / (scaled + SIGMA_DATA**2)",
+             "LCM's c_skip with the scaled timestep not squared"),
+    Mutation("pseudo-huber-c", "diffkd/methods/consistency.py", "c = HUBER_FACTOR * math.sqrt(a[0].numel())",
+             "c = HUBER_FACTOR * a[0].numel()", "iCT's pseudo-Huber c = 0.00054 d instead of 0.00054 sqrt(d)"),
+    Mutation("consistency-target-ema", "diffkd/methods/consistency.py",
+             "follower.lerp_(trained, 1 - self.options.target_ema)", "follower.lerp_(trained, self.options.target_ema)",
+             "the target network moves by mu towards the student instead of 1 - mu"),
+    Mutation("dmd-gradient-sign", "diffkd/methods/dmd.py", "(fake_x0 - real_x0) / scale",
+             "(real_x0 - fake_x0) / scale", "distribution matching pushes along real - fake (towards the fake)"),
+    Mutation("dmd-normalised-by-fake", "diffkd/methods/dmd.py", "(x - real_x0).abs().flatten(1).mean(1)",
+             "(x - fake_x0).abs().flatten(1).mean(1)", "DMD's weight is the distance to the fake x0, not the real"),
+    Mutation("guidance-embedding-offset", "diffkd/guidance_embedding.py", "1000.0 * (w.float() - 1.0)",
+             "1000.0 * w.float()", "w embedded as the pipeline does not: of w, not w - 1"),
 ]
 
 
