@@ -252,3 +252,18 @@ def run(args: argparse.Namespace) -> int:
                    args.shard_size, prompts, args.guidance_scale)
     print(f"{cache.count} pairs in {cache.folder}")
     return 0
+
+
+def pair_rows(teacher: LoadedPipeline, options, prompts: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The teacher's (noise, sample) pairs that ``options`` (a method's num_samples, teacher_sampler, teacher_steps,
+    sample_seed, cache, cache_batch_size, cache_shard_size, guidance_scale) ask for, made or completed in the cache
+    first, with each pair's prompt conditioning for a text teacher: the rows generator and DMD regress on."""
+    o = options
+    cache = ensure(teacher, o.num_samples, o.teacher_sampler, o.teacher_steps, o.sample_seed, o.cache or None,
+                   o.cache_batch_size, o.cache_shard_size, prompts, o.guidance_scale)
+    pairs = cache.load(o.num_samples)
+    rows = {"noise": pairs["noise"], "sample": pairs["sample"]}
+    if prompts:
+        encoded = encode_rows(teacher, prompts, len(prompts))
+        rows.update({k: v[pairs["prompt_index"]] for k, v in encoded.items()})
+    return rows

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffkd import sample_cache, schedule
-from diffkd.conditioning import batch_conditioning, encode_rows, read_prompts, training_rows
+from diffkd.conditioning import batch_conditioning, read_prompts, training_rows
 from diffkd.errors import DiffkdError
 from diffkd.io import student_scheduler
 from diffkd.losses.terms import LossTerms
@@ -118,20 +118,8 @@ class DistributionMatching(Method):
         data = self.config.data
         if self.options.uses_cache:
             prompts = read_prompts(data.prompts, data.prompts_file) if self.teacher.text_conditioned else []
-            self.pairs = self._teacher_pairs(prompts)
+            self.pairs = sample_cache.pair_rows(self.teacher, self.options, tuple(prompts))
         return training_rows(self.teacher, data)
-
-    def _teacher_pairs(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        o = self.options
-        cache = sample_cache.ensure(self.teacher, o.num_samples, o.teacher_sampler, o.teacher_steps, o.sample_seed,
-                                    o.cache or None, o.cache_batch_size, o.cache_shard_size, tuple(prompts),
-                                    o.guidance_scale)
-        pairs = cache.load(o.num_samples)
-        rows = {"noise": pairs["noise"], "sample": pairs["sample"]}
-        if prompts:
-            encoded = encode_rows(self.teacher, prompts, len(prompts))
-            rows.update({k: v[pairs["prompt_index"]] for k, v in encoded.items()})
-        return rows
 
     def networks(self) -> dict[str, Network]:
         o = self.options

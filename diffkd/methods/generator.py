@@ -15,7 +15,7 @@ import itertools
 import torch
 
 from diffkd import sample_cache, schedule
-from diffkd.conditioning import batch_conditioning, encode_rows, read_prompts
+from diffkd.conditioning import batch_conditioning, read_prompts
 from diffkd.errors import DiffkdError
 from diffkd.io import student_scheduler
 from diffkd.losses.kd import AuxiliaryLosses
@@ -50,18 +50,9 @@ class GeneratorDistillation(Method):
         return [Round(f"noise->sample in {self.options.student_steps}", self.options.num_steps)]
 
     def dataset(self) -> dict[str, torch.Tensor]:
-        o = self.options
         data = self.config.data
         prompts = tuple(read_prompts(data.prompts, data.prompts_file)) if self.teacher.text_conditioned else ()
-        cache = sample_cache.ensure(self.teacher, o.num_samples, o.teacher_sampler, o.teacher_steps, o.sample_seed,
-                                    o.cache or None, o.cache_batch_size, o.cache_shard_size, prompts,
-                                    o.guidance_scale)
-        pairs = cache.load(o.num_samples)
-        rows = {"noise": pairs["noise"], "sample": pairs["sample"]}
-        if prompts:
-            encoded = encode_rows(self.teacher, prompts, len(prompts))
-            rows.update({k: v[pairs["prompt_index"]] for k, v in encoded.items()})
-        return rows
+        return sample_cache.pair_rows(self.teacher, self.options, prompts)
 
     def networks(self) -> dict[str, Network]:
         """The student, and the feature-KD projections when the losses section uses any."""
