@@ -134,6 +134,19 @@ def test_consistency_target_with_an_exact_teacher_is_the_closed_form_ode_solutio
     torch.testing.assert_close(target, flow_ratio(t, std).view(-1, 1) * z, atol=1e-4, rtol=1e-4)
 
 
+def test_target_network_follows_the_student_by_its_ema():
+    """theta^- <- mu theta^- + (1 - mu) theta after each step (LCM's target EMA); mu = 0 would be the student."""
+    student = nn.Linear(2, 2)
+    method = method_for(GaussianTeacher(0.5), student, target_ema=0.9)
+    before = [p.detach().clone() for p in method.target.parameters()]
+    with torch.no_grad():
+        for parameter in student.parameters():
+            parameter.add_(1.0)
+    method.after_step()
+    for old, new, trained in zip(before, method.target.parameters(), student.parameters()):
+        torch.testing.assert_close(new, 0.9 * old + 0.1 * trained)
+
+
 def test_the_dpm_solver_step_is_second_order_on_the_exact_gaussian_flow():
     std, z = 0.5, torch.linspace(-3, 3, 7).view(-1, 1)
     errors = {}
