@@ -27,13 +27,16 @@ def first_last_means(losses: list[float], fraction: float = FRACTION) -> tuple[f
     return sum(losses[:count]) / count, sum(losses[-count:]) / count
 
 
-def judge(round_name: str, losses: list[float]) -> dict:
+def judge(round_name: str, losses: list[float], loss_falls: bool = True) -> dict:
     """The round's verdict: ``fell`` is False when its last 10% did not go below its first 10% (logged as a
-    WARNING naming the round and both means). A round too short to split (< 2 steps) is not judged."""
+    WARNING naming the round and both means). A round too short to split (< 2 steps), or whose loss is not
+    expected to fall (``loss_falls`` False: DMD's generator loss measures a moving fake score), is not judged:
+    ``fell`` is None."""
     first, last = first_last_means(losses)
+    judged = loss_falls and len(losses) >= 2
     verdict = {"round": round_name, "steps": len(losses), "first_loss": first, "last_loss": last,
-               "fell": True if len(losses) < 2 else bool(last < first)}
-    if not verdict["fell"]:
+               "fell": bool(last < first) if judged else None}
+    if verdict["fell"] is False:
         log.warning("round %s: the loss did not fall (mean of the first 10%% of steps %.4g, of the last 10%% %.4g); "
                     "its student is likely no better than where it started: train longer, lower the learning rate "
                     "or look at the per-timestep losses in logs/metrics.csv", round_name, first, last)
@@ -45,7 +48,7 @@ def failed_rounds(summary_file: Path) -> list[dict]:
     if not summary_file.is_file():
         return []
     verdicts = json.loads(summary_file.read_text()).get("round_health", [])
-    return [v for v in verdicts if not v.get("fell", True)]
+    return [v for v in verdicts if v.get("fell") is False]
 
 
 def report_lines(summary_file: Path) -> list[str]:

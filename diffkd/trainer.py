@@ -186,7 +186,8 @@ class Trainer:
                     self._log(index, logs)
                 if self.progress.step % self.train.checkpoint_every == 0 and self.progress.step < current.num_steps:
                     self._save()
-            self.progress.round_health.append(round_health.judge(current.name, self.progress.round_losses))
+            self.progress.round_health.append(round_health.judge(current.name, self.progress.round_losses,
+                                                                     current.loss_falls))
             self.progress.round_losses = []
             self._end_round()
         shown.close()

@@ -34,12 +34,20 @@ def test_a_flat_or_rising_round_is_flagged_by_name(caplog, losses):
     assert "32->16" in message and f"{verdict['first_loss']:.4g}" in message and f"{verdict['last_loss']:.4g}" in message
 
 
+def test_a_round_whose_loss_need_not_fall_is_not_judged(caplog):
+    with caplog.at_level(logging.WARNING):
+        verdict = round_health.judge("distribution matching", [0.5, 0.6, 0.7], loss_falls=False)
+        short = round_health.judge("64->32", [0.5])
+    assert verdict["fell"] is None and short["fell"] is None and not caplog.records
+
+
 def test_report_lines_name_only_the_failed_rounds(tmp_path):
     summary = tmp_path / "training_summary.json"
     assert round_health.report_lines(summary) == []  # no run beside the evaluation: nothing to say
     summary.write_text(json.dumps({"round_health": [
         {"round": "64->32", "steps": 400, "first_loss": 0.74, "last_loss": 0.86, "fell": False},
-        {"round": "32->16", "steps": 400, "first_loss": 0.015, "last_loss": 0.0003, "fell": True}]}))
+        {"round": "32->16", "steps": 400, "first_loss": 0.015, "last_loss": 0.0003, "fell": True},
+        {"round": "distribution matching", "steps": 400, "first_loss": 0.1, "last_loss": 0.2, "fell": None}]}))
     lines = round_health.report_lines(summary)
     assert len(lines) == 1 and "64->32" in lines[0] and "0.74" in lines[0] and "0.86" in lines[0]
 

@@ -21,10 +21,14 @@ from diffkd.losses.terms import LossTerms
 
 @dataclass
 class Round:
-    """A stretch of training with its own optimiser state and LR schedule (a halving, for progressive)."""
+    """A stretch of training with its own optimiser state and LR schedule (a halving, for progressive).
+
+    ``loss_falls``: whether a working round's headline loss falls, so the round-health check can judge it; False
+    where the loss measures a moving target (DMD's generator against its fake score, a GAN's)."""
 
     name: str
     num_steps: int
+    loss_falls: bool = True
 
 
 @dataclass

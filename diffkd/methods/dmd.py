@@ -104,7 +104,7 @@ class DistributionMatching(Method):
     def rounds(self) -> list[Round]:
         o = self.options
         warm = [Round("regression warm start", o.warm_start_steps)] if o.warm_start_steps else []
-        return warm + [Round(f"distribution matching, {o.student_steps} step(s)", o.num_steps)]
+        return warm + [Round(f"distribution matching, {o.student_steps} step(s)", o.num_steps, loss_falls=False)]
 
     def begin_round(self, index: int) -> None:
         self.warm_start = index == 0 and self.options.warm_start_steps > 0
