@@ -69,13 +69,18 @@ def row_conditioning(teacher: LoadedPipeline, data: DataConfig, captions: Sequen
     return encode_rows(teacher, read_prompts(data.prompts, data.prompts_file), num_rows)
 
 
-def training_rows(teacher: LoadedPipeline, data: DataConfig) -> dict[str, torch.Tensor]:
-    """The data set as the teacher's latents ("x0"; the images themselves for a pixel teacher) beside each row's
-    text conditioning: the rows progressive, consistency and DMD train on."""
+def training_latents(teacher: LoadedPipeline, data: DataConfig) -> tuple[torch.Tensor, list[str] | None]:
+    """The data set as the teacher's latents (the images themselves for a pixel teacher) and its captions, if any."""
     images, captions = load_training_set(data, teacher.image_size, teacher.image_channels)
     with torch.no_grad():
         latents = torch.cat([teacher.denoiser.encode(chunk.to(teacher.unet.device)).cpu()
                              for chunk in images.split(64)])
+    return latents, captions
+
+
+def training_rows(teacher: LoadedPipeline, data: DataConfig) -> dict[str, torch.Tensor]:
+    """The latents ("x0") beside each row's text conditioning: the rows progressive, consistency and DMD train on."""
+    latents, captions = training_latents(teacher, data)
     return {"x0": latents, **row_conditioning(teacher, data, captions, len(latents))}
 
 

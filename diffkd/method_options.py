@@ -282,9 +282,10 @@ class DmdConfig(MethodConfig):
 
 @dataclass
 class VaeConfig(MethodConfig):
-    """The frozen parts of a small Stable-Diffusion-shaped pipeline: an AutoencoderKL trained here (L1
+    """The first parts of a small Stable-Diffusion-shaped pipeline: an AutoencoderKL trained here (L1
     reconstruction + kl_weight x KL, the LDM autoencoder's loss without its perceptual and GAN terms), and a CLIP
-    text encoder and tokenizer made from the glyphs caption words, kept at their seeded random initialisation.
+    text encoder and tokenizer made from the glyphs caption words, the encoder at its seeded initialisation (the
+    text-denoise stage trains it).
 
     init_from: a pipeline folder (this method's export) whose VAE training continues, its architecture options
     then ignored. The exported pipeline holds them beside a placeholder UNet; ``text-denoise`` trains the real one on top.
@@ -323,7 +324,9 @@ class TextDenoiseConfig(MethodConfig):
     """A UNet2DConditionModel trained on the latents of ``components`` (a pipeline folder with a VAE, text encoder
     and tokenizer, such as the ``vae`` method's export), conditioned on each image's caption.
 
-    cross_attention: per level, whether the UNet cross-attends to the text there.
+    cross_attention: per level, whether the UNet cross-attends to the text there. text_time_embedding: the pooled
+    caption is also added to the timestep embedding (diffusers' addition_embed_type="text"). The text encoder of
+    ``components`` is trained with the UNet.
     caption_dropout: the fraction of rows trained on the empty prompt, so that the same network also gives the
     unconditional prediction classifier-free guidance needs (Ho & Salimans 2022). The schedule defaults are Stable
     Diffusion's: epsilon prediction, scaled-linear betas 0.00085..0.012 over 1000 steps.
@@ -336,6 +339,7 @@ class TextDenoiseConfig(MethodConfig):
     cross_attention: list[bool] = field(default_factory=lambda: [False, True])
     layers_per_block: int = 1
     attention_head_dim: int = 8
+    text_time_embedding: bool = True
     caption_dropout: float = 0.1
     prediction_type: str = "epsilon"
     beta_schedule: str = "scaled_linear"

@@ -98,16 +98,23 @@ def build_vae(sample_size: int, block_out_channels: list[int], latent_channels: 
 
 
 def build_unet(sample_size: int, latent_channels: int, block_out_channels: list[int], layers_per_block: int,
-               cross_attention_dim: int, attention_head_dim: int, cross_attention: list[bool]) -> UNet2DConditionModel:
+               cross_attention_dim: int, attention_head_dim: int, cross_attention: list[bool],
+               text_time_embedding: bool = False) -> UNet2DConditionModel:
     """A UNet2DConditionModel that cross-attends to the text at the levels ``cross_attention`` marks (attention
-    costs the square of the tokens at a level, so the highest resolution may go without)."""
+    costs the square of the tokens at a level, so the highest resolution may go without).
+
+    ``text_time_embedding``: the caption, attention-pooled, is also added to the timestep embedding that every
+    residual block reads (diffusers' addition_embed_type="text", DeepFloyd IF's global text path): a whole-image
+    attribute such as a colour then reaches every block directly, not only through cross-attention."""
     down = tuple("CrossAttnDownBlock2D" if attend else "DownBlock2D" for attend in cross_attention)
     up = tuple("CrossAttnUpBlock2D" if attend else "UpBlock2D" for attend in reversed(cross_attention))
     return UNet2DConditionModel(
         sample_size=sample_size, in_channels=latent_channels, out_channels=latent_channels,
         down_block_types=down, up_block_types=up, block_out_channels=tuple(block_out_channels),
         layers_per_block=layers_per_block, cross_attention_dim=cross_attention_dim,
-        attention_head_dim=attention_head_dim, norm_num_groups=math.gcd(32, *block_out_channels))
+        attention_head_dim=attention_head_dim, norm_num_groups=math.gcd(32, *block_out_channels),
+        addition_embed_type="text" if text_time_embedding else None,
+        addition_embed_type_num_heads=max(1, cross_attention_dim // attention_head_dim))
 
 
 def build_scheduler(beta_start: float, beta_end: float, beta_schedule: str, prediction_type: str,

@@ -1,5 +1,6 @@
 """The glyphs-32 text-to-image teacher: a tokenizer that knows every caption word, the two train-teacher stages (VAE
-and frozen text encoder; then the caption-conditioned UNet) exporting a StableDiffusionPipeline, their losses
+and a seeded text encoder; then the caption-conditioned UNet trained with that text encoder) exporting a
+StableDiffusionPipeline, their losses
 against hand computations, captions paired with their own images, and the shipped teachers/glyphs-32 sampling
 offline."""
 
@@ -76,8 +77,9 @@ def test_text_denoise_loss_is_the_epsilon_mse_with_captions_dropped_by_hand(tiny
     teacher = load_pipeline(tiny_sd)
     method = _method(TextDenoisingTraining, teacher, caption_dropout=0.5)
     torch.manual_seed(0)
-    batch = {"x0": torch.randn(6, 4, 4, 4), "encoder_hidden_states": torch.randn(6, 8, 16),
-             "uncond_encoder_hidden_states": torch.randn(6, 8, 16)}
+    vocabulary = teacher.pipeline.tokenizer.vocab_size
+    batch = {"x0": torch.randn(6, 4, 4, 4), "input_ids": torch.randint(0, vocabulary, (6, 8)),
+             "uncond_input_ids": torch.randint(0, vocabulary, (1, 8)).expand(6, -1)}
     loss = method.loss("student", batch, torch.Generator().manual_seed(3)).total
 
     draws = torch.Generator().manual_seed(3)
@@ -85,12 +87,32 @@ def test_text_denoise_loss_is_the_epsilon_mse_with_captions_dropped_by_hand(tiny
     eps = torch.randn(6, 4, 4, 4, generator=draws)
     dropped = torch.rand(6, generator=draws) < 0.5
     assert 0 < dropped.sum() < 6  # both kinds of row occur, so the check below sees the dropout
-    hidden = torch.stack([batch["uncond_encoder_hidden_states" if d else "encoder_hidden_states"][i]
-                          for i, d in enumerate(dropped)])
+    ids = torch.stack([batch["uncond_input_ids" if d else "input_ids"][i] for i, d in enumerate(dropped)])
+    hidden = teacher.pipeline.text_encoder(ids)[0]
     alpha_bar = teacher.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
     z = alpha_bar.sqrt() * batch["x0"] + (1 - alpha_bar).sqrt() * eps
     expected = (method.student(z, t, encoder_hidden_states=hidden).sample - eps).pow(2).mean()
     torch.testing.assert_close(loss, expected)
+    loss.backward()  # the text encoder is trained with the UNet
+    assert method.text_encoder.get_input_embeddings().weight.grad.abs().sum() > 0
+    assert set(method.networks()) == {"student", "text_encoder"}
+
+
+def test_the_pooled_caption_reaches_the_timestep_embedding():
+    unet = text_pipeline.build_unet(4, 4, [8, 16], 1, 16, 2, [False, True], text_time_embedding=True)
+    assert unet.config.addition_embed_type == "text"
+    torch.manual_seed(0)
+    z, t = torch.randn(1, 4, 4, 4), torch.tensor([500])
+    text = torch.randn(1, 6, 16)
+    with torch.no_grad():
+        plain = unet.get_time_embed(z, t)
+        embedded = unet.time_embedding(plain) + unet.add_embedding(text)
+        hooked = []
+        handle = unet.down_blocks[0].resnets[0].time_emb_proj.register_forward_hook(
+            lambda module, inputs, output: hooked.append(inputs[0]))
+        unet(z, t, encoder_hidden_states=text)
+        handle.remove()
+    torch.testing.assert_close(hooked[0], torch.nn.functional.silu(embedded))
 
 
 def test_vae_loss_is_l1_plus_weighted_kl_by_hand(tiny_sd):
@@ -136,14 +158,18 @@ def test_each_caption_reaches_the_batch_beside_its_own_image(tiny_sd, tmp_path, 
     parts = load_pipeline(tiny_sd)
     images, captions = load_training_set(config.data, 8, 3)
     assert len(set(captions)) == len(captions)
+    tokenizer = parts.pipeline.tokenizer
     with torch.no_grad():
         latents = parts.denoiser.encode(images)
-        states = parts.pipeline.encode_prompt(captions, "cpu", 1, False)[0]
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    empty = tokenizer("", padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
     rows = 0
     for batch in seen:
-        for x0, hidden in zip(batch["x0"], batch["encoder_hidden_states"]):
+        assert (batch["uncond_input_ids"] == empty).all()
+        for x0, row_ids in zip(batch["x0"], batch["input_ids"]):
             index = next(i for i in range(len(latents)) if torch.allclose(latents[i], x0, atol=1e-5))
-            torch.testing.assert_close(hidden, states[index], atol=1e-5, rtol=1e-5)
+            assert torch.equal(row_ids, ids[index]), captions[index]
             rows += 1
     assert rows == 8
 
@@ -172,10 +198,12 @@ def test_the_two_stages_make_a_pipeline_that_samples_from_a_prompt(tmp_path):
     for a, b in zip(first.vae.parameters(), continued.vae.parameters(), strict=True):  # init_from: a near-zero
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)  # step away from stage 1's VAE, not a fresh one
     for a, b in zip(first.text_encoder.parameters(), continued.text_encoder.parameters(), strict=True):
-        assert torch.equal(a, b)  # the frozen text encoder is remade from the same seed
-    for name in ("vae", "text_encoder"):  # stage 2 trains only the UNet
-        for a, b in zip(getattr(first, name).parameters(), getattr(pipe, name).parameters(), strict=True):
-            assert torch.equal(a, b)
+        assert torch.equal(a, b)  # the seeded text encoder is remade from the same seed
+    for a, b in zip(first.vae.parameters(), pipe.vae.parameters(), strict=True):  # stage 2 keeps the VAE
+        assert torch.equal(a, b)
+    assert not torch.equal(first.text_encoder.get_input_embeddings().weight,  # and trains the
+                           pipe.text_encoder.get_input_embeddings().weight)  # text encoder
+    assert pipe.unet.config.addition_embed_type == "text"
     images = pipe("a red letter K on a blue background", num_inference_steps=2, guidance_scale=3.0,
                   output_type="np").images
     assert images.shape == (1, 8, 8, 3)

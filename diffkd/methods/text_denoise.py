@@ -1,9 +1,10 @@
 """The second stage of a small text-to-image teacher: a UNet2DConditionModel trained on the first stage's latents.
 
-Plain epsilon-prediction diffusion training (Ho et al. 2020) in the latent space of a frozen VAE, conditioned by
-cross-attention on a frozen text encoder's states of each image's caption (Rombach et al. 2022), with a tenth of
-the rows given the empty prompt instead so that the one network also predicts unconditionally, which
-classifier-free guidance needs (Ho & Salimans 2022). The export is a StableDiffusionPipeline folder.
+Plain epsilon-prediction diffusion training (Ho et al. 2020) in the latent space of a frozen VAE, conditioned on
+each image's caption through a text encoder trained with it (as LDM's text-to-image model, Rombach et al. 2022,
+sec. 4.3; a frozen random encoder left the glyphs teacher ignoring its prompts), with a tenth of the rows given the
+empty prompt instead so that the one network also predicts unconditionally, which classifier-free guidance needs
+(Ho & Salimans 2022). The export is a StableDiffusionPipeline folder holding both trained networks.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ from pathlib import Path
 import torch
 
 from diffkd import schedule, text_pipeline
-from diffkd.conditioning import training_rows
+from diffkd.conditioning import training_latents
 from diffkd.config import Config
 from diffkd.errors import DiffkdError
 from diffkd.io import LoadedPipeline, denoiser_of, load_pipeline
 from diffkd.losses.terms import LossTerms
 from diffkd.method_options import TextDenoiseConfig
-from diffkd.methods.base import ExportSpec, Method, Round
+from diffkd.methods.base import ExportSpec, Method, Network, Round
 
 
 class TextDenoisingTraining(Method):
@@ -44,18 +45,40 @@ class TextDenoisingTraining(Method):
         torch.manual_seed(config.train.seed)
         unet = text_pipeline.build_unet(latent_size, vae.config.latent_channels, o.block_out_channels,
                                         o.layers_per_block, parts.pipeline.text_encoder.config.hidden_size,
-                                        o.attention_head_dim, o.cross_attention)
+                                        o.attention_head_dim, o.cross_attention, o.text_time_embedding)
         scheduler = text_pipeline.build_scheduler(o.beta_start, o.beta_end, o.beta_schedule, o.prediction_type,
                                                   o.num_train_timesteps)
         pipeline = text_pipeline.assemble(vae, parts.pipeline.text_encoder, parts.pipeline.tokenizer, unet, scheduler)
         return LoadedPipeline("new", pipeline, denoiser_of(pipeline))
 
+    def __init__(self, config: Config, teacher: LoadedPipeline, student: torch.nn.Module):
+        super().__init__(config, teacher, student)
+        self.text_encoder = teacher.pipeline.text_encoder.requires_grad_(True).train()
+
+    def networks(self) -> dict[str, Network]:
+        """The UNet (exported) and the text encoder, both with the export EMA, so the saved pair is the averaged
+        pair."""
+        return {"student": Network(self.student, exported=True, export_ema=True),
+                "text_encoder": Network(self.text_encoder, export_ema=True)}
+
     def rounds(self) -> list[Round]:
         return [Round("text-denoise", self.options.num_steps)]
 
     def dataset(self) -> dict[str, torch.Tensor]:
-        """Latents of the training images (the VAE's mode, scaled) and each row's caption states."""
-        return training_rows(self.teacher, self.config.data)
+        """Latents of the training images (the VAE's mode, scaled), each row's caption as token ids, and the empty
+        prompt's ids in every row (the caption-dropout branch)."""
+        latents, captions = training_latents(self.teacher, self.config.data)
+        if captions is None:
+            raise DiffkdError(f"data.source {self.config.data.source!r} has no captions: the text-denoise method "
+                              "trains on each image's own caption; use data.source: glyphs")
+        ids = self._token_ids([*captions, ""])
+        return {"x0": latents, "input_ids": ids[:-1], "uncond_input_ids": ids[-1:].expand(len(captions), -1)}
+
+    def _token_ids(self, captions: list[str]) -> torch.Tensor:
+        """The ids StableDiffusionPipeline.encode_prompt gives the text encoder: padded to the model's length."""
+        tokenizer = self.teacher.pipeline.tokenizer
+        return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids
 
     def loss(self, phase: str, batch: dict[str, torch.Tensor], generator: torch.Generator) -> LossTerms:
         x = batch["x0"]
@@ -63,8 +86,8 @@ class TextDenoisingTraining(Method):
         t = torch.randint(0, model.num_train_timesteps, (x.shape[0],), generator=generator).to(x.device)
         eps = torch.randn(x.shape, generator=generator).to(x.device)
         dropped = (torch.rand(x.shape[0], generator=generator) < self.options.caption_dropout).to(x.device)
-        hidden = torch.where(dropped[:, None, None], batch["uncond_encoder_hidden_states"],
-                             batch["encoder_hidden_states"])
+        ids = torch.where(dropped[:, None], batch["uncond_input_ids"], batch["input_ids"])
+        hidden = self.text_encoder(ids)[0]
         alpha, sigma = model.alpha_sigma(t)
         z = schedule.broadcast(alpha, x) * x + schedule.broadcast(sigma, x) * eps
         target = schedule.from_x0_eps(x, eps, alpha, sigma, model.prediction_type)
@@ -73,6 +96,7 @@ class TextDenoisingTraining(Method):
 
     def export_spec(self) -> ExportSpec:
         o = self.options
+        self.text_encoder.requires_grad_(False).eval()
         return ExportSpec(self.teacher.scheduler, o.sample_steps, o.prediction_type,
                           card={"stage": "text-denoise", "components": o.components,
-                                "caption_dropout": o.caption_dropout})
+                                "caption_dropout": o.caption_dropout, "text_encoder": "trained with the UNet"})

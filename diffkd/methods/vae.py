@@ -1,14 +1,12 @@
-"""The first stage of a small text-to-image teacher: its autoencoder, and the text encoder it is frozen with.
+"""The first stage of a small text-to-image teacher: its autoencoder, and a fresh text encoder.
 
 Latent diffusion (Rombach et al. 2022) trains the UNet on the latents of a fixed autoencoder; this method trains
 that AutoencoderKL on the data (L1 reconstruction plus a small KL to N(0, I), their eq. 25 without the perceptual
 and adversarial terms, which a 32 px two-colour glyph does not need) and exports it inside a
 StableDiffusionPipeline, beside the tokenizer and text encoder the UNet stage (``text-denoise``) will read.
 
-The text encoder stays at its seeded random initialisation: the captions are a small closed grammar, every word
-its own token, and a random transformer with residual connections keeps distinct words at distinct positions
-apart, so the UNet's cross-attention, which is trained, learns to read them (a frozen encoder, as Imagen's; and
-frozen, the 20,000 captions are encoded once instead of at every step).
+The text encoder is made here at its seeded random initialisation (the captions are a small closed grammar, every
+word its own token) and trained with the UNet in the next stage.
 """
 
 from __future__ import annotations
@@ -38,7 +36,7 @@ class VaeTraining(Method):
 
     @classmethod
     def template(cls, config: Config) -> LoadedPipeline:
-        """Fresh parts, seeded: the VAE to train (or ``init_from``'s, to train further), the frozen text encoder and
+        """Fresh parts, seeded: the VAE to train (or ``init_from``'s, to train further), the seeded text encoder and
         tokenizer, a placeholder UNet."""
         o = config.method
         torch.manual_seed(config.train.seed)
