@@ -113,6 +113,14 @@ def test_vae_loss_is_l1_plus_weighted_kl_by_hand(tiny_sd):
     torch.testing.assert_close(terms.total, (reconstruction - x).abs().mean() + 0.25 * kl)
 
 
+def test_a_fresh_vae_starts_with_a_narrow_posterior_in_every_channel():
+    vae = text_pipeline.build_vae(8, [4, 8], 4, 1)
+    with torch.no_grad():
+        posterior = vae.encode(torch.rand(16, 3, 8, 8) * 2 - 1).latent_dist
+    per_channel = posterior.logvar.mean(dim=(0, 2, 3))
+    torch.testing.assert_close(per_channel, torch.full((4,), text_pipeline.INITIAL_LOG_VARIANCE), atol=0.5, rtol=0)
+
+
 def test_vae_export_sets_the_scaling_factor_to_unit_latent_variance(tiny_sd, monkeypatch):
     method = _method(VaeTraining, load_pipeline(tiny_sd))
     images = torch.rand(10, 3, 8, 8) * 2 - 1
