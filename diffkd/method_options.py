@@ -288,7 +288,8 @@ class VaeConfig(MethodConfig):
     text-denoise stage trains it).
 
     init_from: a pipeline folder (this method's export) whose VAE training continues, its architecture options
-    then ignored. The exported pipeline holds them beside a placeholder UNet; ``text-denoise`` trains the real one on top.
+    then ignored. decoder_only (with init_from): train the decoder alone, so the latents, and any UNet trained on
+    them, stay valid (as Stable Diffusion's ft-MSE VAE was made). The exported pipeline holds them beside a placeholder UNet; ``text-denoise`` trains the real one on top.
     Each level of ``block_out_channels`` but the last halves the side (32 px, two levels -> 16x16x4 latents).
     """
 
@@ -304,6 +305,7 @@ class VaeConfig(MethodConfig):
     text_heads: int = 4
     max_tokens: int = 20
     init_from: str = ""
+    decoder_only: bool = False
 
     def __post_init__(self):
         check(self.num_steps >= 1, f"method.num_steps must be >= 1; got {self.num_steps}")
@@ -317,6 +319,8 @@ class VaeConfig(MethodConfig):
               f"({self.text_heads})")
         check(self.max_tokens >= 16, f"method.max_tokens must be >= 16 (the longest glyphs caption is 15 tokens); "
                                      f"got {self.max_tokens}")
+        check(not self.decoder_only or bool(self.init_from),
+              "method.decoder_only needs method.init_from: the VAE whose encoder (and latent space) it keeps")
 
 
 @dataclass

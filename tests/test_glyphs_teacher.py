@@ -121,6 +121,30 @@ def test_a_fresh_vae_starts_with_a_narrow_posterior_in_every_channel():
     torch.testing.assert_close(per_channel, torch.full((4,), text_pipeline.INITIAL_LOG_VARIANCE), atol=0.5, rtol=0)
 
 
+def test_decoder_only_training_keeps_the_encoder_and_its_latents(tiny_sd, tmp_path):
+    stage1 = parse_config({"method": {"name": "vae", "num_steps": 1, "sample_size": 8, "block_out_channels": [4, 8],
+                                      "text_hidden_size": 16, "text_layers": 1, "text_heads": 2, "max_tokens": 16},
+                           "data": TINY_GLYPHS, "train": {"batch_size": 4, "device": "cpu"}})
+    first = distill(stage1, tmp_path / "vae")
+    decoder = parse_config({"method": {"name": "vae", "init_from": str(first), "decoder_only": True, "num_steps": 2,
+                                       "sample_size": 8, "text_hidden_size": 16, "text_layers": 1, "text_heads": 2,
+                                       "max_tokens": 16},
+                            "data": TINY_GLYPHS, "train": {"batch_size": 4, "device": "cpu", "learning_rate": 1e-2}})
+    tuned = distill(decoder, tmp_path / "decoder")
+    before = StableDiffusionPipeline.from_pretrained(first).vae
+    after = StableDiffusionPipeline.from_pretrained(tuned).vae
+    for part in ("encoder", "quant_conv"):
+        for a, b in zip(getattr(before, part).parameters(), getattr(after, part).parameters(), strict=True):
+            assert torch.equal(a, b)
+    assert not all(torch.equal(a, b) for a, b in zip(before.decoder.parameters(), after.decoder.parameters()))
+    assert after.config.scaling_factor == before.config.scaling_factor  # the same latents, the same scale
+
+
+def test_decoder_only_without_a_vae_to_keep_is_refused():
+    with pytest.raises(Exception, match="decoder_only needs method.init_from"):
+        parse_config({"method": {"name": "vae", "decoder_only": True}})
+
+
 def test_vae_export_sets_the_scaling_factor_to_unit_latent_variance(tiny_sd, monkeypatch):
     method = _method(VaeTraining, load_pipeline(tiny_sd))
     images = torch.rand(10, 3, 8, 8) * 2 - 1

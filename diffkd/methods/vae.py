@@ -33,6 +33,9 @@ class VaeTraining(Method):
     def __init__(self, config: Config, teacher: LoadedPipeline, student: torch.nn.Module):
         super().__init__(config, teacher, student)
         self.vae = teacher.pipeline.vae.requires_grad_(True).train()
+        if self.options.decoder_only:
+            self.vae.encoder.requires_grad_(False).eval()
+            self.vae.quant_conv.requires_grad_(False)
 
     @classmethod
     def template(cls, config: Config) -> LoadedPipeline:
