@@ -2,7 +2,7 @@
 shipped glyphs CLIP and FD on the glyphs classifier, over guidance scales, samplers and steps, with UNet passes.
 
     python eval/glyphs_metrics.py --teacher teachers/glyphs-32 [--student runs/glyphs-progressive/student] \
-        [--steps 50] [--samplers ddim] [--guidance-scales 1,2,3,5,7.5] [--write-results]
+        [--steps 50] [--samplers ddim] [--guidance-scales 1,2,3,5,7.5] [--write-results [--section NAME]]
 
 Prompts are the captions of fresh glyphs, half from training combinations and half from held-out ones (alternating),
 so both groups get the same number of samples. Writes the full report to eval/out/glyphs-metrics/ and, with
@@ -50,6 +50,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=str(Path(__file__).parent / "out" / "glyphs-metrics"))
     parser.add_argument("--write-results", action="store_true", help="rewrite this benchmark's eval/RESULTS.md section")
+    parser.add_argument("--section", default="glyphs-metrics", help="the RESULTS.md section --write-results rewrites")
+    parser.add_argument("--title", default="Text-to-image metrics (issue 19)", help="that section's heading")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -65,7 +67,7 @@ def main() -> int:
     print(markdown_table(header, body))
     print(f"{len(results['rows'])} settings x {args.num_samples} samples in {seconds:.0f} s ({cpu_seconds:.0f} CPU s)")
     if args.write_results:
-        write_section("glyphs-metrics", section(results, seconds, cpu_seconds, args))
+        write_section(args.section, section(results, seconds, cpu_seconds, args))
     return 0
 
 
@@ -77,9 +79,10 @@ def section(results: dict, seconds: float, cpu_seconds: float, args: argparse.Na
         [f"--teacher {shlex.quote(args.teacher)}", *[f"--student {shlex.quote(s)}" for s in args.student],
          f"--steps {args.steps}", f"--samplers {args.samplers}", f"--guidance-scales {args.guidance_scales}",
          f"--guidance-scale {args.guidance_scale}", f"--reference-steps {args.reference_steps}",
-         f"--num-samples {args.num_samples}", f"--seed {args.seed}", "--write-results"])
+         f"--num-samples {args.num_samples}", f"--seed {args.seed}", "--write-results",
+         f"--section {args.section}", f"--title {shlex.quote(args.title)}"])
     return "\n".join([
-        "## Text-to-image metrics (issue 19)", "",
+        f"## {args.title}", "",
         f"- command: `{command}`",
         f"- machine: {machine()}",
         (f"- {args.num_samples} samples per setting, prompts: captions of fresh glyphs (seed {args.seed + 1}), half "
