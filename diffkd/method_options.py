@@ -330,7 +330,10 @@ class TextDenoiseConfig(MethodConfig):
 
     cross_attention: per level, whether the UNet cross-attends to the text there. text_time_embedding: the pooled
     caption is also added to the timestep embedding (diffusers' addition_embed_type="text"). The text encoder of
-    ``components`` is trained with the UNet.
+    ``components`` is trained with the UNet. noise_offset: the std of a per-image, per-channel constant added to
+    the training noise (Guttenberg 2023; diffusers' --noise_offset). Stable Diffusion's schedule leaves the
+    latents' mean in the noisiest input (alpha_T = 0.068), so without it the model reads a flat image's colour off
+    the starting noise instead of the prompt.
     caption_dropout: the fraction of rows trained on the empty prompt, so that the same network also gives the
     unconditional prediction classifier-free guidance needs (Ho & Salimans 2022). The schedule defaults are Stable
     Diffusion's: epsilon prediction, scaled-linear betas 0.00085..0.012 over 1000 steps.
@@ -344,6 +347,7 @@ class TextDenoiseConfig(MethodConfig):
     layers_per_block: int = 1
     attention_head_dim: int = 8
     text_time_embedding: bool = True
+    noise_offset: float = 0.0
     caption_dropout: float = 0.1
     prediction_type: str = "epsilon"
     beta_schedule: str = "scaled_linear"
@@ -359,6 +363,7 @@ class TextDenoiseConfig(MethodConfig):
               f"method.cross_attention needs one true/false per level of method.block_out_channels "
               f"({len(self.block_out_channels)}), at least one true; got {list(self.cross_attention)}")
         check(0 <= self.caption_dropout < 1, f"method.caption_dropout must be in [0, 1); got {self.caption_dropout}")
+        check(self.noise_offset >= 0, f"method.noise_offset must be >= 0; got {self.noise_offset}")
         check_choice("method.prediction_type", self.prediction_type, PREDICTION_TYPES)
         check_choice("method.beta_schedule", self.beta_schedule, ("linear", "scaled_linear", "squaredcos_cap_v2"))
         check(0 < self.beta_start < self.beta_end < 1,

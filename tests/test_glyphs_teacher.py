@@ -235,3 +235,20 @@ def test_the_shipped_teacher_loads_and_samples_offline_with_a_prompt():
     assert images.shape == (1, 32, 32, 3) and images.min() >= 0 and images.max() <= 1
     size = sum(f.stat().st_size for f in SHIPPED.rglob("*") if f.is_file())
     assert size < 20 * 2**20
+
+
+def test_offset_noise_adds_one_draw_per_image_and_channel_by_hand(tiny_sd):
+    teacher = load_pipeline(tiny_sd)
+    method = _method(TextDenoisingTraining, teacher, caption_dropout=0.0, noise_offset=0.3)
+    ids = torch.randint(0, teacher.pipeline.tokenizer.vocab_size, (4, 8))
+    batch = {"x0": torch.randn(4, 4, 4, 4), "input_ids": ids, "uncond_input_ids": ids}
+    loss = method.loss("student", batch, torch.Generator().manual_seed(2)).total
+
+    draws = torch.Generator().manual_seed(2)
+    t = torch.randint(0, 1000, (4,), generator=draws)
+    eps = torch.randn(4, 4, 4, 4, generator=draws) + 0.3 * torch.randn(4, 4, 1, 1, generator=draws)
+    alpha_bar = teacher.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    z = alpha_bar.sqrt() * batch["x0"] + (1 - alpha_bar).sqrt() * eps
+    hidden = teacher.pipeline.text_encoder(ids)[0]
+    expected = (method.student(z, t, encoder_hidden_states=hidden).sample - eps).pow(2).mean()
+    torch.testing.assert_close(loss, expected)

@@ -85,6 +85,9 @@ class TextDenoisingTraining(Method):
         model = self.teacher.denoiser
         t = torch.randint(0, model.num_train_timesteps, (x.shape[0],), generator=generator).to(x.device)
         eps = torch.randn(x.shape, generator=generator).to(x.device)
+        if self.options.noise_offset:
+            offset = torch.randn(*x.shape[:2], 1, 1, generator=generator).to(x.device)
+            eps = eps + self.options.noise_offset * offset
         dropped = (torch.rand(x.shape[0], generator=generator) < self.options.caption_dropout).to(x.device)
         ids = torch.where(dropped[:, None], batch["uncond_input_ids"], batch["input_ids"])
         hidden = self.text_encoder(ids)[0]
