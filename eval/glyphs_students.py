@@ -28,6 +28,10 @@ import yaml
 from diffusers import StableDiffusionPipeline
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "eval"))
+
+from glyphs_metrics import prompts as glyphs_prompts
+
 RECIPES = ("glyphs-guidance-progressive", "glyphs-guidance-consistency", "glyphs-lora-consistency")
 log = logging.getLogger("glyphs_students")
 
@@ -71,6 +75,8 @@ def main() -> None:
     parser.add_argument("--ws", default="2,4,6")
     parser.add_argument("--prompt", default="a", help="prompt of the pass count (any caption: passes do not depend on it)")
     parser.add_argument("--train", action="store_true", help="distil the three recipes first")
+    parser.add_argument("--num-prompts", type=int, default=200,
+                        help="glyphs captions (half training, half held-out combinations) each `diffkd eval` samples")
     parser.add_argument("--eval-args", default="", help="extra arguments for each `diffkd eval`")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -82,6 +88,9 @@ def main() -> None:
             path = ROOT / "configs" / f"{recipe}.yaml"
             subprocess.run([*diffkd, "distill", str(path), "--output",
                             str(runs / recipe), "--set", f"teacher.source={args.teacher}"], check=True)
+    prompts_file = runs / "glyphs-prompts.txt"
+    prompts_file.parent.mkdir(parents=True, exist_ok=True)
+    prompts_file.write_text("\n".join(glyphs_prompts(args.num_prompts, seed=1)) + "\n")
     teacher = StableDiffusionPipeline.from_pretrained(args.teacher)
     teacher.set_progress_bar_config(disable=True)
     prompt = args.prompt
@@ -105,7 +114,9 @@ def main() -> None:
             evaluated = run / ("student-fused" if share is not None else "student")
             subprocess.run([*diffkd, "eval", "--pipeline", str(evaluated), "--teacher", args.teacher, "--steps", "4",
                             "--reference-steps", "64", "--guidance-scale", str(w), "--output",
-                            str(run / f"eval-w{w:g}"), *shlex.split(args.eval_args)], check=True)
+                            str(run / f"eval-w{w:g}"), "--prompts-file", str(prompts_file),
+                            "--num-samples", str(args.num_prompts), "--reference", "glyphs",
+                            *shlex.split(args.eval_args)], check=True)
 
 
 if __name__ == "__main__":
