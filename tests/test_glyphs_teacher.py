@@ -121,7 +121,7 @@ def test_a_fresh_vae_starts_with_a_narrow_posterior_in_every_channel():
     torch.testing.assert_close(per_channel, torch.full((4,), text_pipeline.INITIAL_LOG_VARIANCE), atol=0.5, rtol=0)
 
 
-def test_decoder_only_training_keeps_the_encoder_and_its_latents(tiny_sd, tmp_path):
+def test_decoder_only_training_keeps_the_encoder_and_its_latents(tmp_path):
     stage1 = parse_config({"method": {"name": "vae", "num_steps": 1, "sample_size": 8, "block_out_channels": [4, 8],
                                       "text_hidden_size": 16, "text_layers": 1, "text_heads": 2, "max_tokens": 16},
                            "data": TINY_GLYPHS, "train": {"batch_size": 4, "device": "cpu"}})
