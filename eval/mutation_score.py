@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FAST_TESTS = ["tests/test_schedule.py", "tests/test_progressive_target.py", "tests/test_denoise.py",
               "tests/test_psnr.py", "tests/test_frechet.py", "tests/test_kd_losses.py", "tests/test_generator.py",
               "tests/test_progressive.py", "tests/test_perceptual.py", "tests/test_consistency.py", "tests/test_dmd.py",
-              "tests/test_guidance_embedding.py"]
+              "tests/test_guidance_embedding.py", "tests/test_glyphs_teacher.py"]
 
 
 @dataclass(frozen=True)
@@ -155,6 +155,16 @@ MUTATIONS = [
              "(x - fake_x0).abs().flatten(1).mean(1)", "DMD's weight is the distance to the fake x0, not the real"),
     Mutation("guidance-embedding-offset", "diffkd/guidance_embedding.py", "1000.0 * (w.float() - 1.0)",
              "1000.0 * w.float()", "w embedded as the pipeline does not: of w, not w - 1"),
+    Mutation("noise-offset-per-pixel", "diffkd/methods/text_denoise.py", "torch.randn(*x.shape[:2], 1, 1,",
+             "torch.randn(*x.shape,", "offset noise drawn per pixel, not once per image and channel"),
+    Mutation("noise-offset-scale", "diffkd/methods/text_denoise.py", "eps + self.options.noise_offset * offset",
+             "eps + self.options.noise_offset ** 2 * offset", "offset noise scaled by its variance, not its std"),
+    Mutation("vae-narrow-means", "diffkd/text_pipeline.py", "vae.quant_conv.bias[latent_channels:] = ",
+             "vae.quant_conv.bias[:latent_channels] = ", "the narrow start is put on the posterior means, not its "
+             "log-variances"),
+    Mutation("pooled-caption-dropped", "diffkd/text_pipeline.py",
+             'addition_embed_type="text" if text_time_embedding else None', "addition_embed_type=None",
+             "text_time_embedding: true leaves the pooled caption out of the timestep embedding"),
 ]
 
 
