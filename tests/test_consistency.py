@@ -10,6 +10,7 @@ import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, LCMScheduler
 from torch import nn
 
+from diffkd import round_health
 from diffkd.api import distill
 from diffkd.config import parse_config
 from diffkd.errors import DiffkdError
@@ -145,6 +146,13 @@ def test_target_network_follows_the_student_by_its_ema():
     method.after_step()
     for old, new, trained in zip(before, method.target.parameters(), student.parameters()):
         torch.testing.assert_close(new, 0.9 * old + 0.1 * trained)
+
+
+def test_a_rising_consistency_loss_is_not_reported_as_a_failed_round():
+    """The loss chases the target network, so round health must not call a working run failed for it."""
+    (round_,) = method_for(GaussianTeacher(0.5), nn.Linear(2, 2)).rounds()
+    verdict = round_health.judge(round_.name, [0.86] * 10 + [0.91] * 10, round_.loss_falls)
+    assert verdict["fell"] is None and verdict["last_loss"] > verdict["first_loss"]
 
 
 def test_the_dpm_solver_step_is_second_order_on_the_exact_gaussian_flow():

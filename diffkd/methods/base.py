@@ -24,7 +24,8 @@ class Round:
     """A stretch of training with its own optimiser state and LR schedule (a halving, for progressive).
 
     ``loss_falls``: whether a working round's headline loss falls, so the round-health check can judge it; False
-    where the loss measures a moving target (DMD's generator against its fake score, a GAN's)."""
+    where the loss measures a moving target (DMD's generator against its fake score, a GAN's, consistency's against
+    its target network)."""
 
     name: str
     num_steps: int

@@ -116,8 +116,11 @@ class ConsistencyDistillation(Method):
                               "losses.feature_kd and losses.lpips to 0, or method.distance=lpips for LPIPS")
 
     def rounds(self) -> list[Round]:
+        """One round, not judged by round health: its loss is measured against the target network, which follows
+        the student, so it need not fall when training works (glyphs LCM-LoRA: 0.86 -> 0.91 over 2,000 steps for a
+        student within 1.06x of the full student's FD)."""
         return [Round(f"consistency on {self.options.teacher_grid} points, skip {self.options.skip}",
-                      self.options.num_steps)]
+                      self.options.num_steps, loss_falls=False)]
 
     def dataset(self) -> dict[str, torch.Tensor]:
         """The training images (as latents for a latent teacher) and, for a text teacher, their prompts' encodings."""
