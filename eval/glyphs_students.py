@@ -27,6 +27,8 @@ import torch
 import yaml
 from diffusers import StableDiffusionPipeline
 
+from diffkd.evaluation.text_report import plot_fd_vs_clip
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "eval"))
 
@@ -68,6 +70,20 @@ def lora_share(teacher: str, run: Path) -> float | None:
     return adapter.stat().st_size / unet.stat().st_size if adapter.is_file() else None
 
 
+def plot_over_w(run: Path) -> Path | None:
+    """One FD-vs-CLIP figure from the run's per-w evaluations (each evaluates student and teacher at one w)."""
+    evaluations = sorted(run.glob("eval-w*/results.json"))
+    if len(evaluations) < 2:
+        return None
+    results = [json.loads(path.read_text()) for path in evaluations]
+    merged = {**results[0], "rows": [row for result in results for row in result["rows"]]}
+    figure = plot_fd_vs_clip(merged)
+    figure.axes[0].set_title(f"{run.name}: FD vs CLIP score over w (teacher: CFG, 2 passes a step)")
+    path = run / "fd_vs_clip_over_w.png"
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default="teachers/glyphs-32")
@@ -78,10 +94,16 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=200,
                         help="glyphs captions (half training, half held-out combinations) each `diffkd eval` samples")
     parser.add_argument("--eval-args", default="", help="extra arguments for each `diffkd eval`")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="only draw each run's FD-vs-CLIP curve over w from its existing evaluations")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     ws = [float(w) for w in args.ws.split(",")]
     runs = Path(args.runs)
+    if args.plot_only:
+        for recipe in RECIPES:
+            log.info("%s: %s", recipe, plot_over_w(runs / recipe) or "fewer than two evaluations, no curve")
+        return
     diffkd = [sys.executable, "-m", "diffkd"]
     if args.train:
         for recipe in RECIPES:
@@ -117,6 +139,8 @@ def main() -> None:
                             str(run / f"eval-w{w:g}"), "--prompts-file", str(prompts_file),
                             "--num-samples", str(args.num_prompts), "--reference", "glyphs",
                             *shlex.split(args.eval_args)], check=True)
+        if fixed <= 1:
+            log.info("FD vs CLIP over w: %s", plot_over_w(run))
 
 
 if __name__ == "__main__":
