@@ -94,19 +94,21 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=200,
                         help="glyphs captions (half training, half held-out combinations) each `diffkd eval` samples")
     parser.add_argument("--eval-args", default="", help="extra arguments for each `diffkd eval`")
+    parser.add_argument("--recipes", default=",".join(RECIPES), help="which of the three recipes to train / evaluate")
     parser.add_argument("--plot-only", action="store_true",
                         help="only draw each run's FD-vs-CLIP curve over w from its existing evaluations")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     ws = [float(w) for w in args.ws.split(",")]
     runs = Path(args.runs)
+    recipes = [recipe for recipe in RECIPES if recipe in args.recipes.split(",")]
     if args.plot_only:
-        for recipe in RECIPES:
+        for recipe in recipes:
             log.info("%s: %s", recipe, plot_over_w(runs / recipe) or "fewer than two evaluations, no curve")
         return
     diffkd = [sys.executable, "-m", "diffkd"]
     if args.train:
-        for recipe in RECIPES:
+        for recipe in recipes:
             path = ROOT / "configs" / f"{recipe}.yaml"
             subprocess.run([*diffkd, "distill", str(path), "--output",
                             str(runs / recipe), "--set", f"teacher.source={args.teacher}"], check=True)
@@ -119,7 +121,7 @@ def main() -> None:
     print("| student | w | student passes / image (4 steps) | teacher passes / image (CFG, 64 steps) | "
           "adapter / UNet bytes |")
     print("|---|---|---|---|---|")
-    for recipe in RECIPES:
+    for recipe in recipes:
         run = runs / recipe
         if not (run / "student").is_dir():
             log.warning("no %s: run with --train first", run / "student")
