@@ -2,7 +2,7 @@
 student of the glyphs teacher, against the teacher with classifier-free guidance at the same w.
 
     python eval/glyphs_students.py --teacher teachers/glyphs-32 [--train] [--runs runs] [--ws 2,4,6] \
-        [--eval-args "--num-samples 400 --feature ..."]
+        [--recipes glyphs-lora-consistency,...] [--plot-only] [--eval-args "--num-samples 400 --feature ..."]
 
 --train distils the three recipes (configs/glyphs-guidance-progressive.yaml, glyphs-guidance-consistency.yaml,
 glyphs-lora-consistency.yaml) into RUNS/<recipe> first. Then, for each student and each w, it counts the UNet passes
@@ -101,7 +101,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     ws = [float(w) for w in args.ws.split(",")]
     runs = Path(args.runs)
-    recipes = [recipe for recipe in RECIPES if recipe in args.recipes.split(",")]
+    recipes = args.recipes.split(",")
+    if unknown := sorted(set(recipes) - set(RECIPES)):
+        parser.error(f"--recipes {unknown} are not among {', '.join(RECIPES)}")
     if args.plot_only:
         for recipe in recipes:
             log.info("%s: %s", recipe, plot_over_w(runs / recipe) or "fewer than two evaluations, no curve")
