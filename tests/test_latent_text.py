@@ -61,3 +61,26 @@ def test_progressive_guidance_distillation_of_a_latent_text_teacher(tiny_sd, tmp
     assert images.shape == (1, 8, 8, 3)
     front = yaml.safe_load((folder / "README.md").read_text().split("---")[1])
     assert front["guidance_scale"] == 3.0 and front["num_inference_steps"] == 2
+
+
+def test_fixed_w_halvings_do_not_guide_a_student_that_has_w_baked_in(tiny_sd):
+    """Round 1 takes the teacher's two guided passes a step; a later round's teacher is the previous student, which
+    already gives the guided output in one conditional pass: guiding it again would compound w (3, 9, 27, ...)."""
+    from diffkd.api import prepare
+
+    config = parse_config({"method": {"name": "progressive", "start_steps": 8, "final_steps": 2,
+                                      "guidance_scale": 3.0},
+                           "teacher": {"source": tiny_sd}, "data": {"prompts": ["a cat"]}, "run_eval": False})
+    _, method, _ = prepare(config)
+    batch = {"x0": torch.randn(3, 4, 4, 4), "encoder_hidden_states": torch.randn(3, 8, 16),
+             "uncond_encoder_hidden_states": torch.randn(3, 8, 16)}
+
+    def recording(step, seen):
+        return lambda z, t, s, cond: seen.append(cond.guided) or step(z, t, s, cond)
+
+    for index, guided in ((0, True), (1, False)):
+        method.begin_round(index)
+        seen = []
+        method.round_teacher.ddim_step = recording(method.round_teacher.ddim_step, seen)
+        method.loss("student", batch, torch.Generator().manual_seed(0))
+        assert seen == [guided, guided], (index, seen)

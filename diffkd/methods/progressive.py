@@ -120,8 +120,8 @@ class ProgressiveDistillation(Method):
         z_t = schedule.broadcast(alpha_t, x) * x + schedule.broadcast(sigma_t, x) * eps
 
         cond, student_cond = self.conditioning(batch, generator)
-        w_conditioned = self.guidance is not None and self.round_teacher is not self.teacher.denoiser
-        teacher_cond = student_cond if w_conditioned else cond
+        # a previous student already carries the guidance (baked in, or told w): it takes the student's one pass
+        teacher_cond = cond if self.round_teacher is self.teacher.denoiser else student_cond
         with torch.no_grad():  # the teacher's two DDIM steps, t -> t' -> t'' (one when imitating)
             z_target = z_t
             for j in range(per_step):
