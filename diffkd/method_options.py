@@ -60,8 +60,9 @@ class ProgressiveConfig(MethodConfig):
 
     ``target_space``: "x" is Salimans & Ho's loss, the x-space MSE to the target times ``loss_weighting``; "z"
     multiplies it by c^2 = (alpha_s - sigma_s alpha_t / sigma_t)^2, which makes it the MSE of where the student's
-    step lands, z_s; "auto" (the default) takes z in the rounds whose teacher predicts epsilon, x otherwise (see
-    ``ProgressiveDistillation.step_weight``).
+    step lands, z_s; "auto" (the default) takes z in the halvings and imitation round whose teacher predicts
+    epsilon, x otherwise and in a guidance round: the first round of a w range, or the imitation round of a
+    fixed guidance_scale > 1 (see ``ProgressiveDistillation.uses_z_space``).
     """
 
     name: str = "progressive"

@@ -11,6 +11,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from diffkd.api import distill
 from diffkd.config import load_config, parse_config
+from diffkd.evaluation.guidance_response import response_figures
 from diffkd.guidance_embedding import (
     add_guidance_embedding,
     draw_guidance_scales,
@@ -163,10 +164,12 @@ def test_guidance_round_learns_the_cfg_teacher_then_halvings_the_w_conditioned_s
 
     config = parse_config({
         "method": {"name": "progressive", "start_steps": 8, "final_steps": 2, "steps_per_round": 5,
-                   "guidance": {"w_min": 2.0, "w_max": 6.0, "embedding_dim": 16}},
+                   "guidance": {"w_min": 2.0, "w_max": 6.0, "embedding_dim": 16}, "student_prediction_type": "teacher"},
         "teacher": {"source": tiny_sd}, "data": {"prompts": ["a cat"]}, "run_eval": False})
     teacher, method, _ = prepare(config)
     assert [(r.name, r.num_steps) for r in method.rounds()] == [("8 (guidance)", 5), ("8->4", 5), ("4->2", 5)]
+    assert teacher.denoiser.prediction_type == "epsilon" and method.prediction_type == "epsilon"
+    assert not method.uses_z_space()  # target_space auto: the guidance round regresses in x space, though eps
     assert method.student.config.time_cond_proj_dim == 16 and teacher.unet.config.time_cond_proj_dim is None
     assert method.round_teacher is teacher.denoiser
     batch = {"x0": torch.randn(3, 4, 4, 4), "encoder_hidden_states": torch.randn(3, 8, 16),
@@ -178,6 +181,7 @@ def test_guidance_round_learns_the_cfg_teacher_then_halvings_the_w_conditioned_s
     method.begin_round(1)
     assert method.round_teacher is not teacher.denoiser  # the first halving distils the guidance round's student
     assert method.round_teacher.unet.config.time_cond_proj_dim == 16
+    assert method.uses_z_space()  # a halving taught by an eps network lands in z space
 
 
 def test_evaluation_runs_an_embedded_student_once_per_step_told_w(tiny_sd):
@@ -194,3 +198,17 @@ def test_evaluation_runs_an_embedded_student_once_per_step_told_w(tiny_sd):
     cond = with_guidance(prompts.condition(student, 0, 3), Setting(student, OWN, 2, guidance=3.0))
     assert not cond.guided  # one pass per step, told the setting's w
     torch.testing.assert_close(cond.timestep_cond, guidance_scale_embedding(torch.full((3,), 3.0), 16))
+
+
+def test_guidance_response_figures_by_hand():
+    """Teacher latents move by dT = (3, 4) between w = 2 and 6 (|dT| = 5); a student that moves by (0, 2.5) has
+    response 0.5 and alignment cos = 10 / (2.5 * 5) = 0.8; a student that ignores w has response 0."""
+    teacher = {2.0: torch.tensor([[0.0, 0.0]]), 6.0: torch.tensor([[3.0, 4.0]])}
+    student = {2.0: torch.tensor([[1.0, 0.0]]), 6.0: torch.tensor([[1.0, 2.5]])}
+    figures = response_figures(student, teacher)
+    assert figures["response"] == pytest.approx(0.5)
+    assert figures["alignment"] == pytest.approx(0.8)
+    assert figures["error@2"] == pytest.approx(1 / 5)  # |(1, 0)| / 5
+    assert figures["error@6"] == pytest.approx(((2 ** 2 + 1.5 ** 2) ** 0.5) / 5)
+    frozen = response_figures({2.0: student[2.0], 6.0: student[2.0]}, teacher)
+    assert frozen["response"] == 0

@@ -150,10 +150,19 @@ class ProgressiveDistillation(Method):
         return conditioning_pair(batch, self.options.guidance_scale, self.guidance, generator)
 
     def uses_z_space(self) -> bool:
-        """Whether this round's loss is measured where the student's step lands (see ``step_weight``)."""
+        """Whether this round's loss is measured where the student's step lands (see ``step_weight``).
+
+        "auto" keeps a guidance round (``in_guidance_round``) in x space: it regresses onto the CFG teacher's x
+        prediction at the student's own input (Meng et al. 2023, eq. 6), and CFG acts mostly at high t, where z
+        space's c^2 would drop it (eval/RESULTS.md, "Guidance-embedded 4-step student": the w response of each loss)."""
         if self.options.target_space == "auto":
-            return self.round_teacher.prediction_type == "epsilon"
+            return self.round_teacher.prediction_type == "epsilon" and not self.in_guidance_round()
         return self.options.target_space == "z"
+
+    def in_guidance_round(self) -> bool:
+        """The first round of a w range, or an imitation round of a teacher guided at a fixed w > 1."""
+        guided = self.guidance is not None or self.options.guidance_scale > 1
+        return guided and self.student_steps == self.teacher_steps
 
     def step_weight(self, alpha_t: torch.Tensor, sigma_t: torch.Tensor, alpha_s: torch.Tensor,
                     sigma_s: torch.Tensor) -> torch.Tensor:
