@@ -52,8 +52,9 @@ def test_sd15_recipe_on_a_tiny_pipeline_of_its_layout(tiny_sd, tmp_path):
     prompts.write_text("a cat\na dog\n")
     config = load_config(ROOT / "configs/sd15-progressive.yaml",
                          [f"teacher.source={tiny_sd}", f"data.source={_images(tmp_path / 'sd', 8)}",
-                          f"data.prompts_file={prompts}", *SMALL])
+                          f"data.prompts_file={prompts}", "method.imitation_steps=2", *SMALL])
     folder = distill(config, tmp_path / "run")
+    assert yaml.safe_load((folder / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "epsilon"
     # VAE and text encoder are exported once, in the student folder, unchanged; checkpoints hold the UNet only
     for part in ("vae", "text_encoder", "unet"):
         assert (folder / part).is_dir()
