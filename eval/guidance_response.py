@@ -6,8 +6,9 @@
 Both pipelines start from the same initial latents for the same glyphs captions (half held-out combinations). The
 teacher samples with CFG and DDIM (trailing spacing) at each w, the student with its own scheduler and one pass a
 step. The figures (response, alignment, error at each w: diffkd.evaluation.guidance_response) compare their final
-latents (what the UNet produces, before the VAE). FD and CLIP score over w (eval/glyphs_students.py) show whether a student follows w only in the aggregate; this
-shows it per sample, in minutes, and works on a student exported at any step count.
+latents (what the UNet produces, before the VAE). FD and CLIP score over w (eval/glyphs_students.py) show whether a
+student follows w only in the aggregate; this shows it per sample, in minutes, and works on a student exported at
+any step count.
 """
 
 from __future__ import annotations

@@ -154,7 +154,8 @@ class ProgressiveDistillation(Method):
 
         "auto" keeps a guidance round (``in_guidance_round``) in x space: it regresses onto the CFG teacher's x
         prediction at the student's own input (Meng et al. 2023, eq. 6), and CFG acts mostly at high t, where z
-        space's c^2 would drop it (eval/RESULTS.md, "Guidance-embedded 4-step student": the w response of each loss)."""
+        space's c^2 would drop it (eval/RESULTS.md, "Guidance-embedded 4-step student": the w response of each
+        loss)."""
         if self.options.target_space == "auto":
             return self.round_teacher.prediction_type == "epsilon" and not self.in_guidance_round()
         return self.options.target_space == "z"
