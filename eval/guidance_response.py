@@ -33,7 +33,7 @@ def sample_latents(pipe: StableDiffusionPipeline, captions: list[str], noise: to
     with torch.no_grad():
         out = pipe(captions, latents=noise.clone(), guidance_scale=w, num_inference_steps=steps,
                    output_type="latent")
-    return out.images.flatten(1)
+    return out.images
 
 
 def main() -> int:
