@@ -330,9 +330,11 @@ class TextDenoiseConfig(MethodConfig):
     and tokenizer, such as the ``vae`` method's export), conditioned on each image's caption.
 
     cross_attention: per level, whether the UNet cross-attends to the text there. text_time_embedding: the pooled
-    caption is also added to the timestep embedding (diffusers' addition_embed_type="text"). The text encoder of
-    ``components`` is trained with the UNet. noise_offset: the std of a per-image, per-channel constant added to
-    the training noise (Guttenberg 2023; diffusers' --noise_offset). Stable Diffusion's schedule leaves the
+    caption is also added to the timestep embedding (diffusers' addition_embed_type="text"). text_encoder: a CLIP
+    folder or hub id (a ``CLIPModel`` such as ``python -m diffkd.evaluation.glyphs_clip`` saves, or
+    ``openai/clip-vit-large-patch14``) whose text tower and tokenizer replace those of ``components``, frozen as
+    Stable Diffusion's; without it the text encoder of ``components`` is trained with the UNet.
+    noise_offset: the std of a per-image, per-channel constant added to the training noise (Guttenberg 2023; diffusers' --noise_offset). Stable Diffusion's schedule leaves the
     latents' mean in the noisiest input (alpha_T = 0.068), so without it the model reads a flat image's colour off
     the starting noise instead of the prompt.
     caption_dropout: the fraction of rows trained on the empty prompt, so that the same network also gives the
@@ -348,6 +350,7 @@ class TextDenoiseConfig(MethodConfig):
     layers_per_block: int = 1
     attention_head_dim: int = 8
     text_time_embedding: bool = True
+    text_encoder: str | None = None
     noise_offset: float = 0.0
     caption_dropout: float = 0.1
     prediction_type: str = "epsilon"

@@ -55,8 +55,12 @@ def locate_hf_model(name_or_path: str, purpose: str, option: str) -> str:
     if folder.is_dir():
         return str(folder)
     from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
 
-    config = try_to_load_from_cache(name_or_path, "config.json")
+    try:
+        config = try_to_load_from_cache(name_or_path, "config.json")
+    except HFValidationError:  # a path that does not exist, not a hub id
+        config = None
     if isinstance(config, str):
         return str(Path(config).parent)
     raise DiffkdError(f"{purpose} needs the model {name_or_path!r}, which is neither a folder nor in the Hugging Face "

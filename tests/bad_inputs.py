@@ -399,6 +399,15 @@ def _glyphs_teacher_before_its_parts(tmp: Path, teacher: str):
              f"method.components={tmp / 'no-vae-stage'}"], "train it first", output)
 
 
+def _glyphs_teacher_without_its_text_encoder(tmp: Path, teacher: str):
+    from tests.conftest import make_tiny_sd_pipeline
+
+    output = tmp / "run"
+    return (["train-teacher", str(ROOT / "configs/glyphs-teacher.yaml"), "--output", str(output), "--set",
+             f"method.components={make_tiny_sd_pipeline(tmp / 'vae-stage')}", "--set",
+             f"method.text_encoder={tmp / 'no-text-clip'}"], "neither a folder nor in the Hugging Face cache", output)
+
+
 def _glyphs_count_case(tmp: Path, teacher: str):
     output = tmp / "run"
     return (["train-teacher", str(ROOT / "configs/glyphs-vae.yaml"), "--output", str(output), "--set",
@@ -481,6 +490,7 @@ CASES = [
     Case("glyphs (32 px RGB) for a grey teacher", _data_case("data.resize=true to render them", lambda tmp: "glyphs")),
     Case("zero glyphs", _glyphs_count_case),
     Case("glyphs UNet stage before its VAE stage", _glyphs_teacher_before_its_parts),
+    Case("glyphs UNet stage before its text encoder stage", _glyphs_teacher_without_its_text_encoder),
     Case("eval guidance scales below 1", _eval_case("eval.guidance_scales must all be >= 1", "--guidance-scales",
                                                     "0.5,2")),
     Case("eval prompt accuracy asked of a pipeline without text",

@@ -1,7 +1,6 @@
 """The glyphs-32 text-to-image teacher: a tokenizer that knows every caption word, the two train-teacher stages (VAE
-and a seeded text encoder; then the caption-conditioned UNet trained with that text encoder) exporting a
-StableDiffusionPipeline, their losses
-against hand computations, captions paired with their own images, and the shipped teachers/glyphs-32 sampling
+and a seeded text encoder; then the caption-conditioned UNet trained with that text encoder, or beside a frozen
+pretrained one) exporting a StableDiffusionPipeline, their losses against hand computations, captions paired with their own images, and the shipped teachers/glyphs-32 sampling
 offline."""
 
 import copy
@@ -10,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from transformers import CLIPTokenizer
+from transformers import CLIPModel, CLIPTokenizer
 
 from diffkd import glyphs, text_pipeline
 from diffkd.api import distill
 from diffkd.config import parse_config
 from diffkd.data import load_training_set
+from diffkd.evaluation import glyphs_clip
 from diffkd.io import load_pipeline
 from diffkd.methods.text_denoise import TextDenoisingTraining
 from diffkd.methods.vae import VaeTraining
@@ -81,6 +81,37 @@ def test_text_denoise_loss_is_the_epsilon_mse_with_captions_dropped_by_hand(tiny
     loss.backward()  # the text encoder is trained with the UNet
     assert method.text_encoder.get_input_embeddings().weight.grad.abs().sum() > 0
     assert set(method.networks()) == {"student", "text_encoder"}
+
+
+def _small_clip(folder: Path) -> Path:
+    """A random glyphs CLIP saved as the glyphs_clip module saves its trained one."""
+    tokenizer = glyphs_clip.glyphs_tokenizer()
+    torch.manual_seed(0)
+    glyphs_clip.save_glyphs_clip(glyphs_clip.glyphs_clip_model(len(tokenizer)), tokenizer, {}, folder)
+    return folder
+
+
+def test_a_pretrained_text_encoder_is_frozen_and_shipped_with_its_own_tokenizer(tiny_sd, tmp_path):
+    clip = _small_clip(tmp_path / "clip")
+    options = {"name": "text-denoise", "components": tiny_sd, "text_encoder": str(clip), "num_steps": 2,
+               "block_out_channels": [8, 16], "attention_head_dim": 2}
+    config = parse_config({"method": options, "data": TINY_GLYPHS, "train": {"batch_size": 4, "device": "cpu"}})
+    template = TextDenoisingTraining.template(config)
+    method = TextDenoisingTraining(config, template, template.unet.requires_grad_(True))
+    assert set(method.networks()) == {"student"}
+    tokens = method._token_ids(["a red letter K on a blue background"])
+    method.loss("student", {"x0": torch.randn(1, 4, 4, 4), "input_ids": tokens,
+                            "uncond_input_ids": method._token_ids([""])}, torch.Generator()).total.backward()
+    assert all(p.grad is None for p in method.text_encoder.parameters())
+
+    pipe = StableDiffusionPipeline.from_pretrained(distill(config, tmp_path / "teacher"))
+    clip_weights = CLIPModel.from_pretrained(clip).state_dict()
+    for name, weight in pipe.text_encoder.state_dict().items():
+        assert torch.equal(weight, clip_weights[f"text_model.{name}"]), name
+    assert pipe.tokenizer.get_vocab() == CLIPTokenizer.from_pretrained(clip).get_vocab()
+    assert pipe.unet.config.cross_attention_dim == 64
+    images = pipe("a red letter K on a blue background", num_inference_steps=2, output_type="np").images
+    assert images.shape == (1, 8, 8, 3)
 
 
 def test_the_pooled_caption_reaches_the_timestep_embedding():

@@ -1,14 +1,18 @@
 """The second stage of a small text-to-image teacher: a UNet2DConditionModel trained on the first stage's latents.
 
 Plain epsilon-prediction diffusion training (Ho et al. 2020) in the latent space of a frozen VAE, conditioned on
-each image's caption through a text encoder trained with it (as LDM's text-to-image model, Rombach et al. 2022,
-sec. 4.3; a frozen random encoder left the glyphs teacher ignoring its prompts), with a tenth of the rows given the
-empty prompt instead so that the one network also predicts unconditionally, which classifier-free guidance needs
-(Ho & Salimans 2022). The export is a StableDiffusionPipeline folder holding both trained networks.
+each image's caption through a text encoder: a frozen CLIP text tower trained contrastively beforehand, as Stable
+Diffusion's (``method.text_encoder``), or one trained with the UNet (LDM's text-to-image model, Rombach et al. 2022,
+sec. 4.3). Trained with the UNet, the glyphs teacher's encoder learnt the colour words and left the character
+tokens near their random start (its output moved 6% between "K" and "Q", 77% between "red" and "green"): that
+teacher drew the right colours and the character at chance. A tenth of the rows get the empty prompt instead, so
+that the one network also predicts unconditionally, which classifier-free guidance needs (Ho & Salimans 2022).
+The export is a StableDiffusionPipeline folder holding the trained UNet beside its text encoder.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -21,6 +25,7 @@ from diffkd.io import LoadedPipeline, denoiser_of, load_pipeline
 from diffkd.losses.terms import LossTerms
 from diffkd.method_options import TextDenoiseConfig
 from diffkd.methods.base import ExportSpec, Method, Network, Round
+from diffkd.weights import locate_hf_model
 
 
 class TextDenoisingTraining(Method):
@@ -41,25 +46,31 @@ class TextDenoisingTraining(Method):
             raise DiffkdError(f"method.components {o.components!r} has no VAE or no text encoder: point it at the "
                               "pipeline the vae method exports (diffkd train-teacher configs/glyphs-vae.yaml)")
         vae = parts.pipeline.vae.requires_grad_(False).eval()
+        text_encoder, tokenizer = parts.pipeline.text_encoder, parts.pipeline.tokenizer
+        if o.text_encoder:
+            text_encoder, tokenizer = pretrained_text_encoder(o.text_encoder)
         latent_size = parts.image_size // parts.pipeline.vae_scale_factor
         torch.manual_seed(config.train.seed)
         unet = text_pipeline.build_unet(latent_size, vae.config.latent_channels, o.block_out_channels,
-                                        o.layers_per_block, parts.pipeline.text_encoder.config.hidden_size,
+                                        o.layers_per_block, text_encoder.config.hidden_size,
                                         o.attention_head_dim, o.cross_attention, o.text_time_embedding)
         scheduler = text_pipeline.build_scheduler(o.beta_start, o.beta_end, o.beta_schedule, o.prediction_type,
                                                   o.num_train_timesteps)
-        pipeline = text_pipeline.assemble(vae, parts.pipeline.text_encoder, parts.pipeline.tokenizer, unet, scheduler)
+        pipeline = text_pipeline.assemble(vae, text_encoder, tokenizer, unet, scheduler)
         return LoadedPipeline("new", pipeline, denoiser_of(pipeline))
 
     def __init__(self, config: Config, teacher: LoadedPipeline, student: torch.nn.Module):
         super().__init__(config, teacher, student)
-        self.text_encoder = teacher.pipeline.text_encoder.requires_grad_(True).train()
+        self.text_encoder = teacher.pipeline.text_encoder.requires_grad_(not self.options.text_encoder)
+        self.text_encoder.train(not self.options.text_encoder)
 
     def networks(self) -> dict[str, Network]:
-        """The UNet (exported) and the text encoder, both with the export EMA, so the saved pair is the averaged
-        pair."""
-        return {"student": Network(self.student, exported=True, export_ema=True),
-                "text_encoder": Network(self.text_encoder, export_ema=True)}
+        """The UNet (exported) and, unless it is a frozen pretrained one, the text encoder, both with the export
+        EMA, so the saved pair is the averaged pair."""
+        student = {"student": Network(self.student, exported=True, export_ema=True)}
+        if self.options.text_encoder:
+            return student
+        return {**student, "text_encoder": Network(self.text_encoder, export_ema=True)}
 
     def rounds(self) -> list[Round]:
         return [Round("text-denoise", self.options.num_steps)]
@@ -102,4 +113,38 @@ class TextDenoisingTraining(Method):
         self.text_encoder.requires_grad_(False).eval()
         return ExportSpec(self.teacher.scheduler, o.sample_steps, o.prediction_type,
                           card={"stage": "text-denoise", "components": o.components,
-                                "caption_dropout": o.caption_dropout, "text_encoder": "trained with the UNet"})
+                                "caption_dropout": o.caption_dropout,
+                                "text_encoder": o.text_encoder or "trained with the UNet"})
+
+
+def pretrained_text_encoder(name_or_path: str):
+    """The text tower and tokenizer of a CLIP folder or cached hub id, as Stable Diffusion takes CLIP ViT-L/14's
+    (``CLIPTextModel`` reads the text half of a ``CLIPModel`` checkpoint); never downloads."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = locate_hf_model(name_or_path, "method.text_encoder", "method.text_encoder")
+    try:
+        with _quiet_transformers():
+            encoder = CLIPTextModel.from_pretrained(folder, local_files_only=True)  # the image tower is left out
+        tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise DiffkdError(f"method.text_encoder {name_or_path!r} is not a CLIP model with its tokenizer ({error}); "
+                          "make one with `python -m diffkd.evaluation.glyphs_clip --seed 1 --output DIR`") from None
+    return encoder.requires_grad_(False).eval(), tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers reports every image-tower weight a CLIPModel checkpoint holds as unexpected; they are, here."""
+    from transformers.utils import logging as transformers_logging
+
+    verbosity, bar = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if bar:
+            transformers_logging.enable_progress_bar()
+

@@ -6,7 +6,8 @@ and adversarial terms, which a 32 px two-colour glyph does not need) and exports
 StableDiffusionPipeline, beside the tokenizer and text encoder the UNet stage (``text-denoise``) will read.
 
 The text encoder is made here at its seeded random initialisation (the captions are a small closed grammar, every
-word its own token) and trained with the UNet in the next stage.
+word its own token); the next stage trains it with the UNet or replaces it with a pretrained CLIP text tower
+(``text-denoise``'s ``text_encoder``).
 """
 
 from __future__ import annotations
