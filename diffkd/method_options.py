@@ -157,12 +157,17 @@ class ConsistencyConfig(MethodConfig):
     ODE step (conditional teachers). ``guidance``: a w range instead (LCM's w-conditioning): the teacher's step is
     guided at a w drawn per sample and the student and its target network are told that w through a guidance
     embedding (``diffkd.guidance_embedding``); exclusive with a fixed ``guidance_scale``.
+    ``guidance_steps``: a guidance round of that many steps first (guided teachers only): the student's x
+    prediction regresses onto the guided teacher's at the same input and w, on the grid's timesteps (Meng et al.
+    2023, stage 1, as progressive's guidance round), so the consistency round starts from a student that already
+    follows w rather than from the teacher's unguided function.
     ``num_inference_steps``: the step count the model card and the evaluation name as the student's own; the
     exported LCMScheduler samples any k from 1 to 8 (and up to teacher_grid).
     """
 
     name: str = "consistency"
     num_steps: int = 2000
+    guidance_steps: int = 0
     teacher_grid: int = 50
     skip: int = 1
     target_ema: float = 0.95
@@ -188,6 +193,10 @@ class ConsistencyConfig(MethodConfig):
         check(self.guidance is None or self.guidance_scale == 1,
               "method.guidance (a w range, embedded in the student) and a fixed method.guidance_scale exclude each "
               "other: drop one")
+        check(self.guidance_steps >= 0, f"method.guidance_steps must be >= 0; got {self.guidance_steps}")
+        check(not self.guidance_steps or self.guidance is not None or self.guidance_scale > 1,
+              "method.guidance_steps trains a guidance round, which needs a guided teacher: set method.guidance "
+              "(a w range) or method.guidance_scale > 1, or drop method.guidance_steps")
         check(self.timestep_scaling > 0, f"method.timestep_scaling must be > 0 (LCM uses 10); "
                                          f"got {self.timestep_scaling}")
         check(1 <= self.num_inference_steps <= self.teacher_grid,

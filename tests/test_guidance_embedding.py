@@ -159,6 +159,52 @@ def test_consistency_tells_the_teacher_and_both_student_networks_each_samples_w(
     assert method.export_spec().card["guidance_range"] == [2.0, 6.0]
 
 
+def test_consistency_guidance_round_regresses_on_the_cfg_teachers_x_then_restarts_the_target(tiny_sd):
+    from diffkd.api import prepare
+
+    config = parse_config({
+        "method": {"name": "consistency", "teacher_grid": 20, "target_ema": 0.9, "guidance_steps": 7,
+                   "num_steps": 5, "guidance": {"w_min": 2.0, "w_max": 6.0, "embedding_dim": 16}},
+        "teacher": {"source": tiny_sd}, "data": {"prompts": ["a cat"]}, "run_eval": False})
+    teacher, method, _ = prepare(config)
+    assert [(r.name, r.num_steps) for r in method.rounds()] == [("guidance", 7), ("consistency on 20 points, skip 1", 5)]
+    torch.manual_seed(1)
+    for p in method.student.time_embedding.cond_proj.parameters():  # the student's w input is no longer zero
+        p.data.normal_(0, 0.1)
+    batch = {"x0": torch.randn(3, 4, 4, 4), "encoder_hidden_states": torch.randn(3, 8, 16),
+             "uncond_encoder_hidden_states": torch.randn(3, 8, 16)}
+    method.begin_round(0)
+    loss = method.loss("student", batch, torch.Generator().manual_seed(5))
+    assert set(loss.terms) == {"guidance"}
+
+    draws = torch.Generator().manual_seed(5)
+    t = torch.tensor(method.grid[1:])[torch.randint(0, 20, (3,), generator=draws)]
+    eps = torch.randn(3, 4, 4, 4, generator=draws)
+    w = 2.0 + 4.0 * torch.rand(3, generator=draws)
+    alpha_bar = teacher.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    z = alpha_bar.sqrt() * batch["x0"] + (1 - alpha_bar).sqrt() * eps
+    with torch.no_grad():
+        conditional = teacher.unet(z, t, encoder_hidden_states=batch["encoder_hidden_states"]).sample
+        unconditional = teacher.unet(z, t, encoder_hidden_states=batch["uncond_encoder_hidden_states"]).sample
+        guided = unconditional + w.view(-1, 1, 1, 1) * (conditional - unconditional)
+        own = method.student(z, t, encoder_hidden_states=batch["encoder_hidden_states"],
+                             timestep_cond=guidance_scale_embedding(w, 16)).sample
+    x_teacher = (z - (1 - alpha_bar).sqrt() * guided) / alpha_bar.sqrt()
+    x_student = (z - (1 - alpha_bar).sqrt() * own) / alpha_bar.sqrt()
+    torch.testing.assert_close(loss.total, (x_student - x_teacher).pow(2).mean(), rtol=1e-4, atol=1e-6)
+
+    assert not torch.equal(method.target.time_embedding.cond_proj.weight, method.student.time_embedding.cond_proj.weight)
+    method.begin_round(1)  # the consistency round's target network starts from the guidance round's student
+    for a, b in zip(method.target.parameters(), method.student.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert set(method.loss("student", batch, torch.Generator().manual_seed(5)).terms) == {"consistency"}
+
+
+def test_a_consistency_guidance_round_without_guidance_is_refused():
+    with pytest.raises(Exception, match="method.guidance_steps trains a guidance round, which needs a guided teacher"):
+        parse_config({"method": {"name": "consistency", "guidance_steps": 100}})
+
+
 def test_guidance_round_learns_the_cfg_teacher_then_halvings_the_w_conditioned_student(tiny_sd):
     from diffkd.api import prepare
 

@@ -9,6 +9,9 @@ teachers) to t_n, k grid intervals lower (LCM's skipping interval), and pulls f(
 target network's f at (z_{t_n}, t_n). The target network is an EMA of the student (LCM), or with ``target_ema=0`` the
 student itself under stop-gradient (iCT, Song & Dhariwal 2023). The distance is iCT's pseudo-Huber by default.
 
+With ``guidance_steps`` a guidance round comes first: F's x prediction regresses onto the guided teacher's at the
+same input and w (Meng et al. 2023, stage 1), and the target network restarts from that student.
+
 The export is the plain F with diffusers' ``LCMScheduler`` on the same grid (``original_inference_steps`` = N, the
 same timestep scaling and x0 clip), which applies c_skip and c_out itself: ``from_pretrained(student)(
 num_inference_steps=k)`` samples for any k up to N with one network.
@@ -101,6 +104,7 @@ class ConsistencyDistillation(Method):
                        else None)
         self.target_model = (Denoiser(self.target, teacher_model.alphas_cumprod, self.prediction_type,
                                       teacher_model.clip_sample) if self.target is not None else self.model)
+        self.round_index = 0
         losses = config.losses
         self.perceptual = (PerceptualKD(teacher, losses.lpips_net, losses.lpips_backbone_weights)
                            if self.options.distance == "lpips" else None)
@@ -119,8 +123,22 @@ class ConsistencyDistillation(Method):
         """One round, not judged by round health: its loss is measured against the target network, which follows
         the student, so it need not fall when training works (glyphs LCM-LoRA: 0.86 -> 0.91 over 2,000 steps for a
         student within 1.06x of the full student's FD)."""
-        return [Round(f"consistency on {self.options.teacher_grid} points, skip {self.options.skip}",
-                      self.options.num_steps, loss_falls=False)]
+        consistency = Round(f"consistency on {self.options.teacher_grid} points, skip {self.options.skip}",
+                            self.options.num_steps, loss_falls=False)
+        return [Round("guidance", self.options.guidance_steps), consistency] if self.options.guidance_steps else [
+            consistency]
+
+    def in_guidance_round(self) -> bool:
+        return self.options.guidance_steps > 0 and self.round_index == 0
+
+    def begin_round(self, index: int) -> None:
+        """The consistency round's target network starts from the student the guidance round left."""
+        self.round_index = index
+        if self.target is not None and index > 0:
+            self.target.load_state_dict(self.student.state_dict())
+
+    def load_state_tensors(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
+        self.round_index = index
 
     def dataset(self) -> dict[str, torch.Tensor]:
         """The training images (as latents for a latent teacher) and, for a text teacher, their prompts' encodings."""
@@ -157,6 +175,8 @@ class ConsistencyDistillation(Method):
         return conditioning_pair(batch, self.options.guidance_scale, self.guidance, generator)
 
     def loss(self, phase: str, batch: dict[str, torch.Tensor], generator: torch.Generator) -> LossTerms:
+        if self.in_guidance_round():
+            return self.guidance_loss(batch, generator)
         x = batch["x0"]
         grid = torch.tensor(self.grid, device=x.device)
         n = torch.randint(0, len(self.grid) - self.options.skip, (x.shape[0],), generator=generator).to(x.device)
@@ -168,6 +188,21 @@ class ConsistencyDistillation(Method):
         target = self.target_at(z_t, t, s, teacher_cond, student_cond)
         prediction = self.student_output(self.model, z_t, t, student_cond)
         return LossTerms({"consistency": self.distance(prediction, target).mean()})
+
+    def guidance_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> LossTerms:
+        """|x0(F(z_t, t, w)) - x0_teacher^w(z_t, t)|^2 at the grid's timesteps (not the boundary), in x space: the
+        guided teacher's prediction at the student's own input, as progressive's guidance round."""
+        x = batch["x0"]
+        grid = torch.tensor(self.grid[1:], device=x.device)
+        t = grid[torch.randint(0, len(grid), (x.shape[0],), generator=generator).to(x.device)]
+        eps = torch.randn(x.shape, generator=generator).to(x.device)
+        alpha_t, sigma_t = self.teacher.denoiser.alpha_sigma(t)
+        z_t = schedule.broadcast(alpha_t, x) * x + schedule.broadcast(sigma_t, x) * eps
+        teacher_cond, student_cond = self.conditioning(batch, generator)
+        with torch.no_grad():
+            x_teacher, _ = self.teacher.denoiser.x0_eps(z_t, t, teacher_cond)
+        x_student, _ = self.model.x0_eps(z_t, t, student_cond)
+        return LossTerms({"guidance": (x_student - x_teacher).pow(2).flatten(1).mean(1).mean()})
 
     @torch.no_grad()
     def target_at(self, z_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, teacher_cond: Conditioning,
@@ -194,7 +229,7 @@ class ConsistencyDistillation(Method):
         return ExportSpec(scheduler, o.num_inference_steps, self.prediction_type, card={
             "trained_timesteps": self.grid, "teacher_grid": o.teacher_grid, "skip": o.skip,
             "target_ema": o.target_ema, "distance": o.distance, "solver": o.solver, "guidance_scale": o.guidance_scale,
-            "timestep_scaling": o.timestep_scaling, "sampling_timesteps": sampled,
+            "timestep_scaling": o.timestep_scaling, "sampling_timesteps": sampled, "guidance_steps": o.guidance_steps,
             **({} if self.guidance is None else {"guidance_range": [self.guidance.w_min, self.guidance.w_max]})})
 
 
