@@ -25,3 +25,4 @@ def test_consistency_recipes_resolve(name):
         assert config.student.lora.rank == 16 and config.student.lora.fuse
     else:
         assert config.method.guidance.w_min <= 2 and config.method.guidance.w_max >= 6
+        assert config.method.guidance_steps == 1000  # the guidance round that made the student follow w

@@ -131,10 +131,11 @@ def test_guidance_progressive_student_runs_one_pass_per_step_at_any_w(tiny_sd, t
 
 @pytest.mark.slow
 def test_guidance_consistency_student_runs_one_pass_per_step_at_any_w(tiny_sd, tmp_path):
-    """The glyphs LCM recipe, on the tiny text teacher: a w-conditioned consistency student sampled by its
-    LCMScheduler at 4 steps."""
+    """The glyphs LCM recipe, on the tiny text teacher: a guidance round, then a w-conditioned consistency student
+    sampled by its LCMScheduler at 4 steps."""
     config = load_config(RECIPES / "glyphs-guidance-consistency.yaml", [
-        "method.num_steps=3", "method.teacher_grid=20", f"teacher.source={tiny_sd}", *TINY_TEXT_RUN])
+        "method.guidance_steps=2", "method.num_steps=3", "method.teacher_grid=20", f"teacher.source={tiny_sd}",
+        *TINY_TEXT_RUN])
     folder = distill(config, tmp_path / "run")
     assert StableDiffusionPipeline.from_pretrained(folder).scheduler.__class__.__name__ == "LCMScheduler"
     assert_one_pass_per_step_at_any_w(folder, tiny_sd, 4)
