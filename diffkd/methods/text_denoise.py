@@ -4,8 +4,8 @@ Plain epsilon-prediction diffusion training (Ho et al. 2020) in the latent space
 each image's caption through a text encoder: a frozen CLIP text tower trained contrastively beforehand, as Stable
 Diffusion's (``method.text_encoder``), or one trained with the UNet (LDM's text-to-image model, Rombach et al. 2022,
 sec. 4.3). Trained with the UNet, the glyphs teacher's encoder learnt the colour words and left the character
-tokens near their random start (its output moved 6% between "K" and "Q", 77% between "red" and "green"): that
-teacher drew the right colours and the character at chance. A tenth of the rows get the empty prompt instead, so
+tokens near their random start (its output moved 16% for another character, 59-99% for another colour;
+eval/glyphs_prompt_sensitivity.py): that teacher drew the right colours and the character at chance. A tenth of the rows get the empty prompt instead, so
 that the one network also predicts unconditionally, which classifier-free guidance needs (Ho & Salimans 2022).
 The export is a StableDiffusionPipeline folder holding the trained UNet beside its text encoder.
 """
