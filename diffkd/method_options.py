@@ -343,9 +343,10 @@ class TextDenoiseConfig(MethodConfig):
     folder or hub id (a ``CLIPModel`` such as ``python -m diffkd.evaluation.glyphs_clip`` saves, or
     ``openai/clip-vit-large-patch14``) whose text tower and tokenizer replace those of ``components``, frozen as
     Stable Diffusion's; without it the text encoder of ``components`` is trained with the UNet.
-    noise_offset: the std of a per-image, per-channel constant added to the training noise (Guttenberg 2023; diffusers' --noise_offset). Stable Diffusion's schedule leaves the
-    latents' mean in the noisiest input (alpha_T = 0.068), so without it the model reads a flat image's colour off
-    the starting noise instead of the prompt.
+    noise_offset: the std of a per-image, per-channel constant added to the training noise (Guttenberg 2023;
+    diffusers' --noise_offset). Stable Diffusion's schedule leaves the latents' mean in the noisiest input
+    (alpha_T = 0.068), so without it the model reads a flat image's colour off the starting noise instead of the
+    prompt.
     caption_dropout: the fraction of rows trained on the empty prompt, so that the same network also gives the
     unconditional prediction classifier-free guidance needs (Ho & Salimans 2022). The schedule defaults are Stable
     Diffusion's: epsilon prediction, scaled-linear betas 0.00085..0.012 over 1000 steps.

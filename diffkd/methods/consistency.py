@@ -120,15 +120,17 @@ class ConsistencyDistillation(Method):
                               "losses.feature_kd and losses.lpips to 0, or method.distance=lpips for LPIPS")
 
     def rounds(self) -> list[Round]:
-        """One round, not judged by round health: its loss is measured against the target network, which follows
-        the student, so it need not fall when training works (glyphs LCM-LoRA: 0.86 -> 0.91 over 2,000 steps for a
-        student within 1.06x of the full student's FD)."""
+        """The consistency round (after the guidance round, if any), not judged by round health: its loss is
+        measured against the target network, which follows the student, so it need not fall when training works
+        (glyphs LCM-LoRA: 0.86 -> 0.91 over 2,000 steps for a student within 1.07x of the full student's FD)."""
         consistency = Round(f"consistency on {self.options.teacher_grid} points, skip {self.options.skip}",
                             self.options.num_steps, loss_falls=False)
-        return [Round("guidance", self.options.guidance_steps), consistency] if self.options.guidance_steps else [
-            consistency]
+        if not self.options.guidance_steps:
+            return [consistency]
+        return [Round("guidance", self.options.guidance_steps), consistency]
 
     def in_guidance_round(self) -> bool:
+        """Whether this is the guidance round that ``method.guidance_steps`` puts first."""
         return self.options.guidance_steps > 0 and self.round_index == 0
 
     def begin_round(self, index: int) -> None:

@@ -5,9 +5,10 @@ each image's caption through a text encoder: a frozen CLIP text tower trained co
 Diffusion's (``method.text_encoder``), or one trained with the UNet (LDM's text-to-image model, Rombach et al. 2022,
 sec. 4.3). Trained with the UNet, the glyphs teacher's encoder learnt the colour words and left the character
 tokens near their random start (its output moved 16% for another character, 59-99% for another colour;
-eval/glyphs_prompt_sensitivity.py): that teacher drew the right colours and the character at chance. A tenth of the rows get the empty prompt instead, so
-that the one network also predicts unconditionally, which classifier-free guidance needs (Ho & Salimans 2022).
-The export is a StableDiffusionPipeline folder holding the trained UNet beside its text encoder.
+eval/glyphs_prompt_sensitivity.py): that teacher drew the right colours and the character at chance. A tenth of
+the rows get the empty prompt instead, so that the one network also predicts unconditionally, which
+classifier-free guidance needs (Ho & Salimans 2022). The export is a StableDiffusionPipeline folder holding the
+trained UNet beside its text encoder.
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ class TextDenoisingTraining(Method):
 
     def __init__(self, config: Config, teacher: LoadedPipeline, student: torch.nn.Module):
         super().__init__(config, teacher, student)
-        self.text_encoder = teacher.pipeline.text_encoder.requires_grad_(not self.options.text_encoder)
-        self.text_encoder.train(not self.options.text_encoder)
+        trained = not self.options.text_encoder  # a pretrained encoder stays frozen
+        self.text_encoder = teacher.pipeline.text_encoder.requires_grad_(trained).train(trained)
 
     def networks(self) -> dict[str, Network]:
         """The UNet (exported) and, unless it is a frozen pretrained one, the text encoder, both with the export
