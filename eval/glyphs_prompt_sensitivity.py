@@ -35,10 +35,8 @@ def variant(item: Glyph, attribute: str, rng: random.Random) -> Glyph:
 
 @torch.no_grad()
 def hidden_states(pipe: StableDiffusionPipeline, captions: list[str]) -> torch.Tensor:
-    tokenizer = pipe.tokenizer
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    return pipe.text_encoder(ids)[0]
+    """What the UNet attends to: the pipeline's own prompt encoding."""
+    return pipe.encode_prompt(captions, "cpu", 1, do_classifier_free_guidance=False)[0]
 
 
 def encoder_sensitivity(pipe: StableDiffusionPipeline, items: list[Glyph], seed: int) -> dict[str, float]:

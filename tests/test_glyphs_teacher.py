@@ -1,7 +1,7 @@
 """The glyphs-32 text-to-image teacher: a tokenizer that knows every caption word, the two train-teacher stages (VAE
 and a seeded text encoder; then the caption-conditioned UNet trained with that text encoder, or beside a frozen
-pretrained one) exporting a StableDiffusionPipeline, their losses against hand computations, captions paired with their own images, and the shipped teachers/glyphs-32 sampling
-offline."""
+pretrained one) exporting a StableDiffusionPipeline, their losses against hand computations, captions paired with
+their own images, and the shipped teachers/glyphs-32 sampling offline."""
 
 import copy
 from pathlib import Path
