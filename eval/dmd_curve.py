@@ -4,8 +4,11 @@ the trailing grid its exported DDIMScheduler runs, with the noise that eval/digi
 same batches), scored by the digits-classifier FD against the real set.
 
     python eval/dmd_curve.py --run runs/digits-dmd --steps 1 [--steps 4] [--num-samples 1000] [--reference-steps 64]
+        [--seeds 0,1,2,3 --reference eval/out/methods-table]
 
-Prints one row per checkpoint: round, step, FD at each k and its ratio to the teacher's DDIM at --reference-steps.
+Prints one row per checkpoint: FD at each k (the mean over the seeds) and its ratio to the teacher's DDIM at
+--reference-steps (the mean over the same seeds), sampled here or read from a methods-table run (--reference) or
+given (--reference-fd, one per seed).
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from student_seeds import reference_fd
 
 from diffkd import checkpoint
 from diffkd.evaluation.features import load_feature_network, to_uint8
@@ -44,19 +51,29 @@ def main() -> int:
     parser.add_argument("--teacher", default="teachers/digits-16")
     parser.add_argument("--steps", type=int, action="append", default=[])
     parser.add_argument("--num-samples", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0", help="evaluation seeds, comma-separated")
     parser.add_argument("--reference-steps", type=int, default=64)
-    parser.add_argument("--reference-fd", type=float, help="the teacher's reference FD from an earlier run (same "
-                        "noise, e.g. eval/digits_quality.py's): skips sampling the teacher")
+    parser.add_argument("--reference-fd", help="the teacher's reference FD per seed from an earlier run (same noise, "
+                        "e.g. eval/digits_quality.py's), comma-separated: skips sampling the teacher")
+    parser.add_argument("--reference", help="an eval/methods_table.py output folder whose seedN/results.json give "
+                        "the reference FDs")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     teacher = load_pipeline(args.teacher)
     feature = load_feature_network("digits-classifier")
     real = load_real_set("digits", feature, teacher.image_size, teacher.image_channels, default_cache_dir())
-    reference = args.reference_fd
-    if reference is None:
-        reference = fd_of(teacher.denoiser, args.reference_steps, args.num_samples, args.seed, feature, real)
-        print(f"teacher ddim-{args.reference_steps}: FD {reference:.2f}", flush=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.reference_fd:
+        references = [float(fd) for fd in args.reference_fd.split(",")]
+    elif args.reference:
+        references = [reference_fd(Path(args.reference), seed)[0] for seed in seeds]
+    else:
+        references = [fd_of(teacher.denoiser, args.reference_steps, args.num_samples, seed, feature, real)
+                      for seed in seeds]
+        print(f"teacher ddim-{args.reference_steps}: FD {references}", flush=True)
+    if len(references) != len(seeds):
+        raise SystemExit(f"--reference-fd gives {len(references)} figures for {len(seeds)} seeds")
+    reference = sum(references) / len(references)
     run = Path(args.run)
     student = Denoiser(copy.deepcopy(teacher.unet), teacher.denoiser.alphas_cumprod, teacher.denoiser.prediction_type,
                        teacher.denoiser.clip_sample)
@@ -79,8 +96,8 @@ def main() -> int:
         student.unet.load_state_dict(weights)
         cells = []
         for k in args.steps:
-            fd = fd_of(student, k, args.num_samples, args.seed, feature, real)
-            cells += [f"{fd:.2f}", f"{fd / reference:.2f}" if reference else "-"]
+            fd = sum(fd_of(student, k, args.num_samples, seed, feature, real) for seed in seeds) / len(seeds)
+            cells += [f"{fd:.2f}", f"{fd / reference:.2f}"]
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
     return 0
 

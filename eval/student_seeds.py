@@ -1,0 +1,96 @@
+"""A distilled digits student's FD at k steps over several evaluation seeds, without re-sampling the teacher: each
+seed's DDIM-64 reference FD comes from a methods-table run (eval/methods_table.py writes one results.json per seed),
+and the student is sampled with its own exported scheduler on the same noise (sweep.batch_noise), so its ratios are
+the methods table's. A screening tool for recipe changes: a four-seed student costs 7 passes per image here against
+92 for the whole table.
+
+    python eval/student_seeds.py --student NAME=RUN [--student ...] [--steps 1,2,4] [--seeds 0,1,2,3]
+        [--reference eval/out/methods-table]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from methods_table import _named
+
+from diffkd.evaluation.features import load_feature_network, to_uint8
+from diffkd.evaluation.formatting import fmt, markdown_table
+from diffkd.evaluation.reference import default_cache_dir, load_real_set
+from diffkd.evaluation.sweep import batch_noise
+from diffkd.io import load_pipeline
+from diffkd.sampling import scheduler_sample, teacher_sample
+
+
+def reference_fd(folder: Path, seed: int) -> tuple[float, int]:
+    """The teacher's reference FD of one seed's methods-table results, and its sample count."""
+    results = json.loads((folder / f"seed{seed}" / "results.json").read_text())
+    row = next(r for r in results["rows"] if r["is_reference"])
+    return row["fd"], row["num_samples"]
+
+
+def own_scheduler_sample(pipe, noise: torch.Tensor, steps: int) -> torch.Tensor:
+    """A student's sample with a fresh copy of its exported scheduler."""
+    own = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    return scheduler_sample(pipe.denoiser, own, noise, steps, None)
+
+
+@torch.no_grad()
+def sampled_fd(pipe, sample, steps: int, seed: int, num_samples: int, feature, real, batch: int = 250) -> float:
+    """FD of ``num_samples`` images of ``sample(pipe, noise, steps)``, on the sweep's noise of ``seed``."""
+    shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+    features = []
+    for index, start in enumerate(range(0, num_samples, batch)):
+        noise = batch_noise(shape, seed, index, min(batch, num_samples - start), torch.device("cpu"))
+        features.append(feature(to_uint8(pipe.denoiser.decode(sample(pipe, noise, steps)))))
+    return real.frechet_distance(torch.cat(features))
+
+
+def mean_ratio(fds: list[float], references: list[float]) -> float:
+    """The methods table's ratio: the mean FD over the seeds over the mean reference FD."""
+    return sum(fds) / sum(references)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--student", action="append", default=[], metavar="NAME=RUN", required=True)
+    parser.add_argument("--steps", default="1,2,4")
+    parser.add_argument("--seeds", default="0,1,2,3")
+    parser.add_argument("--reference", default=str(Path(__file__).parent / "out" / "methods-table"),
+                        help="an eval/methods_table.py output folder (seedN/results.json)")
+    parser.add_argument("--teacher", help="sample this teacher's DDIM-64 reference here instead of --reference's")
+    parser.add_argument("--num-samples", type=int, default=1000, help="with --teacher (else the reference's count)")
+    args = parser.parse_args()
+    steps, seeds = [int(k) for k in args.steps.split(",")], [int(s) for s in args.seeds.split(",")]
+    feature = load_feature_network("digits-classifier")
+    if args.teacher:
+        teacher = load_pipeline(args.teacher)
+        real = load_real_set("digits", feature, teacher.image_size, teacher.image_channels, default_cache_dir())
+        references = {seed: (sampled_fd(teacher, lambda p, z, k: teacher_sample(p, z, "ddim", k, None), 64, seed,
+                                        args.num_samples, feature, real), args.num_samples) for seed in seeds}
+        print("teacher DDIM-64 FD per seed:", {seed: fmt(fd) for seed, (fd, _) in references.items()}, flush=True)
+    else:
+        references = {seed: reference_fd(Path(args.reference), seed) for seed in seeds}
+    reference_fds = [references[seed][0] for seed in seeds]
+    body = []
+    for name, run in (_named(s) for s in args.student):
+        pipe = load_pipeline(str(Path(run) / "student"))
+        real = load_real_set("digits", feature, pipe.image_size, pipe.image_channels, default_cache_dir())
+        fds = {k: [sampled_fd(pipe, own_scheduler_sample, k, seed, references[seed][1], feature, real)
+                   for seed in seeds] for k in steps}
+        body.append([name] + [f"{fmt(mean_ratio(fds[k], reference_fds))}x "
+                              f"({', '.join(fmt(fd / ref) for fd, ref in zip(fds[k], reference_fds))})" for k in steps])
+        print(markdown_table(["student"] + [f"k={k}: mean FD / mean DDIM-64 (per seed)" for k in steps], body),
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
