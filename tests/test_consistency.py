@@ -294,3 +294,31 @@ def test_killed_consistency_run_resumes_bit_identical(tiny_teacher, tmp_path):
     point = next(p for p in faults.KILL_POINTS if p.method == "consistency" and "target-network file" in p.name)
     result = faults.kill_and_resume(point, config, reference, tmp_path / "killed")
     assert result.killed and result.identical, result.detail
+
+
+def test_the_default_recipe_keeps_an_epsilon_teachers_function(tmp_path):
+    """configs/digits-consistency.yaml (the embedded default) on an epsilon teacher with linear betas and no
+    clipping (as google/ddpm-*): before training, the student's f at every grid timestep is c_skip z + c_out x0 of
+    the teacher's own epsilon prediction, with no parameterisation change to unlearn, and the export predicts
+    epsilon. A v student initialised from the eps weights (progressive's default) would fail both."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    from diffkd.api import prepare
+    from diffkd.config import load_config
+
+    scheduler = DDPMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, prediction_type="epsilon",
+                              clip_sample=False)
+    DDPMPipeline(unet=make_tiny_unet(), scheduler=scheduler).save_pretrained(tmp_path / "eps-teacher")
+    config = load_config("configs/digits-consistency.yaml", [f"teacher.source={tmp_path / 'eps-teacher'}"])
+    teacher, method, _ = prepare(config)
+    assert method.export_spec().scheduler.config.prediction_type == "epsilon"
+    grid = torch.tensor(method.grid[1:])
+    z = torch.randn(len(grid), 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    alphas = scheduler.alphas_cumprod[grid].view(-1, 1, 1, 1)
+    with torch.no_grad():
+        eps = teacher.unet(z, grid).sample
+        student = consistency_function(method.model, z, grid, None, config.method.timestep_scaling)
+    x0 = (z - (1 - alphas).sqrt() * eps) / alphas.sqrt()
+    c_skip, c_out = boundary_scalings(grid, config.method.timestep_scaling)
+    torch.testing.assert_close(student, c_skip.view(-1, 1, 1, 1) * z + c_out.view(-1, 1, 1, 1) * x0,
+                               rtol=1e-4, atol=1e-4)
