@@ -19,30 +19,18 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
 
-from student_seeds import reference_fd
+from student_seeds import reference_fd, sampled_fd
 
 from diffkd import checkpoint
-from diffkd.evaluation.features import load_feature_network, to_uint8
+from diffkd.evaluation.features import load_feature_network
 from diffkd.evaluation.reference import default_cache_dir, load_real_set
-from diffkd.evaluation.sweep import batch_noise
 from diffkd.io import load_pipeline
 from diffkd.models import Denoiser
 from diffkd.sampling import ddim_sample
 
 log = logging.getLogger("dmd_curve")
-
-
-def fd_of(model: Denoiser, steps: int, num_samples: int, seed: int, feature, real, batch: int = 250) -> float:
-    shape = (model.unet.config.in_channels, model.unet.config.sample_size, model.unet.config.sample_size)
-    features = []
-    for index, start in enumerate(range(0, num_samples, batch)):
-        noise = batch_noise(shape, seed, index, min(batch, num_samples - start), torch.device("cpu"))
-        features.append(feature(to_uint8(ddim_sample(model, noise, steps))))
-    return real.frechet_distance(torch.cat(features))
 
 
 def main() -> int:
@@ -68,7 +56,8 @@ def main() -> int:
     elif args.reference:
         references = [reference_fd(Path(args.reference), seed)[0] for seed in seeds]
     else:
-        references = [fd_of(teacher.denoiser, args.reference_steps, args.num_samples, seed, feature, real)
+        references = [sampled_fd(teacher.denoiser, ddim_sample, args.reference_steps, seed, args.num_samples, feature,
+                                 real)
                       for seed in seeds]
         print(f"teacher ddim-{args.reference_steps}: FD {references}", flush=True)
     if len(references) != len(seeds):
@@ -96,7 +85,7 @@ def main() -> int:
         student.unet.load_state_dict(weights)
         cells = []
         for k in args.steps:
-            fd = sum(fd_of(student, k, args.num_samples, seed, feature, real) for seed in seeds) / len(seeds)
+            fd = sum(sampled_fd(student, ddim_sample, k, seed, args.num_samples, feature, real) for seed in seeds) / len(seeds)
             cells += [f"{fd:.2f}", f"{fd / reference:.2f}"]
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
     return 0

@@ -48,7 +48,7 @@ def main() -> int:
     parser.add_argument("--write-results", action="store_true", help="rewrite this benchmark's eval/RESULTS.md section")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    students = dict(_named(s) for s in args.student)
+    students = dict(named_run(s) for s in args.student)
 
     started = time.perf_counter()
     sweeps = {seed: evaluate(EvalConfig(
@@ -65,7 +65,7 @@ def main() -> int:
     return 0
 
 
-def _named(value: str) -> tuple[str, str]:
+def named_run(value: str) -> tuple[str, str]:
     name, sep, run = value.partition("=")
     if not sep or not name or not run:
         raise SystemExit(f"--student expects NAME=RUN_FOLDER, got {value!r}")

@@ -19,14 +19,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from methods_table import _named
+from methods_table import named_run
 
 from diffkd.evaluation.features import load_feature_network, to_uint8
 from diffkd.evaluation.formatting import fmt, markdown_table
 from diffkd.evaluation.reference import default_cache_dir, load_real_set
 from diffkd.evaluation.sweep import batch_noise
 from diffkd.io import load_pipeline
-from diffkd.sampling import scheduler_sample, teacher_sample
+from diffkd.models import Denoiser
+from diffkd.sampling import ddim_sample, scheduler_sample
 
 
 def reference_fd(folder: Path, seed: int) -> tuple[float, int]:
@@ -36,20 +37,21 @@ def reference_fd(folder: Path, seed: int) -> tuple[float, int]:
     return row["fd"], row["num_samples"]
 
 
-def own_scheduler_sample(pipe, noise: torch.Tensor, steps: int) -> torch.Tensor:
-    """A student's sample with a fresh copy of its exported scheduler."""
-    own = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    return scheduler_sample(pipe.denoiser, own, noise, steps, None)
+def own_scheduler(pipe):
+    """A sampler ``(model, noise, steps)`` with a fresh copy of the pipeline's exported scheduler per call."""
+    return lambda model, noise, steps: scheduler_sample(model, type(pipe.scheduler).from_config(pipe.scheduler.config),
+                                                        noise, steps, None)
 
 
 @torch.no_grad()
-def sampled_fd(pipe, sample, steps: int, seed: int, num_samples: int, feature, real, batch: int = 250) -> float:
-    """FD of ``num_samples`` images of ``sample(pipe, noise, steps)``, on the sweep's noise of ``seed``."""
-    shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+def sampled_fd(model: Denoiser, sample, steps: int, seed: int, num_samples: int, feature, real,
+               batch: int = 250) -> float:
+    """FD of ``num_samples`` images of ``sample(model, noise, steps)``, on the sweep's noise of ``seed``."""
+    shape = (model.unet.config.in_channels, model.unet.config.sample_size, model.unet.config.sample_size)
     features = []
     for index, start in enumerate(range(0, num_samples, batch)):
         noise = batch_noise(shape, seed, index, min(batch, num_samples - start), torch.device("cpu"))
-        features.append(feature(to_uint8(pipe.denoiser.decode(sample(pipe, noise, steps)))))
+        features.append(feature(to_uint8(model.decode(sample(model, noise, steps)))))
     return real.frechet_distance(torch.cat(features))
 
 
@@ -73,17 +75,17 @@ def main() -> int:
     if args.teacher:
         teacher = load_pipeline(args.teacher)
         real = load_real_set("digits", feature, teacher.image_size, teacher.image_channels, default_cache_dir())
-        references = {seed: (sampled_fd(teacher, lambda p, z, k: teacher_sample(p, z, "ddim", k, None), 64, seed,
-                                        args.num_samples, feature, real), args.num_samples) for seed in seeds}
+        references = {seed: (sampled_fd(teacher.denoiser, ddim_sample, 64, seed, args.num_samples, feature, real),
+                             args.num_samples) for seed in seeds}
         print("teacher DDIM-64 FD per seed:", {seed: fmt(fd) for seed, (fd, _) in references.items()}, flush=True)
     else:
         references = {seed: reference_fd(Path(args.reference), seed) for seed in seeds}
     reference_fds = [references[seed][0] for seed in seeds]
     body = []
-    for name, run in (_named(s) for s in args.student):
+    for name, run in (named_run(s) for s in args.student):
         pipe = load_pipeline(str(Path(run) / "student"))
         real = load_real_set("digits", feature, pipe.image_size, pipe.image_channels, default_cache_dir())
-        fds = {k: [sampled_fd(pipe, own_scheduler_sample, k, seed, references[seed][1], feature, real)
+        fds = {k: [sampled_fd(pipe.denoiser, own_scheduler(pipe), k, seed, references[seed][1], feature, real)
                    for seed in seeds] for k in steps}
         body.append([name] + [f"{fmt(mean_ratio(fds[k], reference_fds))}x "
                               f"({', '.join(fmt(fd / ref) for fd, ref in zip(fds[k], reference_fds))})" for k in steps])
