@@ -137,7 +137,14 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    """The training loop: plain values, as in nanoGPT."""
+    """The training loop: plain values, as in nanoGPT.
+
+    ema_decay: the exported weights' EMA (0 = off), diffusers' EMAModel with its (1 + t) / (10 + t) warm-up, so
+    about the last tenth of a run at most; with ema_warmup the decay is 1 - (1 + t / ema_inv_gamma)^-ema_power
+    (capped by ema_decay), as in diffusers' unconditional training example: ema_power 1 with ema_inv_gamma g + 1
+    averages the whole run with weights growing as t^g (EDM2's power-function EMA, Karras et al. 2024), the
+    long average that a one-step DMD generator needs (its weights swing between checkpoints).
+    """
 
     batch_size: int = 64
     learning_rate: float = 1e-4
@@ -149,6 +156,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"
     ema_decay: float = 0.0
+    ema_warmup: bool = False
+    ema_inv_gamma: float = 1.0
+    ema_power: float = 2 / 3
     checkpoint_every: int = 250
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -165,6 +175,8 @@ class TrainConfig:
         check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0; got {self.warmup_steps}")
         check(self.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off); got {self.grad_clip}")
         check(0 <= self.ema_decay < 1, f"train.ema_decay must be in [0, 1) (0 = off); got {self.ema_decay}")
+        check(self.ema_inv_gamma > 0 and self.ema_power > 0, "train.ema_inv_gamma and train.ema_power must be > 0; "
+              f"got {self.ema_inv_gamma} and {self.ema_power}")
         check_choice("train.lr_schedule", self.lr_schedule, ("linear", "constant", "cosine"))
         check_choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
         check_choice("train.nan_policy", self.nan_policy, ("stop", "skip"))

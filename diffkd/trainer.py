@@ -97,6 +97,12 @@ def trainable(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
+def export_ema(parameters: list[nn.Parameter], train: TrainConfig) -> EMAModel:
+    """The exported weights' EMA as ``train`` sets it: fixed decay, or diffusers' power warm-up when ema_warmup."""
+    return EMAModel(parameters, decay=train.ema_decay, use_ema_warmup=train.ema_warmup,
+                    inv_gamma=train.ema_inv_gamma, power=train.ema_power)
+
+
 def check_layout(method: str, networks: dict[str, Network], phases: list[Phase],
                  followers: dict[str, nn.Module]) -> None:
     """A method's networks, phases and followers fit together: one exported network, each network updated by
@@ -310,7 +316,7 @@ class Trainer:
     def _new_emas(self) -> dict[str, EMAModel]:
         if self.train.ema_decay <= 0:
             return {}
-        return {name: EMAModel(trainable(network.module), decay=self.train.ema_decay)
+        return {name: export_ema(trainable(network.module), self.train)
                 for name, network in self.networks.items() if network.export_ema}
 
     def _end_round(self) -> None:
