@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 TEACHER_CONFIG = {
@@ -71,13 +73,15 @@ def consistency_config(teacher: str) -> dict:
 def dmd_config(teacher: str) -> dict:
     """DMD2 with everything that has state: per step 2 fake-score updates (fake score + GAN classifier head), then 1
     generator update with the GAN and regression terms (32 DDIM-4 teacher pairs), a 2-step generator (backward
-    simulation); 4 steps, a checkpoint every 2 (last 2 kept), EMA 0.9 on the generator."""
+    simulation); 4 steps, a checkpoint every 2 (last 2 kept), the shipped recipe's power EMA on the generator
+    (its decay depends on the restored step count)."""
     return {"method": {"name": "dmd", "num_steps": 4, "student_steps": 2, "fake_updates": 2,
                        "fake_learning_rate": 2e-3, "gan": 0.1, "gan_classifier": 0.1, "regression": 0.5,
                        "num_samples": 32, "teacher_steps": 4, "cache_batch_size": 16, "cache_shard_size": 16},
             "teacher": {"source": teacher}, "data": {"source": "digits"},
-            "train": {"batch_size": 16, "learning_rate": 1e-3, "ema_decay": 0.9, "checkpoint_every": 2,
-                      "keep_checkpoints": 2, "log_every": 1, "device": "cpu"},
+            "train": {"batch_size": 16, "learning_rate": 1e-3, "ema_decay": 0.9999, "ema_warmup": True,
+                      "ema_inv_gamma": 2.0, "ema_power": 1.0, "checkpoint_every": 2, "keep_checkpoints": 2,
+                      "log_every": 1, "device": "cpu"},
             "run_eval": False}
 
 
@@ -167,8 +171,10 @@ def write_yaml(data: dict, path: Path) -> Path:
 
 def run_cli(args: list[str], kill: dict | None = None, timeout: float = 900, env: dict | None = None
             ) -> subprocess.CompletedProcess:
+    """The command in a child with this process's torch thread count: a reference run made in-process is then
+    bit-identical to the child's (reductions split over another thread count round differently)."""
     env = {**os.environ, **(env or {}), "DIFFKD_KILL": json.dumps(kill) if kill else "", "PYTHONPATH": str(ROOT),
-           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("DIFFKD_TEST_THREADS", "1")}
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     return subprocess.run([sys.executable, "-m", "tests.kill_wrapper", *args], capture_output=True, text=True,
                           timeout=timeout,
                           env=env, cwd=ROOT, check=False)
