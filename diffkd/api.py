@@ -21,6 +21,7 @@ import torch
 
 from diffkd import checkpoint, run_folder
 from diffkd.config import Config, dump_config
+from diffkd.errors import DiffkdError
 from diffkd.eval_options import EvalConfig
 from diffkd.evaluation.plan import check_weights, plan_metrics
 from diffkd.evaluation.reference import check_reference
@@ -52,9 +53,24 @@ def prepare(config: Config, device: str = "cpu") -> tuple[LoadedPipeline, Method
     if config.student.lora is not None:
         check_lora_run(config, teacher)
     student, report = build_student(teacher.unet, config.student)
+    if config.student.init_from:
+        start_from(student, config.student.init_from, device)
+        report["init_from"] = config.student.init_from
     method = method_type(config, teacher, student.to(device))
     method.check()
     return teacher, method, report
+
+
+def start_from(student: torch.nn.Module, source: str, device: str) -> None:
+    """The copy student takes the UNet weights of pipeline ``source`` (``student.init_from``) in place of the
+    teacher's."""
+    unet = load_pipeline(source, device=device).unet
+    try:
+        student.load_state_dict(unet.state_dict())
+    except RuntimeError as error:
+        raise DiffkdError(f"student.init_from={source!r}: its UNet does not fit the teacher's "
+                          f"({str(error).splitlines()[1].strip()}); it takes a student of this teacher, such as a "
+                          "distilled run's student/ folder") from None
 
 
 def evaluation_options(config: Config, **fields) -> EvalConfig:

@@ -92,6 +92,8 @@ class StudentConfig:
     narrow_init: how a compact student's narrower tensors start: "slice" takes strided slices of the teacher's
     (weight selection), "fresh" leaves them as diffusers initialises them. lora: train LoRA adapters on the
     teacher's own UNet instead of all of its weights (LCM-LoRA, Luo et al. 2023); a copy student only.
+    init_from: a pipeline (folder or hub id) whose UNet, of the teacher's shape, a copy student starts from instead
+    of the teacher's, such as a distilled one-step generator refined into a 4-step one.
     """
 
     architecture: str = "copy"
@@ -102,9 +104,13 @@ class StudentConfig:
     narrow_init: str = "slice"
     latency_batch_size: int = 16
     lora: LoraOptions | None = None
+    init_from: str = ""
 
     def __post_init__(self):
         check_choice("student.architecture", self.architecture, ("copy", "compact"))
+        check(not self.init_from or (self.architecture == "copy" and self.lora is None),
+              "student.init_from starts a full copy student from another UNet of the teacher's shape: drop "
+              "student.lora and the compact architecture, or student.init_from")
         check(self.lora is None or self.architecture == "copy",
               "student.lora adapts the teacher's own UNet, so it needs student.architecture=copy: drop student.lora "
               "or the compact architecture")

@@ -43,6 +43,7 @@ def test_overrides_are_typed():
     ({"method": {"loss_weighting": "snr_trunk"}}, "method.loss_weighting must be one of"),
     ({"method": {"steps_per_round": 100, "halvings": 2}}, "unknown config key 'method.halvings'"),
     ({"train": {"ema_warmup": True, "ema_power": 0}}, "train.ema_inv_gamma and train.ema_power must be > 0"),
+    ({"student": {"architecture": "compact", "init_from": "runs/x/student"}}, "student.init_from starts a full copy"),
     ({"train": "fast"}, "config section 'train' must be a mapping"),
 ])
 def test_bad_config_is_one_clear_error(data, message):

@@ -174,3 +174,35 @@ def test_student_config_validates():
         StudentConfig(norm_num_groups=0)
     with pytest.raises(DiffkdError, match="student.narrow_init"):
         StudentConfig(narrow_init="random")
+
+
+def test_init_from_starts_the_student_from_another_unet_of_the_teachers_shape(tiny_teacher, tmp_path):
+    """student.init_from: the copy student holds the other pipeline's UNet weights, not the teacher's; a UNet of
+    another shape is refused in one line that names the option."""
+    from diffkd.api import prepare
+    from diffkd.config import parse_config
+    from tests import faults
+
+    other = load_pipeline(tiny_teacher).pipeline
+    with torch.no_grad():
+        for parameter in other.unet.parameters():
+            parameter.add_(0.5)
+    other.save_pretrained(tmp_path / "other")
+    config = faults.dmd_config(tiny_teacher)
+    config["student"] = {"init_from": str(tmp_path / "other")}
+    teacher, method, report = prepare(parse_config(config))
+    student = dict(method.student.named_parameters())
+    for name, parameter in other.unet.named_parameters():
+        assert torch.equal(student[name], parameter)
+        assert not torch.equal(dict(teacher.unet.named_parameters())[name], parameter)
+    assert report["init_from"] == str(tmp_path / "other")
+
+    from tests.conftest import make_tiny_unet
+
+    narrower = load_pipeline(tiny_teacher).pipeline
+    narrower.unet = make_tiny_unet()  # (8, 16) channels where the teacher has (16, 32)
+    narrower.save_pretrained(tmp_path / "narrower")
+    config["student"] = {"init_from": str(tmp_path / "narrower")}
+    with pytest.raises(DiffkdError, match=r"^student\.init_from=.*does not fit the teacher's") as error:
+        prepare(parse_config(config))
+    assert "\n" not in str(error.value)
