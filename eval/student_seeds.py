@@ -5,7 +5,10 @@ the methods table's. A screening tool for recipe changes: a four-seed student co
 92 for the whole table.
 
     python eval/student_seeds.py --student NAME=RUN [--student ...] [--steps 1,2,4] [--seeds 0,1,2,3]
-        [--reference eval/out/methods-table]
+        [--reference eval/out/methods-table] [--grid 999,499,-1 ...]
+
+--grid also samples the student's UNet by DDIM on that timestep grid (ending -1, the clean sample): which step of
+a multi-step student is the weak one.
 """
 
 from __future__ import annotations
@@ -55,6 +58,11 @@ def sampled_fd(model: Denoiser, sample, steps: int, seed: int, num_samples: int,
     return real.frechet_distance(torch.cat(features))
 
 
+def on_grid(grid: list[int]):
+    """A sampler ``(model, noise, steps)`` that runs DDIM on ``grid`` whatever ``steps`` says."""
+    return lambda model, noise, steps: ddim_sample(model, noise, len(grid) - 1, grid=grid)
+
+
 def mean_ratio(fds: list[float], references: list[float]) -> float:
     """The methods table's ratio: the mean FD over the seeds over the mean reference FD."""
     return sum(fds) / sum(references)
@@ -69,6 +77,7 @@ def main() -> int:
                         help="an eval/methods_table.py output folder (seedN/results.json)")
     parser.add_argument("--teacher", help="sample this teacher's DDIM-64 reference here instead of --reference's")
     parser.add_argument("--num-samples", type=int, default=1000, help="with --teacher (else the reference's count)")
+    parser.add_argument("--grid", action="append", default=[], help="also DDIM on this grid, e.g. 999,499,-1")
     args = parser.parse_args()
     steps, seeds = [int(k) for k in args.steps.split(",")], [int(s) for s in args.seeds.split(",")]
     feature = load_feature_network("digits-classifier")
@@ -85,11 +94,13 @@ def main() -> int:
     for name, run in (named_run(s) for s in args.student):
         pipe = load_pipeline(str(Path(run) / "student"))
         real = load_real_set("digits", feature, pipe.image_size, pipe.image_channels, default_cache_dir())
-        fds = {k: [sampled_fd(pipe.denoiser, own_scheduler(pipe), k, seed, references[seed][1], feature, real)
-                   for seed in seeds] for k in steps}
-        body.append([name] + [f"{fmt(mean_ratio(fds[k], reference_fds))}x "
-                              f"({', '.join(fmt(fd / ref) for fd, ref in zip(fds[k], reference_fds))})" for k in steps])
-        print(markdown_table(["student"] + [f"k={k}: mean FD / mean DDIM-64 (per seed)" for k in steps], body),
+        samplers = {f"k={k}": (own_scheduler(pipe), k) for k in steps}
+        samplers |= {f"grid {grid}": (on_grid([int(t) for t in grid.split(",")]), 0) for grid in args.grid}
+        fds = {column: [sampled_fd(pipe.denoiser, sample, k, seed, references[seed][1], feature, real)
+                        for seed in seeds] for column, (sample, k) in samplers.items()}
+        body.append([name] + [f"{fmt(mean_ratio(fds[c], reference_fds))}x "
+                              f"({', '.join(fmt(fd / ref) for fd, ref in zip(fds[c], reference_fds))})" for c in fds])
+        print(markdown_table(["student"] + [f"{c}: mean FD / mean DDIM-64 (per seed)" for c in samplers], body),
               flush=True)
     return 0
 
