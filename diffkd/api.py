@@ -53,24 +53,29 @@ def prepare(config: Config, device: str = "cpu") -> tuple[LoadedPipeline, Method
     if config.student.lora is not None:
         check_lora_run(config, teacher)
     student, report = build_student(teacher.unet, config.student)
-    if config.student.init_from:
-        start_from(student, config.student.init_from, device)
-        report["init_from"] = config.student.init_from
+    source_prediction = start_from(student, config.student.init_from, device) if config.student.init_from else None
     method = method_type(config, teacher, student.to(device))
+    if source_prediction is not None:
+        report["init_from"] = config.student.init_from
+        if source_prediction != method.prediction_type:
+            raise DiffkdError(f"student.init_from={config.student.init_from!r} predicts {source_prediction} but this "
+                              f"{method.name} student predicts {method.prediction_type}: start from a student of the "
+                              "same parameterisation, or set the method's student_prediction_type to match")
     method.check()
     return teacher, method, report
 
 
-def start_from(student: torch.nn.Module, source: str, device: str) -> None:
+def start_from(student: torch.nn.Module, source: str, device: str) -> str:
     """The copy student takes the UNet weights of pipeline ``source`` (``student.init_from``) in place of the
-    teacher's."""
-    unet = load_pipeline(source, device=device).unet
+    teacher's; returns what that UNet predicts, which must be what the method trains the student to predict."""
+    pipeline = load_pipeline(source, device=device)
     try:
-        student.load_state_dict(unet.state_dict())
+        student.load_state_dict(pipeline.unet.state_dict())
     except RuntimeError as error:
         raise DiffkdError(f"student.init_from={source!r}: its UNet does not fit the teacher's "
-                          f"({str(error).splitlines()[1].strip()}); it takes a student of this teacher, such as a "
+                          f"({str(error).splitlines()[-1].strip()}); it takes a student of this teacher, such as a "
                           "distilled run's student/ folder") from None
+    return pipeline.denoiser.prediction_type
 
 
 def evaluation_options(config: Config, **fields) -> EvalConfig:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers import DDIMScheduler, UNet2DConditionModel, UNet2DModel
 
 from diffkd.config import StudentConfig
 from diffkd.data import load_digits
@@ -182,6 +182,7 @@ def test_init_from_starts_the_student_from_another_unet_of_the_teachers_shape(ti
     from diffkd.api import prepare
     from diffkd.config import parse_config
     from tests import faults
+    from tests.conftest import make_tiny_unet
 
     other = load_pipeline(tiny_teacher).pipeline
     with torch.no_grad():
@@ -197,8 +198,6 @@ def test_init_from_starts_the_student_from_another_unet_of_the_teachers_shape(ti
         assert not torch.equal(dict(teacher.unet.named_parameters())[name], parameter)
     assert report["init_from"] == str(tmp_path / "other")
 
-    from tests.conftest import make_tiny_unet
-
     narrower = load_pipeline(tiny_teacher).pipeline
     narrower.unet = make_tiny_unet()  # (8, 16) channels where the teacher has (16, 32)
     narrower.save_pretrained(tmp_path / "narrower")
@@ -206,3 +205,9 @@ def test_init_from_starts_the_student_from_another_unet_of_the_teachers_shape(ti
     with pytest.raises(DiffkdError, match=r"^student\.init_from=.*does not fit the teacher's") as error:
         prepare(parse_config(config))
     assert "\n" not in str(error.value)
+
+    other.register_modules(scheduler=DDIMScheduler.from_config(other.scheduler.config, prediction_type="sample"))
+    other.save_pretrained(tmp_path / "other-sample")
+    config["student"] = {"init_from": str(tmp_path / "other-sample")}
+    with pytest.raises(DiffkdError, match=r"predicts sample but this dmd student predicts"):
+        prepare(parse_config(config))
