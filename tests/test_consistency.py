@@ -3,6 +3,7 @@ a short training run on a 2-D mixture, pseudo-Huber, the guided teacher step, an
 
 import copy
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -309,7 +310,8 @@ def test_the_default_recipe_keeps_an_epsilon_teachers_function(tmp_path):
     scheduler = DDPMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, prediction_type="epsilon",
                               clip_sample=False)
     DDPMPipeline(unet=make_tiny_unet(), scheduler=scheduler).save_pretrained(tmp_path / "eps-teacher")
-    config = load_config("configs/digits-consistency.yaml", [f"teacher.source={tmp_path / 'eps-teacher'}"])
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "digits-consistency.yaml"
+    config = load_config(recipe, [f"teacher.source={tmp_path / 'eps-teacher'}"])
     teacher, method, _ = prepare(config)
     assert method.export_spec().scheduler.config.prediction_type == "epsilon"
     grid = torch.tensor(method.grid[1:])
