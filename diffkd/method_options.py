@@ -140,6 +140,7 @@ class GeneratorConfig(MethodConfig):
                                         f"got {self.guidance_scale}")
 
 
+DMD_MULTISTEP = ("consistency", "ddim")
 CONSISTENCY_DISTANCES = ("pseudo_huber", "l2", "lpips")
 CONSISTENCY_SOLVERS = ("ddim", "dpmsolver++")
 
@@ -242,6 +243,11 @@ class DmdConfig(MethodConfig):
     (0 = no GAN term; needs the data set's real images). regression: weight of the x-space MSE to the teacher's
     sample from the same noise (DMD's regression loss); warm_start_steps: a first round of regression alone. Both
     use the teacher-sample cache of ``generator`` (num_samples, teacher_sampler, teacher_steps, sample_seed, cache).
+    multistep: how a k-step generator moves between its grid steps, in training and in the exported scheduler:
+    "consistency" re-noises each step's x0 with fresh noise (DMD2's backward simulation, sampled by LCMScheduler),
+    "ddim" takes a deterministic DDIM step with the x0's implied noise (DDIMScheduler). backward_simulation: which
+    output of a k-step generator is trained: "random_step" (DMD2's: a random step's, reached without gradient) or
+    "unrolled" (the final sample's, with the gradient through every step).
     """
 
     name: str = "dmd"
@@ -263,6 +269,8 @@ class DmdConfig(MethodConfig):
     cache: str = ""
     cache_batch_size: int = 250
     cache_shard_size: int = 1000
+    multistep: str = "ddim"
+    backward_simulation: str = "random_step"
 
     @property
     def uses_cache(self) -> bool:
@@ -284,6 +292,8 @@ class DmdConfig(MethodConfig):
         check(self.guidance_scale >= 1, f"method.guidance_scale must be >= 1 (1 = no guidance); "
                                         f"got {self.guidance_scale}")
         check_choice("method.teacher_sampler", self.teacher_sampler, SAMPLERS)
+        check_choice("method.multistep", self.multistep, DMD_MULTISTEP)
+        check_choice("method.backward_simulation", self.backward_simulation, ("random_step", "unrolled"))
         check(self.num_samples >= 1 and self.teacher_steps >= 1 and self.sample_seed >= 0
               and self.cache_batch_size >= 1 and self.cache_shard_size >= 1,
               "method.num_samples, teacher_steps, cache_batch_size and cache_shard_size must be >= 1, "

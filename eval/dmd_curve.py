@@ -1,6 +1,6 @@
 """FD vs training steps of a DMD (or any one-network) run on digits-16: every complete checkpoint of RUN (its
-student's weights and, when the run keeps one, its export EMA's) and the exported student, sampled at k steps on
-the trailing grid its exported DDIMScheduler runs, with the noise that eval/digits_quality.py uses (same seed,
+student's weights and, when the run keeps one, its export EMA's) and the exported student, sampled at k steps by
+the run's exported scheduler (DDIM on the trailing grid while the run has none yet), with the noise that eval/digits_quality.py uses (same seed,
 same batches), scored by the digits-classifier FD against the real set.
 
     python eval/dmd_curve.py --run runs/digits-dmd --steps 1 [--steps 4] [--num-samples 1000] [--reference-steps 64]
@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from student_seeds import reference_fd, sampled_fd
+from student_seeds import own_scheduler, reference_fd, sampled_fd
 
 from diffkd import checkpoint
 from diffkd.evaluation.features import load_feature_network
@@ -80,12 +80,13 @@ def main() -> int:
         from safetensors.torch import load_file
 
         sources.append(("exported student", load_file(str(exported))))
+    sampler = own_scheduler(load_pipeline(str(run / "student"))) if (run / "student").is_dir() else ddim_sample
     print("| weights | " + " | ".join(f"FD k={k} | ratio k={k}" for k in args.steps) + " |")
     for name, weights in sources:
         student.unet.load_state_dict(weights)
         cells = []
         for k in args.steps:
-            fd = sum(sampled_fd(student, ddim_sample, k, seed, args.num_samples, feature, real) for seed in seeds) / len(seeds)
+            fd = sum(sampled_fd(student, sampler, k, seed, args.num_samples, feature, real) for seed in seeds) / len(seeds)
             cells += [f"{fd:.2f}", f"{fd / reference:.2f}"]
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
     return 0

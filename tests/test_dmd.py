@@ -133,7 +133,9 @@ def dmd_config(teacher: str, **method) -> dict:
     return data
 
 
-def test_two_time_scale_phases_and_an_export_that_samples_the_trained_grid(tiny_teacher, tmp_path, monkeypatch):
+@pytest.mark.parametrize("multistep", ["ddim", "consistency"])
+def test_two_time_scale_phases_and_an_export_that_samples_the_trained_grid(tiny_teacher, tmp_path, monkeypatch,
+                                                                           multistep):
     calls = []
     original = DistributionMatching.loss
 
@@ -142,26 +144,68 @@ def test_two_time_scale_phases_and_an_export_that_samples_the_trained_grid(tiny_
         return original(self, phase, batch, generator)
 
     monkeypatch.setattr(DistributionMatching, "loss", loss)
-    config = parse_config(dmd_config(tiny_teacher, num_steps=2, cache=str(tmp_path / "cache")))
+    config = parse_config(dmd_config(tiny_teacher, num_steps=2, cache=str(tmp_path / "cache"), multistep=multistep))
     folder = distill(config, tmp_path / "run")
     assert calls == (["fake_score"] * 2 + ["generator"]) * 2
 
     card = read_card(str(folder))
     pipe = DiffusionPipeline.from_pretrained(folder)
+    assert type(pipe.scheduler).__name__ == {"ddim": "DDIMScheduler", "consistency": "LCMScheduler"}[multistep]
     pipe.scheduler.set_timesteps(card["num_inference_steps"])
     assert pipe.scheduler.timesteps.tolist() == card["timesteps"] == [999, 499]
 
-    # the pipeline's own sampling from its noise = the generator's k-step rollout used in training, clipped
+    # the pipeline's own sampling from its noise (and, for consistency steps, its fresh noise between steps) = the
+    # generator's k-step rollout used in training, clipped
     _, method, _ = prepare(config)
     method.student.load_state_dict(pipe.unet.state_dict())
     images = pipe(batch_size=3, num_inference_steps=2, generator=torch.Generator().manual_seed(5),
                   output_type="np").images
-    noise = torch.randn((3, 1, 8, 8), generator=torch.Generator().manual_seed(5))
+    draws = torch.Generator().manual_seed(5)
+    noise = torch.randn((3, 1, 8, 8), generator=draws)
     with torch.no_grad():
-        x0 = method.rollout(noise, 1, Conditioning())
+        x0 = method.rollout(noise, 1, Conditioning(), draws)
     expected = (x0.clamp(-1, 1) / 2 + 0.5).permute(0, 2, 3, 1).numpy()
     assert abs(images - expected).max() < 1e-5
+    if multistep == "consistency":  # the step re-noises: other fresh noise, another image from the same start
+        with torch.no_grad():
+            other = method.rollout(noise, 1, Conditioning(), torch.Generator().manual_seed(6))
+        assert (other - x0).abs().max() > 1e-2
 
+
+@pytest.mark.parametrize("backward_simulation", ["random_step", "unrolled"])
+def test_backward_simulation_trains_a_random_steps_output_or_the_whole_unrolled_sample(tiny_teacher, tmp_path,
+                                                                                        monkeypatch,
+                                                                                        backward_simulation):
+    """random_step (DMD2) trains each grid step's output, reached without gradient; unrolled always trains the final
+    4-step sample, for the fake score too, with the gradient through every step back to the noise."""
+    config = parse_config(dmd_config(tiny_teacher, num_steps=6, student_steps=4, gan=0.0, regression=0.0,
+                                     backward_simulation=backward_simulation, cache=str(tmp_path / "cache")))
+    _, method, _ = prepare(config)
+    stops = []
+    original = DistributionMatching.rollout
+
+    def rollout(self, noise, stop, cond, generator, through=False):
+        stops.append((stop, through))
+        return original(self, noise, stop, cond, generator, through)
+
+    monkeypatch.setattr(DistributionMatching, "rollout", rollout)
+    real = torch.zeros(4, 1, 8, 8)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        for phase in ("fake_score", "generator"):
+            method.loss(phase, {"x0": real}, generator)
+    if backward_simulation == "unrolled":
+        assert stops == [(3, False), (3, True)] * 20
+    else:
+        assert {stop for stop, _ in stops} == {0, 1, 2, 3} and not any(through for _, through in stops)
+
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    with torch.no_grad():
+        plain = original(method, noise, 3, Conditioning(), torch.Generator())
+    through = original(method, noise, 3, Conditioning(), torch.Generator(), through=True)
+    assert torch.allclose(through, plain)
+    through.sum().backward()
+    assert noise.grad is not None and noise.grad.abs().sum() > 0  # the gradient crossed all four steps
 
 
 def test_warm_start_round_regresses_before_distribution_matching(tiny_teacher, tmp_path):

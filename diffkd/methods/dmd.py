@@ -9,8 +9,11 @@ for conditional teachers) and the fake score is a second copy of the teacher tra
 on G's own detached samples, ``fake_updates`` updates per generator update (DMD2's two time-scale rule, sec. 4.2).
 
 With k steps G is trained on its own intermediate states (DMD2's backward simulation, sec. 4.5): a random grid
-step i is drawn, G's own DDIM steps (without gradient) take the noise to step i, and G's x0 prediction there gets
-the gradient. Optional: DMD2's GAN term (sec. 4.3), a classifier head on the fake score network's mid-block
+step i is drawn, G's own steps (without gradient) take the noise to step i, and G's x0 prediction there gets the
+gradient; the fake score then follows the mixture of all k steps' outputs. ``backward_simulation: unrolled``
+instead always takes the whole k-step sample, with the gradient through every step, so the fake score follows the
+distribution that sampling gives. A step re-noises G's x0 with fresh noise (``multistep: consistency``, DMD2's, sampled by LCMScheduler) or
+takes a deterministic DDIM step (``multistep: ddim``, DDIMScheduler). Optional: DMD2's GAN term (sec. 4.3), a classifier head on the fake score network's mid-block
 features, and DMD's regression loss on the teacher-sample cache that ``generator`` builds, as a term or a warm
 start round.
 """
@@ -31,7 +34,11 @@ from diffkd.io import student_scheduler
 from diffkd.losses.terms import LossTerms
 from diffkd.method_options import DmdConfig
 from diffkd.methods.base import ExportSpec, Method, Network, Phase, Round
+from diffkd.methods.consistency import boundary_scalings
+from diffkd.methods.consistency import student_scheduler as lcm_scheduler
 from diffkd.models import Conditioning, Denoiser
+
+TIMESTEP_SCALING = 10.0  # LCMScheduler's default boundary scaling, for ``multistep: consistency``
 
 
 def distribution_matching_gradient(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor) -> torch.Tensor:
@@ -135,23 +142,47 @@ class DistributionMatching(Method):
         fake = ("fake_score", "classifier") if self.head is not None else ("fake_score",)
         return [Phase("fake_score", fake, repeats=self.options.fake_updates), Phase("generator", ("student",))]
 
-    def rollout(self, noise: torch.Tensor, stop: int, cond: Conditioning) -> torch.Tensor:
-        """G's x0 prediction at grid step ``stop``, reached from ``noise`` by G's own DDIM steps (no gradient through
-        them: DMD2's backward simulation), clipped between steps as the exported DDIMScheduler does."""
+    def rollout(self, noise: torch.Tensor, stop: int, cond: Conditioning, generator: torch.Generator,
+                through: bool = False) -> torch.Tensor:
+        """G's output at grid step ``stop``, reached from ``noise`` by G's own steps, each as the exported scheduler
+        takes it (``method.multistep``): without gradient (DMD2's backward simulation) or, ``through``, with the
+        gradient through every step."""
         z = noise.float()
         batch = noise.shape[0]
-        with torch.no_grad():
+        with torch.set_grad_enabled(through and torch.is_grad_enabled()):
             for t, s in zip(self.grid[:stop], self.grid[1:stop + 1]):
-                x0, eps = self.generator.x0_eps(z, torch.full((batch,), t, device=z.device), cond)
-                alpha_s, sigma_s = self.generator.alpha_sigma(torch.full((batch,), s, device=z.device))
-                z = schedule.ddim_step(x0, eps, alpha_s, sigma_s, self.teacher.denoiser.clip_sample)
-        return self.generator.x0_eps(z, torch.full((batch,), self.grid[stop], device=z.device), cond)[0]
+                z = self.step(z, torch.full((batch,), t, device=z.device), s, cond, generator)
+        return self.denoised(z, torch.full((batch,), self.grid[stop], device=z.device), cond, clip=False)
+
+    def denoised(self, z: torch.Tensor, t: torch.Tensor, cond: Conditioning, clip: bool) -> torch.Tensor:
+        """G's x0 at (z, t); for consistency steps LCMScheduler's c_skip z + c_out x0 (c_skip < 1e-7 on the grid)."""
+        x0 = self.generator.x0_eps(z, t, cond)[0]
+        if clip and self.teacher.denoiser.clip_sample is not None:
+            x0 = x0.clamp(-self.teacher.denoiser.clip_sample, self.teacher.denoiser.clip_sample)
+        if self.options.multistep == "ddim":
+            return x0
+        c_skip, c_out = boundary_scalings(t, TIMESTEP_SCALING)
+        return schedule.broadcast(c_skip, z) * z + schedule.broadcast(c_out, x0) * x0
+
+    def step(self, z: torch.Tensor, t: torch.Tensor, s: int, cond: Conditioning,
+             generator: torch.Generator) -> torch.Tensor:
+        """One sampling step of G from t to grid point s: DDIM (clipped x0, its implied noise) or LCMScheduler's
+        consistency step (clipped x0 re-noised to s with fresh noise)."""
+        alpha_s, sigma_s = self.generator.alpha_sigma(torch.full_like(t, s))
+        if self.options.multistep == "ddim":
+            x0, eps = self.generator.x0_eps(z, t, cond)
+            return schedule.ddim_step(x0, eps, alpha_s, sigma_s, self.teacher.denoiser.clip_sample)
+        x = self.denoised(z, t, cond, clip=True)
+        fresh = torch.randn(x.shape, generator=generator).to(x.device)
+        return schedule.broadcast(alpha_s, x) * x + schedule.broadcast(sigma_s, x) * fresh
 
     def loss(self, phase: str, batch: dict[str, torch.Tensor], generator: torch.Generator) -> LossTerms:
         real = batch["x0"]
         cond = batch_conditioning(batch, self.options.guidance_scale)
         noise = torch.randn(real.shape, generator=generator).to(real.device)
         stop = int(torch.randint(0, self.options.student_steps, (), generator=generator))
+        if self.options.backward_simulation == "unrolled":
+            stop = self.options.student_steps - 1
         if phase == "fake_score":
             return self.fake_score_loss(real, noise, stop, cond, generator)
         if self.warm_start:
@@ -175,7 +206,7 @@ class DistributionMatching(Method):
         """The fake score network's denoising loss on G's detached samples (in the teacher's parameterisation),
         plus the classifier head's GAN loss when it is on."""
         with torch.no_grad():
-            x = self.rollout(noise, stop, cond.unguided())
+            x = self.rollout(noise, stop, cond.unguided(), generator)
         t = self._timesteps(x.shape[0], generator, x.device)
         z, eps, alpha, sigma = self._noised(x, t, generator)
         self._features.clear()
@@ -195,7 +226,7 @@ class DistributionMatching(Method):
                        generator: torch.Generator) -> LossTerms:
         """DMD's distribution-matching loss on x = G(noise), with the GAN and regression terms when weighted."""
         o = self.options
-        x = self.rollout(noise, stop, cond.unguided())
+        x = self.rollout(noise, stop, cond.unguided(), generator, through=o.backward_simulation == "unrolled")
         t = self._timesteps(x.shape[0], generator, x.device, o.timestep_range)
         z, _, _, _ = self._noised(x, t, generator)
         with torch.no_grad():
@@ -220,12 +251,18 @@ class DistributionMatching(Method):
         rows = torch.randint(0, len(self.pairs["noise"]), (like.shape[0],), generator=generator)
         pairs = {k: v[rows].to(like.device) for k, v in self.pairs.items()}
         cond = batch_conditioning(pairs, self.options.guidance_scale).unguided()
-        return (self.rollout(pairs["noise"], stop, cond) - pairs["sample"].float()).pow(2).mean()
+        return (self.rollout(pairs["noise"], stop, cond, generator) - pairs["sample"].float()).pow(2).mean()
 
     def export_spec(self) -> ExportSpec:
         o = self.options
-        scheduler = student_scheduler(self.teacher.scheduler, self.prediction_type, self.teacher.denoiser.clip_sample)
+        clip = self.teacher.denoiser.clip_sample
+        if o.multistep == "ddim":
+            scheduler = student_scheduler(self.teacher.scheduler, self.prediction_type, clip)
+        else:
+            # LCMScheduler's grid on all T timesteps: its k-step timesteps are the trailing grid, other k sample too
+            scheduler = lcm_scheduler(self.teacher.scheduler, self.prediction_type, clip,
+                                      self.teacher.denoiser.num_train_timesteps, TIMESTEP_SCALING)
         return ExportSpec(scheduler, o.student_steps, self.prediction_type, card={
-            "timesteps": self.grid[:-1], "fake_updates": o.fake_updates, "guidance_scale": o.guidance_scale,
-            "timestep_range": list(o.timestep_range), "gan": o.gan, "regression": o.regression,
-            "warm_start_steps": o.warm_start_steps})
+            "timesteps": self.grid[:-1], "multistep": o.multistep, "backward_simulation": o.backward_simulation, "fake_updates": o.fake_updates,
+            "guidance_scale": o.guidance_scale, "timestep_range": list(o.timestep_range), "gan": o.gan,
+            "regression": o.regression, "warm_start_steps": o.warm_start_steps})
