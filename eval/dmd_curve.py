@@ -1,7 +1,7 @@
 """FD vs training steps of a DMD (or any one-network) run on digits-16: every complete checkpoint of RUN (its
 student's weights and, when the run keeps one, its export EMA's) and the exported student, sampled at k steps by
-the run's exported scheduler (DDIM on the trailing grid while the run has none yet), with the noise that eval/digits_quality.py uses (same seed,
-same batches), scored by the digits-classifier FD against the real set.
+the run's exported scheduler (DDIM on the trailing grid while the run has none yet), with the noise that
+eval/digits_quality.py uses (same seed, same batches), scored by the digits-classifier FD against the real set.
 
     python eval/dmd_curve.py --run runs/digits-dmd --steps 1 [--steps 4] [--num-samples 1000] [--reference-steps 64]
         [--seeds 0,1,2,3 --reference eval/out/methods-table]

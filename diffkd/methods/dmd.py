@@ -12,10 +12,11 @@ With k steps G is trained on its own intermediate states (DMD2's backward simula
 step i is drawn, G's own steps (without gradient) take the noise to step i, and G's x0 prediction there gets the
 gradient; the fake score then follows the mixture of all k steps' outputs. ``backward_simulation: unrolled``
 instead always takes the whole k-step sample, with the gradient through every step, so the fake score follows the
-distribution that sampling gives. A step re-noises G's x0 with fresh noise (``multistep: consistency``, DMD2's, sampled by LCMScheduler) or
-takes a deterministic DDIM step (``multistep: ddim``, DDIMScheduler). Optional: DMD2's GAN term (sec. 4.3), a classifier head on the fake score network's mid-block
-features, and DMD's regression loss on the teacher-sample cache that ``generator`` builds, as a term or a warm
-start round.
+distribution that sampling gives (at the cost of k UNet passes' activations). A step re-noises G's x0 with fresh
+noise (``multistep: consistency``, DMD2's, sampled by LCMScheduler) or takes a deterministic DDIM step
+(``multistep: ddim``, DDIMScheduler). Optional: DMD2's GAN term (sec. 4.3), a classifier head on the fake score
+network's mid-block features, and DMD's regression loss on the teacher-sample cache that ``generator`` builds, as
+a term or a warm start round.
 """
 
 from __future__ import annotations
@@ -263,6 +264,7 @@ class DistributionMatching(Method):
             scheduler = lcm_scheduler(self.teacher.scheduler, self.prediction_type, clip,
                                       self.teacher.denoiser.num_train_timesteps, TIMESTEP_SCALING)
         return ExportSpec(scheduler, o.student_steps, self.prediction_type, card={
-            "timesteps": self.grid[:-1], "multistep": o.multistep, "backward_simulation": o.backward_simulation, "fake_updates": o.fake_updates,
-            "guidance_scale": o.guidance_scale, "timestep_range": list(o.timestep_range), "gan": o.gan,
-            "regression": o.regression, "warm_start_steps": o.warm_start_steps})
+            "timesteps": self.grid[:-1], "multistep": o.multistep, "backward_simulation": o.backward_simulation,
+            "fake_updates": o.fake_updates, "guidance_scale": o.guidance_scale,
+            "timestep_range": list(o.timestep_range), "gan": o.gan, "regression": o.regression,
+            "warm_start_steps": o.warm_start_steps})
