@@ -141,6 +141,7 @@ class GeneratorConfig(MethodConfig):
 
 
 DMD_MULTISTEP = ("consistency", "ddim")
+DMD_BACKWARD_SIMULATIONS = ("random_step", "unrolled")
 CONSISTENCY_DISTANCES = ("pseudo_huber", "l2", "lpips")
 CONSISTENCY_SOLVERS = ("ddim", "dpmsolver++")
 
@@ -293,7 +294,7 @@ class DmdConfig(MethodConfig):
                                         f"got {self.guidance_scale}")
         check_choice("method.teacher_sampler", self.teacher_sampler, SAMPLERS)
         check_choice("method.multistep", self.multistep, DMD_MULTISTEP)
-        check_choice("method.backward_simulation", self.backward_simulation, ("random_step", "unrolled"))
+        check_choice("method.backward_simulation", self.backward_simulation, DMD_BACKWARD_SIMULATIONS)
         check(self.num_samples >= 1 and self.teacher_steps >= 1 and self.sample_seed >= 0
               and self.cache_batch_size >= 1 and self.cache_shard_size >= 1,
               "method.num_samples, teacher_steps, cache_batch_size and cache_shard_size must be >= 1, "

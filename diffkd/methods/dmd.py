@@ -35,7 +35,7 @@ from diffkd.io import student_scheduler
 from diffkd.losses.terms import LossTerms
 from diffkd.method_options import DmdConfig
 from diffkd.methods.base import ExportSpec, Method, Network, Phase, Round
-from diffkd.methods.consistency import boundary_scalings
+from diffkd.methods.consistency import boundary_scalings, consistency_function
 from diffkd.methods.consistency import student_scheduler as lcm_scheduler
 from diffkd.models import Conditioning, Denoiser
 
@@ -83,7 +83,7 @@ class DistributionMatching(Method):
         super().__init__(config, teacher, student)
         o = self.options
         alphas = teacher.denoiser.alphas_cumprod
-        self.generator = Denoiser(student, alphas, self.prediction_type)
+        self.generator = Denoiser(student, alphas, self.prediction_type, teacher.denoiser.clip_sample)
         self.fake_unet = copy.deepcopy(teacher.unet).float().requires_grad_(True).train()
         self.fake = Denoiser(self.fake_unet, alphas, teacher.denoiser.prediction_type)
         self.grid = schedule.trailing_grid(teacher.denoiser.num_train_timesteps, o.student_steps)
@@ -153,27 +153,22 @@ class DistributionMatching(Method):
         with torch.set_grad_enabled(through and torch.is_grad_enabled()):
             for t, s in zip(self.grid[:stop], self.grid[1:stop + 1]):
                 z = self.step(z, torch.full((batch,), t, device=z.device), s, cond, generator)
-        return self.denoised(z, torch.full((batch,), self.grid[stop], device=z.device), cond, clip=False)
-
-    def denoised(self, z: torch.Tensor, t: torch.Tensor, cond: Conditioning, clip: bool) -> torch.Tensor:
-        """G's x0 at (z, t); for consistency steps LCMScheduler's c_skip z + c_out x0 (c_skip < 1e-7 on the grid)."""
-        x0 = self.generator.x0_eps(z, t, cond)[0]
-        if clip and self.teacher.denoiser.clip_sample is not None:
-            x0 = x0.clamp(-self.teacher.denoiser.clip_sample, self.teacher.denoiser.clip_sample)
+        t = torch.full((batch,), self.grid[stop], device=z.device)
+        x0 = self.generator.x0_eps(z, t, cond)[0]  # unclipped, so the gradient reaches every pixel
         if self.options.multistep == "ddim":
             return x0
-        c_skip, c_out = boundary_scalings(t, TIMESTEP_SCALING)
+        c_skip, c_out = boundary_scalings(t, TIMESTEP_SCALING)  # c_skip < 1e-7 on the grid
         return schedule.broadcast(c_skip, z) * z + schedule.broadcast(c_out, x0) * x0
 
     def step(self, z: torch.Tensor, t: torch.Tensor, s: int, cond: Conditioning,
              generator: torch.Generator) -> torch.Tensor:
-        """One sampling step of G from t to grid point s: DDIM (clipped x0, its implied noise) or LCMScheduler's
-        consistency step (clipped x0 re-noised to s with fresh noise)."""
-        alpha_s, sigma_s = self.generator.alpha_sigma(torch.full_like(t, s))
+        """One sampling step of G from t to grid point s: DDIM, or LCMScheduler's consistency step (the clipped
+        consistency function's output re-noised to s with fresh noise)."""
+        s = torch.full_like(t, s)
         if self.options.multistep == "ddim":
-            x0, eps = self.generator.x0_eps(z, t, cond)
-            return schedule.ddim_step(x0, eps, alpha_s, sigma_s, self.teacher.denoiser.clip_sample)
-        x = self.denoised(z, t, cond, clip=True)
+            return self.generator.ddim_step(z, t, s, cond)
+        x = consistency_function(self.generator, z, t, cond, TIMESTEP_SCALING)
+        alpha_s, sigma_s = self.generator.alpha_sigma(s)
         fresh = torch.randn(x.shape, generator=generator).to(x.device)
         return schedule.broadcast(alpha_s, x) * x + schedule.broadcast(sigma_s, x) * fresh
 
@@ -182,7 +177,7 @@ class DistributionMatching(Method):
         cond = batch_conditioning(batch, self.options.guidance_scale)
         noise = torch.randn(real.shape, generator=generator).to(real.device)
         stop = int(torch.randint(0, self.options.student_steps, (), generator=generator))
-        if self.options.backward_simulation == "unrolled":
+        if self.options.backward_simulation == "unrolled":  # drawn all the same: the measured runs' random stream
             stop = self.options.student_steps - 1
         if phase == "fake_score":
             return self.fake_score_loss(real, noise, stop, cond, generator)
@@ -256,7 +251,7 @@ class DistributionMatching(Method):
 
     def export_spec(self) -> ExportSpec:
         o = self.options
-        clip = self.teacher.denoiser.clip_sample
+        clip = self.generator.clip_sample
         if o.multistep == "ddim":
             scheduler = student_scheduler(self.teacher.scheduler, self.prediction_type, clip)
         else:
