@@ -165,6 +165,8 @@ def model_card(config: Config, method: Method, spec, report: dict, student: torc
         "method": method.name,
         "num_inference_steps": spec.num_inference_steps,
         "prediction_type": spec.prediction_type,
+        "noise_path": teacher.denoiser.path.card(),
+        "scheduler": type(spec.scheduler).__name__,
         "training_time_seconds": round(seconds, 1),
         "parameters": sum(p.numel() for p in student.parameters()),
         "teacher_parameters": sum(p.numel() for p in teacher.unet.parameters()),

@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 
 from diffkd.errors import DiffkdError
 from diffkd.models import Denoiser
+from diffkd.paths import FlowPath, NoisePath, VPPath, flow_shift, is_flow_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -208,33 +209,46 @@ def _custom_code(folder: Path) -> bool:
 
 
 def denoiser_of(pipeline: DiffusionPipeline, source: str = "pipeline") -> Denoiser:
-    """The Denoiser view of a pipeline; refuses pipelines whose schedule is not a discrete VP schedule."""
+    """The Denoiser view of a pipeline; refuses pipelines whose scheduler has no Gaussian noise path diffkd knows."""
     unet = getattr(pipeline, "unet", None)
     if unet is None:
         raise DiffkdError(f"{source!r} has no 'unet' component; diffkd distils UNet-based pipelines "
                           "(DDPM/DDIM, Stable Diffusion 1.x/2.x and alike)")
     scheduler = getattr(pipeline, "scheduler", None)
-    if scheduler is None or not hasattr(scheduler, "alphas_cumprod"):
-        name = type(scheduler).__name__ if scheduler is not None else "none"
-        raise DiffkdError(f"{source!r} has scheduler {name}, which has no discrete alphas_cumprod; use a teacher "
-                          "whose scheduler is DDPM, DDIM, PNDM, DPMSolver, UniPC or Euler (a VP schedule)")
-    prediction_type = scheduler.config.get("prediction_type", "epsilon")
+    path = noise_path_of(scheduler, source, image_seq_len=_sequence_length(unet))
+    prediction_type = "flow" if isinstance(path, FlowPath) else scheduler.config.get("prediction_type", "epsilon")
     vae = getattr(pipeline, "vae", None)
     clip = None
     if vae is None and scheduler.config.get("clip_sample", False):
         clip = float(scheduler.config.get("clip_sample_range", 1.0))
-    return Denoiser(unet, scheduler.alphas_cumprod.clone(), prediction_type, clip_sample=clip, vae=vae)
+    return Denoiser(unet, path, prediction_type, clip_sample=clip, vae=vae)
 
 
-def student_scheduler(teacher_scheduler, prediction_type: str, clip_sample: float | None) -> DDIMScheduler:
-    """DDIM with trailing spacing and a final alpha of 1 on the teacher's betas: the grid the student was trained on.
+def noise_path_of(scheduler, source: str = "pipeline", image_seq_len: int | None = None) -> NoisePath:
+    """The noise path of a scheduler: rectified flow for the FlowMatch schedulers, variance preserving for a
+    discrete ``alphas_cumprod`` (DDPM, DDIM, PNDM, DPM-Solver, UniPC, Euler); anything else is refused."""
+    name = type(scheduler).__name__ if scheduler is not None else "none"
+    if is_flow_scheduler(scheduler):
+        config = dict(scheduler.config)
+        unsupported = [key for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                                       "invert_sigmas", "shift_terminal") if config.get(key)]
+        if unsupported:
+            raise DiffkdError(f"{source!r} has a {name} with {', '.join(unsupported)}: diffkd takes rectified-flow "
+                              "teachers whose training sigmas are t / T with an optional shift; unset them")
+        return FlowPath(config["num_train_timesteps"], flow_shift(config, image_seq_len))
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    if alphas is None:
+        raise DiffkdError(f"{source!r} has scheduler {name}, which has no Gaussian path diffkd takes; use a teacher "
+                          "whose scheduler is DDPM, DDIM, PNDM, DPMSolver, UniPC or Euler (a VP schedule of "
+                          "alphas_cumprod) or FlowMatchEulerDiscrete (rectified flow)")
+    return VPPath(alphas.clone())
 
-    Trailing spacing ignores steps_offset; it is 1 only because StableDiffusionPipeline warns about anything else.
-    """
-    return DDIMScheduler.from_config(
-        teacher_scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True, steps_offset=1,
-        prediction_type=prediction_type, clip_sample=clip_sample is not None,
-        clip_sample_range=clip_sample or 1.0, thresholding=False)
+
+def _sequence_length(unet: torch.nn.Module) -> int:
+    """Latent positions per image, what dynamic flow shifting is a function of (packed 2x2, as Flux packs)."""
+    size = unet.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return max(1, (height // 2) * (width // 2))
 
 
 def save_pipeline(folder: Path, teacher: LoadedPipeline, unet: torch.nn.Module, scheduler,

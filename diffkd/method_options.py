@@ -222,6 +222,7 @@ class DenoiseConfig(MethodConfig):
     num_train_timesteps: int = 1000
     clip_sample: bool = True
     sample_steps: int = 64
+    shift: float = 1.0  # rectified flow only (prediction_type: flow): FlowMatchEulerDiscreteScheduler's shift
 
     def __post_init__(self):
         check(self.num_steps >= 1, f"method.num_steps must be >= 1; got {self.num_steps}")
@@ -229,6 +230,7 @@ class DenoiseConfig(MethodConfig):
         check(len(self.block_out_channels) >= 1, "method.block_out_channels needs at least one entry")
         check_choice("method.prediction_type", self.prediction_type, PREDICTION_TYPES)
         check_choice("method.beta_schedule", self.beta_schedule, ("linear", "scaled_linear", "squaredcos_cap_v2"))
+        check(self.shift > 0, f"method.shift must be > 0; got {self.shift}")
 
 
 @dataclass

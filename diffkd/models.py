@@ -14,6 +14,7 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 from diffkd import schedule
+from diffkd.paths import NoisePath, VPPath
 
 
 @dataclass
@@ -64,27 +65,33 @@ def unet_forward(unet: nn.Module, z: torch.Tensor, t: torch.Tensor, hidden: torc
 
 
 class Denoiser:
-    """A UNet with its noise schedule, parameterisation and (optional) VAE.
+    """A UNet with its noise path, parameterisation and (optional) VAE.
 
-    ``unet`` may be swapped for a wrapped version (DDP) by the trainer; everything here only calls it.
+    ``unet`` may be swapped for a wrapped version (DDP) by the trainer; everything here only calls it. The network
+    is called at the path's timesteps as they are (integer t for a VP path, sigma * T for rectified flow).
     """
 
-    def __init__(self, unet: nn.Module, alphas_cumprod: torch.Tensor, prediction_type: str,
+    def __init__(self, unet: nn.Module, path: NoisePath | torch.Tensor, prediction_type: str,
                  clip_sample: float | None = None, vae: nn.Module | None = None):
+        """``path`` may be a DDPM-family ``alphas_cumprod`` tensor, taken as its variance-preserving path."""
         if prediction_type not in schedule.PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {schedule.PREDICTION_TYPES}, got {prediction_type!r}")
         self.unet = unet
-        self.alphas_cumprod = alphas_cumprod.float()
+        self.path = VPPath(path) if isinstance(path, torch.Tensor) else path
         self.prediction_type = prediction_type
         self.clip_sample = clip_sample
         self.vae = vae
 
+    def like(self, unet: nn.Module, prediction_type: str | None = None, clip: bool = True) -> Denoiser:
+        """Another network on this model's path (a student, a fake score): same clip unless ``clip`` is False."""
+        return Denoiser(unet, self.path, prediction_type or self.prediction_type, self.clip_sample if clip else None)
+
     @property
     def num_train_timesteps(self) -> int:
-        return len(self.alphas_cumprod)
+        return self.path.num_train_timesteps
 
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return schedule.alpha_sigma(self.alphas_cumprod.to(t.device), t)
+        return self.path.alpha_sigma(t)
 
     def output(self, z: torch.Tensor, t: torch.Tensor, cond: Conditioning | None = None) -> torch.Tensor:
         """The raw network output in this model's parameterisation, guided when ``cond`` asks for it."""

@@ -29,11 +29,16 @@ import inspect
 import itertools
 
 import torch
-from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    FlowMatchHeunDiscreteScheduler,
+    HeunDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
 
-from diffkd import schedule
 from diffkd.io import LoadedPipeline
 from diffkd.models import Conditioning, Denoiser
+from diffkd.paths import is_flow_scheduler
 from diffkd.validation import SAMPLERS
 
 __all__ = ["SAMPLERS", "ddim_sample", "make_scheduler", "noise_generator", "sampler_settings", "scheduler_sample", "teacher_sample"]
@@ -42,8 +47,9 @@ __all__ = ["SAMPLERS", "ddim_sample", "make_scheduler", "noise_generator", "samp
 @torch.no_grad()
 def ddim_sample(model: Denoiser, noise: torch.Tensor, num_steps: int, cond: Conditioning | None = None,
                 grid: list[int] | None = None) -> torch.Tensor:
-    """Deterministic DDIM on the trailing grid (or on ``grid``), ending on the clean sample."""
-    grid = grid or schedule.trailing_grid(model.num_train_timesteps, num_steps)
+    """Deterministic DDIM on the path's k-step grid (or on ``grid``), ending on the clean sample: the trailing grid
+    of a VP path; on a rectified-flow path DDIM is the Euler step z_s = z_t + (sigma_s - sigma_t) v."""
+    grid = grid or model.path.grid(num_steps)
     z = noise.float()
     for t, s in itertools.pairwise(grid):
         z = model.ddim_step(z, torch.tensor(t, device=z.device), torch.tensor(s, device=z.device), cond)
@@ -57,17 +63,25 @@ def scheduler_sample(model: Denoiser, scheduler, noise: torch.Tensor, num_steps:
 
     The scheduler is configured in place (``set_timesteps``); pass a fresh one per call for multistep solvers.
     """
-    if scheduler.config.prediction_type != model.prediction_type:
-        raise ValueError(f"scheduler predicts {scheduler.config.prediction_type!r} but the model predicts "
-                         f"{model.prediction_type!r}: build the scheduler with prediction_type="
-                         f"{model.prediction_type!r}")
+    predicts = scheduler_prediction_type(scheduler)
+    if predicts != model.prediction_type:
+        raise ValueError(f"scheduler predicts {predicts!r} but the model predicts {model.prediction_type!r}: build "
+                         f"the scheduler with prediction_type={model.prediction_type!r}")
     scheduler.set_timesteps(num_steps, device=noise.device)
-    z = noise.float() * scheduler.init_noise_sigma
+    z = noise.float() * getattr(scheduler, "init_noise_sigma", 1.0)  # the FlowMatch schedulers have none: 1
     extra = {"generator": noise_generator(noise)} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    scale = getattr(scheduler, "scale_model_input", lambda sample, timestep: sample)
     for t in scheduler.timesteps:
-        out = model.output(scheduler.scale_model_input(z, t), t.reshape(()).to(noise.device), cond)
+        out = model.output(scale(z, t), t.reshape(()).to(noise.device), cond)
         z = scheduler.step(out.float(), t, z, **extra).prev_sample
     return z
+
+
+def scheduler_prediction_type(scheduler) -> str:
+    """A scheduler's parameterisation in diffkd's names: the FlowMatch schedulers (and DPM-Solver/UniPC's
+    'flow_prediction') take the rectified-flow velocity, 'flow'."""
+    predicts = scheduler.config.get("prediction_type", "flow" if is_flow_scheduler(scheduler) else "epsilon")
+    return "flow" if predicts == "flow_prediction" else predicts
 
 
 def noise_generator(noise: torch.Tensor) -> torch.Generator:
@@ -77,14 +91,19 @@ def noise_generator(noise: torch.Tensor) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
-def sampler_settings(name: str, teacher_config: dict, latent: bool) -> dict:
+def sampler_settings(name: str, teacher_scheduler, latent: bool) -> dict:
     """The scheduler class name and config overrides of sampler ``name`` for this teacher (for the protocol)."""
+    teacher_config = dict(teacher_scheduler.config)
+    if is_flow_scheduler(teacher_scheduler):
+        return _flow_sampler_settings(name, teacher_config)
     clip = bool(teacher_config.get("clip_sample", False)) and not latent
     clip_range = float(teacher_config.get("clip_sample_range", 1.0))
     common = {"timestep_spacing": "trailing", "prediction_type": teacher_config.get("prediction_type", "epsilon")}
     if name == "ddim":
         return {"class": "diffkd.sampling.ddim_sample", **common, "grid": "exact: each step to the next grid point, "
                 "the last to the clean sample", "clip_sample": clip, "clip_sample_range": clip_range}
+    if name == "heun":
+        return {"class": "HeunDiscreteScheduler", **common}
     solver = {**common, "thresholding": clip, "sample_max_value": clip_range, "dynamic_thresholding_ratio": 0.995,
               "solver_order": 2, "lower_order_final": True, "final_sigmas_type": "zero"}
     if name == "dpmsolver++":
@@ -95,14 +114,35 @@ def sampler_settings(name: str, teacher_config: dict, latent: bool) -> dict:
     raise ValueError(f"unknown sampler {name!r}")
 
 
-_CLASSES = {cls.__name__: cls for cls in (DPMSolverMultistepScheduler, UniPCMultistepScheduler)}
+def _flow_sampler_settings(name: str, teacher_config: dict) -> dict:
+    """A rectified-flow teacher's samplers as SD3/Flux users run them: the Euler step on sigma = 1, 1 - 1/k, ...,
+    1/k (FluxPipeline's grid; ``ddim`` is that step on this path), FlowMatch Heun with the teacher's shift, and
+    DPM-Solver++ / UniPC on flow sigmas (``use_flow_sigmas``, ``flow_shift`` = the teacher's shift)."""
+    shift = float(teacher_config.get("shift", 1.0))
+    if name == "ddim":
+        return {"class": "diffkd.sampling.ddim_sample", "grid": "exact Euler on sigma = 1, 1 - 1/k, ..., 1/k, 0",
+                "prediction_type": "flow"}
+    if name == "heun":
+        return {"class": "FlowMatchHeunDiscreteScheduler", "shift": shift}
+    solver = {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": shift, "solver_order": 2,
+              "lower_order_final": True, "final_sigmas_type": "zero"}
+    if name == "dpmsolver++":
+        return {"class": "DPMSolverMultistepScheduler", **solver, "algorithm_type": "dpmsolver++",
+                "solver_type": "midpoint"}
+    if name == "unipc":
+        return {"class": "UniPCMultistepScheduler", **solver, "predict_x0": True, "solver_type": "bh2"}
+    raise ValueError(f"unknown sampler {name!r}")
 
 
-def make_scheduler(name: str, teacher_config: dict, latent: bool):
+_CLASSES = {cls.__name__: cls for cls in (DPMSolverMultistepScheduler, UniPCMultistepScheduler, HeunDiscreteScheduler,
+                                          FlowMatchHeunDiscreteScheduler)}
+
+
+def make_scheduler(name: str, teacher_scheduler, latent: bool):
     """A fresh solver scheduler for one sampling run (multistep solvers keep state between steps)."""
-    settings = dict(sampler_settings(name, teacher_config, latent))
+    settings = dict(sampler_settings(name, teacher_scheduler, latent))
     cls = _CLASSES[settings.pop("class")]
-    return cls.from_config(teacher_config, **settings)
+    return cls.from_config(teacher_scheduler.config, **settings)
 
 
 def teacher_sample(teacher: LoadedPipeline, noise: torch.Tensor, sampler: str, steps: int,
@@ -110,5 +150,5 @@ def teacher_sample(teacher: LoadedPipeline, noise: torch.Tensor, sampler: str, s
     """The teacher's deterministic sample from ``noise`` (in its UNet's space: latents for latent teachers)."""
     if sampler == "ddim":
         return ddim_sample(teacher.denoiser, noise, steps, cond)
-    scheduler = make_scheduler(sampler, dict(teacher.scheduler.config), teacher.latent)
+    scheduler = make_scheduler(sampler, teacher.scheduler, teacher.latent)
     return scheduler_sample(teacher.denoiser, scheduler, noise, steps, cond)

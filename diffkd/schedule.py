@@ -49,7 +49,11 @@ def broadcast(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def to_x0_eps(output: torch.Tensor, z: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
               prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Convert a network output to (x0, eps) for z = alpha*x0 + sigma*eps; v = alpha*eps - sigma*x0 (eq. 31)."""
+    """Convert a network output to (x0, eps) for z = alpha*x0 + sigma*eps; v = alpha*eps - sigma*x0 (eq. 31).
+
+    'flow' is rectified flow's velocity u = eps - x0 (Liu et al. 2022): z = alpha x0 + sigma (x0 + u) gives
+    x0 = (z - sigma u) / (alpha + sigma) and eps = (z + alpha u) / (alpha + sigma), on any path (alpha + sigma = 1
+    on the flow path)."""
     a, s = broadcast(alpha, z), broadcast(sigma, z)
     if prediction_type == "epsilon":
         return (z - s * output) / a, output
@@ -57,6 +61,8 @@ def to_x0_eps(output: torch.Tensor, z: torch.Tensor, alpha: torch.Tensor, sigma:
         return a * z - s * output, a * output + s * z
     if prediction_type == "sample":
         return output, (z - a * output) / s
+    if prediction_type == "flow":
+        return (z - s * output) / (a + s), (z + a * output) / (a + s)
     raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 
@@ -70,6 +76,8 @@ def from_x0_eps(x0: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, sigma:
         return a * eps - s * x0
     if prediction_type == "sample":
         return x0
+    if prediction_type == "flow":
+        return eps - x0
     raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 

@@ -12,9 +12,9 @@ from typing import Any
 
 from diffkd.errors import DiffkdError
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 LOSS_WEIGHTINGS = ("snr_trunc", "snr", "constant", "min_snr")
-SAMPLERS = ("ddim", "dpmsolver++", "unipc")
+SAMPLERS = ("ddim", "heun", "dpmsolver++", "unipc")
 
 
 def check(condition: bool, message: str) -> None:

@@ -64,7 +64,7 @@ def main() -> int:
         raise SystemExit(f"--reference-fd gives {len(references)} figures for {len(seeds)} seeds")
     reference = sum(references) / len(references)
     run = Path(args.run)
-    student = Denoiser(copy.deepcopy(teacher.unet), teacher.denoiser.alphas_cumprod, teacher.denoiser.prediction_type,
+    student = Denoiser(copy.deepcopy(teacher.unet), teacher.denoiser.path, teacher.denoiser.prediction_type,
                        teacher.denoiser.clip_sample)
     names = [name for name, _ in student.unet.named_parameters()]
     sources = []

@@ -36,7 +36,7 @@ def student_of(path: Path, teacher: Denoiser, prediction_type: str) -> Denoiser:
         return load_pipeline(str(path)).denoiser
     unet = copy.deepcopy(teacher.unet)
     unet.load_state_dict(load_file(path / "student.safetensors"))
-    return Denoiser(unet, teacher.alphas_cumprod, prediction_type, teacher.clip_sample)
+    return teacher.like(unet, prediction_type)
 
 
 @torch.no_grad()

@@ -122,14 +122,14 @@ def _malicious_bin(teacher: Path) -> None:
 
 
 def _unsupported_scheduler(teacher: Path) -> None:
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers import EDMEulerScheduler
 
     index = json.loads((teacher / "model_index.json").read_text())
     index["_class_name"] = "DDPMPipeline"
-    index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    index["scheduler"] = ["diffusers", "EDMEulerScheduler"]
     (teacher / "model_index.json").write_text(json.dumps(index))
     shutil.rmtree(teacher / "scheduler")
-    FlowMatchEulerDiscreteScheduler().save_pretrained(teacher / "scheduler")
+    EDMEulerScheduler().save_pretrained(teacher / "scheduler")
 
 
 def _remote_code(teacher: Path) -> None:
@@ -465,7 +465,7 @@ CASES = [
     Case("teacher path missing", _set("does not exist", "teacher.source=/nonexistent/teacher")),
     Case("teacher folder that is not a diffusers pipeline",
          _teacher_case("no model_index.json", lambda t: (t / "model_index.json").unlink())),
-    Case("teacher without a supported scheduler", _teacher_case("no discrete alphas_cumprod", _unsupported_scheduler)),
+    Case("teacher without a supported scheduler", _teacher_case("no Gaussian path diffkd takes", _unsupported_scheduler)),
     Case("teacher weights truncated", _teacher_case("corrupt", _truncate)),
     Case("teacher pickle where safetensors is expected", _teacher_case("corrupt", _pickle_as_safetensors)),
     Case("teacher weights as a crafted pickle (.bin)", _teacher_case("weights_only", _malicious_bin)),

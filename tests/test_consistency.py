@@ -16,19 +16,15 @@ from diffkd.api import distill
 from diffkd.config import parse_config
 from diffkd.errors import DiffkdError
 from diffkd.io import load_pipeline
-from diffkd.methods.consistency import (
-    ConsistencyDistillation,
-    boundary_scalings,
-    consistency_function,
-    consistency_grid,
-    pseudo_huber,
-)
+from diffkd.methods.consistency import ConsistencyDistillation, consistency_function, pseudo_huber
 from diffkd.models import Conditioning, Denoiser
+from diffkd.paths import VPPath
 from diffkd.sampling import scheduler_sample
 from tests import faults
 from tests.conftest import make_tiny_unet
 
 ALPHAS_CUMPROD = DDIMScheduler(beta_schedule="squaredcos_cap_v2").alphas_cumprod
+boundary_scalings = VPPath(ALPHAS_CUMPROD).consistency_scalings
 
 
 def test_scalings_are_lcm_schedulers_own():
@@ -54,7 +50,7 @@ def test_boundary_condition_is_exact(prediction_type):
 
 
 def test_grid_is_lcm_schedulers_training_grid():
-    grid = consistency_grid(1000, 50)
+    grid = VPPath(ALPHAS_CUMPROD).consistency_grid(50)
     assert grid[:3] == [0, 19, 39] and grid[-1] == 999 and len(grid) == 51
     scheduler = LCMScheduler(original_inference_steps=50)
     for k in (1, 2, 4, 8):

@@ -17,7 +17,7 @@ from diffkd.errors import DiffkdError
 from diffkd.evaluation import EvalConfig, evaluate
 from diffkd.evaluation.report import fmt
 from diffkd.evaluation.sweep import Model, Setting, display_name, sample
-from diffkd.io import load_pipeline, save_pipeline, student_scheduler
+from diffkd.io import load_pipeline, save_pipeline
 from diffkd.models import Denoiser
 from tests.conftest import make_scheduler, make_tiny_unet
 
@@ -29,7 +29,7 @@ def pipelines(tmp_path_factory):
     DDIMPipeline(unet=make_tiny_unet(), scheduler=make_scheduler(clip_sample=True)).save_pretrained(root / "teacher")
     teacher = load_pipeline(str(root / "teacher"))
     student = root / "student" / "student"  # diffkd's DIR/student layout: labelled by DIR's name
-    save_pipeline(student, teacher, teacher.unet, student_scheduler(teacher.scheduler, "v_prediction", 1.0),
+    save_pipeline(student, teacher, teacher.unet, teacher.denoiser.path.multistep_scheduler(teacher.scheduler, 1, "v_prediction", 1.0),
                   card={"method": "progressive", "num_inference_steps": 2, "teacher": str(root / "teacher")})
     squeezenet = root / "squeezenet.pth"
     torch.manual_seed(0)
@@ -62,7 +62,7 @@ def test_settings_teacher_swept_student_own_reference_first(swept):
     keys = [(r["model"], r["sampler"], r["steps"], r["is_reference"]) for r in results.rows]
     assert keys[0] == ("teacher", "ddim", 4, True)
     assert set(keys[1:]) == {("student", "own", 1, False), ("student", "own", 2, False)} | {
-        ("teacher", s, k, False) for s in ("ddim", "dpmsolver++", "unipc") for k in (1, 2)}
+        ("teacher", s, k, False) for s in ("ddim", "heun", "dpmsolver++", "unipc") for k in (1, 2)}
     assert results.protocol["teacher"] == "teacher"
     assert results.protocol["samplers"]["teacher"]["dpmsolver++"]["thresholding"] is True  # clipped teacher
     assert results.protocol["samplers"]["teacher"]["ddim"]["clip_sample"] is True
@@ -127,7 +127,7 @@ def test_real_statistics_are_cached_and_reused(swept, pipelines):
 
 
 def test_config_errors_name_the_field_and_choices():
-    with pytest.raises(DiffkdError, match="eval.samplers: 'euler' is not one of ddim, dpmsolver\\+\\+, unipc"):
+    with pytest.raises(DiffkdError, match="eval.samplers: 'euler' is not one of ddim, heun, dpmsolver\\+\\+, unipc"):
         EvalConfig(samplers=["euler"])
     with pytest.raises(DiffkdError, match="eval.num_samples"):
         EvalConfig(num_samples=1)

@@ -45,7 +45,7 @@ def test_k_step_loss_is_the_mse_of_the_students_exported_sampler(random_teacher,
     batch = {k: v[:5] for k, v in data.items()}
     terms = method.loss("student", batch, torch.Generator())
     # the student's own 2-step DDIM, x0 clipped between steps and not at the end (gradients flow there)
-    model = Denoiser(method.student, method.teacher.denoiser.alphas_cumprod, "v_prediction", clip_sample=1.0)
+    model = Denoiser(method.student, method.teacher.denoiser.path, "v_prediction", clip_sample=1.0)
     z = model.ddim_step(batch["noise"], torch.tensor(999), torch.tensor(499))
     x0, _ = model.x0_eps(z, torch.tensor(499))
     torch.testing.assert_close(terms.terms["mse"], (x0 - batch["sample"]).pow(2).mean())

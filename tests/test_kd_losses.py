@@ -74,7 +74,7 @@ def auxiliary(teacher_unet, student, **weights) -> AuxiliaryLosses:
 def run_terms(aux: AuxiliaryLosses, teacher: LoadedPipeline, student) -> LossTerms:
     z = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     t = torch.tensor([20, 300, 600, 990])
-    model = Denoiser(student, teacher.denoiser.alphas_cumprod, "v_prediction")
+    model = Denoiser(student, teacher.denoiser.path, "v_prediction")
     with aux.watch(student):
         x0, eps = model.x0_eps(z, t)
     reference = teacher.denoiser.x0_eps(z, t)[0].clamp(-1, 1)

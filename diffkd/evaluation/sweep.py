@@ -470,7 +470,7 @@ def _protocol(config: EvalConfig, device: torch.device, feature, real, models: l
                                           "clip_sample": pipe.scheduler.config.get("clip_sample")}}
         else:
             names = set(config.samplers) | ({config.reference_sampler} if model is teacher else set())
-            samplers[model.name] = {s: sampler_settings(s, dict(pipe.scheduler.config), pipe.latent)
+            samplers[model.name] = {s: sampler_settings(s, pipe.scheduler, pipe.latent)
                                     for s in sorted(names)}
     return {
         "date": protocol.timestamp(), "libraries": protocol.library_versions(), "machine": protocol.machine(device),

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from diffkd.config import Config, MethodConfig
+from diffkd.errors import DiffkdError
 from diffkd.io import LoadedPipeline
 from diffkd.losses.terms import LossTerms
 
@@ -89,9 +90,19 @@ class Method:
     @property
     def prediction_type(self) -> str:
         """The student's parameterisation: the method's ``student_prediction_type``; 'teacher' (or a method
-        without that option) keeps the teacher's."""
+        without that option) keeps the teacher's. On a rectified-flow path 'v_prediction' is the path's velocity
+        (flow): the FlowMatch schedulers a flow student exports with sample nothing else."""
         chosen = getattr(self.options, "student_prediction_type", "teacher")
-        return self.teacher.denoiser.prediction_type if chosen == "teacher" else chosen
+        teacher = self.teacher.denoiser
+        if chosen == "teacher":
+            return teacher.prediction_type
+        if chosen == "v_prediction" and "flow" in teacher.path.prediction_types:
+            return "flow"
+        if chosen not in teacher.path.prediction_types:
+            raise DiffkdError(f"method.student_prediction_type={chosen} cannot be sampled on the teacher's "
+                              f"{teacher.path.family} path; use one of {', '.join(teacher.path.prediction_types)} "
+                              "or 'teacher'")
+        return chosen
 
     def check(self) -> None:
         """Refuse, before any work, a config this teacher cannot be distilled with (raise DiffkdError)."""

@@ -2,8 +2,9 @@
 
 The student is f(z_t, t) = c_skip(t) z_t + c_out(t) x0(F(z_t, t)) (Song et al. eq. 5 / Appendix C), where F is a UNet
 initialised from the teacher that keeps the teacher's prediction type, x0(.) is that parameterisation's clean
-prediction, and c_skip, c_out are LCM's scalings of the discrete timestep (``boundary_scalings``): c_skip(0) = 1 and
-c_out(0) = 0 exactly, so f(z, 0) = z (the boundary condition). Each update noises a training image to t_{n+k} on
+prediction, and c_skip, c_out are the noise path's (``NoisePath.consistency_scalings``): LCM's scalings of the discrete
+timestep on a VP path, c_skip(0) = 1 and c_out(0) = 0 exactly, so f(z, 0) = z (the boundary condition); on a
+rectified-flow path f = x0 = z - sigma v, which is z at sigma = 0. Each update noises a training image to t_{n+k} on
 the teacher's N-point grid, takes one teacher DDIM step (classifier-free guided with a fixed w for conditional
 teachers) to t_n, k grid intervals lower (LCM's skipping interval), and pulls f(z_{t_{n+k}}, t_{n+k}) towards the
 target network's f at (z_{t_n}, t_n). The target network is an EMA of the student (LCM), or with ``target_ema=0`` the
@@ -12,9 +13,10 @@ student itself under stop-gradient (iCT, Song & Dhariwal 2023). The distance is 
 With ``guidance_steps`` a guidance round comes first: F's x prediction regresses onto the guided teacher's at the
 same input and w (Meng et al. 2023, stage 1), and the target network restarts from that student.
 
-The export is the plain F with diffusers' ``LCMScheduler`` on the same grid (``original_inference_steps`` = N, the
-same timestep scaling and x0 clip), which applies c_skip and c_out itself: ``from_pretrained(student)(
-num_inference_steps=k)`` samples for any k up to N with one network.
+The export is the plain F with the path's consistency scheduler: diffusers' ``LCMScheduler`` on the same grid
+(``original_inference_steps`` = N, the same timestep scaling and x0 clip), which applies c_skip and c_out itself, or
+``FlowMatchLCMScheduler`` for a flow teacher: ``from_pretrained(student)(num_inference_steps=k)`` samples for any k
+up to N with one network.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import copy
 import math
 
 import torch
-from diffusers import LCMScheduler
 from torch import nn
 
 from diffkd import schedule
@@ -36,23 +37,7 @@ from diffkd.method_options import ConsistencyConfig
 from diffkd.methods.base import ExportSpec, Method, Round
 from diffkd.models import Conditioning, Denoiser
 
-SIGMA_DATA = 0.5  # LCM's (and Karras et al.'s) data standard deviation in the boundary scalings
 HUBER_FACTOR = 0.00054  # iCT (Song & Dhariwal 2023, sec. 3.3): c = 0.00054 sqrt(d)
-
-
-def boundary_scalings(t: torch.Tensor, timestep_scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """LCM's c_skip, c_out at discrete timesteps t (``LCMScheduler.get_scalings_for_boundary_condition_discrete``):
-    with s = t * scaling, c_skip = sd^2 / (s^2 + sd^2), c_out = s / sqrt(s^2 + sd^2); exactly (1, 0) at t = 0."""
-    scaled = t.double() * timestep_scaling
-    c_skip = SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2)
-    c_out = scaled / (scaled**2 + SIGMA_DATA**2).sqrt()
-    return c_skip.float(), c_out.float()
-
-
-def consistency_grid(num_train_timesteps: int, num_points: int) -> list[int]:
-    """The boundary t = 0, then LCMScheduler's training grid j * (T // N) - 1 for j = 1..N (19, 39, ..., 999)."""
-    spacing = num_train_timesteps // num_points
-    return [0] + [j * spacing - 1 for j in range(1, num_points + 1)]
 
 
 def pseudo_huber(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -63,11 +48,12 @@ def pseudo_huber(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def consistency_function(model: Denoiser, z: torch.Tensor, t: torch.Tensor, cond: Conditioning | None,
                          timestep_scaling: float) -> torch.Tensor:
-    """f(z, t) = c_skip z + c_out x0(F(z, t)), x0 clipped as the exported LCMScheduler clips it."""
+    """f(z, t) = c_skip z + c_out x0(F(z, t)) with the path's scalings, x0 clipped as the exported scheduler clips
+    it (LCMScheduler's c_skip, c_out on a VP path; FlowMatchLCMScheduler's x0 = z - sigma v as it is on a flow path)."""
     x0, _ = model.x0_eps(z, t, cond)
     if model.clip_sample is not None:
         x0 = x0.clamp(-model.clip_sample, model.clip_sample)
-    c_skip, c_out = boundary_scalings(t, timestep_scaling)
+    c_skip, c_out = model.path.consistency_scalings(t, timestep_scaling)
     return schedule.broadcast(c_skip, z) * z.float() + schedule.broadcast(c_out, x0) * x0
 
 
@@ -83,7 +69,9 @@ def dpm_solver_2s_step(model: Denoiser, z: torch.Tensor, t: torch.Tensor, u: tor
     z_u = schedule.ddim_step(x0_t, (z - schedule.broadcast(a_t, z) * x0_t) / schedule.broadcast(s_t, z), a_u, s_u)
     x0_u, _ = model.x0_eps(z_u, u, cond)
     lam_t, lam_u, lam_s = (a_t / s_t).log(), (a_u / s_u).log(), (a_s / s_s).log()
-    half_over_r = schedule.broadcast(0.5 * (lam_s - lam_t) / (lam_u - lam_t), z)
+    # from pure noise (alpha_t = 0, rectified flow's sigma = 1) lambda_t = -inf and r -> 1
+    r_inverse = torch.where(torch.isfinite(lam_t), (lam_s - lam_t) / (lam_u - lam_t), torch.ones_like(lam_t))
+    half_over_r = schedule.broadcast(0.5 * r_inverse, z)
     x0 = (1 - half_over_r) * x0_t + half_over_r * x0_u
     eps = (z - schedule.broadcast(a_t, z) * x0) / schedule.broadcast(s_t, z)
     return schedule.ddim_step(x0, eps, a_s, s_s, model.clip_sample)
@@ -98,12 +86,12 @@ class ConsistencyDistillation(Method):
         student = embedded_student(config, teacher, student)
         super().__init__(config, teacher, student)
         teacher_model = teacher.denoiser
-        self.grid = consistency_grid(teacher_model.num_train_timesteps, self.options.teacher_grid)
-        self.model = Denoiser(student, teacher_model.alphas_cumprod, self.prediction_type, teacher_model.clip_sample)
+        self.grid = teacher_model.path.consistency_grid(self.options.teacher_grid)
+        self.model = teacher_model.like(student, self.prediction_type)
         self.target = (copy.deepcopy(student).requires_grad_(False).eval() if self.options.target_ema > 0
                        else None)
-        self.target_model = (Denoiser(self.target, teacher_model.alphas_cumprod, self.prediction_type,
-                                      teacher_model.clip_sample) if self.target is not None else self.model)
+        self.target_model = (teacher_model.like(self.target, self.prediction_type) if self.target is not None
+                             else self.model)
         self.round_index = 0
         losses = config.losses
         self.perceptual = (PerceptualKD(teacher, losses.lpips_net, losses.lpips_backbone_weights)
@@ -111,7 +99,7 @@ class ConsistencyDistillation(Method):
 
     def check(self) -> None:
         total, points = self.teacher.denoiser.num_train_timesteps, self.options.teacher_grid
-        if total % points or points >= total:
+        if not self.teacher.denoiser.path.supports_steps(points) or points >= total:
             raise DiffkdError(f"method.teacher_grid={points} must divide the teacher's {total} training timesteps "
                               "and be smaller, so LCMScheduler reproduces the grid; try 50 (LCM's) or 100")
         losses = self.config.losses
@@ -163,7 +151,7 @@ class ConsistencyDistillation(Method):
         teacher = self.teacher.denoiser
         if self.options.solver == "ddim":
             return teacher.ddim_step(z, t, s, cond)
-        return dpm_solver_2s_step(teacher, z, t, (t + s) // 2, s, cond)
+        return dpm_solver_2s_step(teacher, z, t, teacher.path.midpoint(t, s), s, cond)
 
     def student_output(self, model: Denoiser, z: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The consistency function of ``model`` (the student or its target network): one conditional pass."""
@@ -221,8 +209,10 @@ class ConsistencyDistillation(Method):
         return self.perceptual(prediction, target)
 
     def export_spec(self) -> ExportSpec:
-        scheduler = student_scheduler(self.teacher.scheduler, self.prediction_type, self.teacher.denoiser.clip_sample,
-                                      self.options.teacher_grid, self.options.timestep_scaling)
+        teacher = self.teacher.denoiser
+        scheduler = teacher.path.consistency_scheduler(self.teacher.scheduler, self.options.teacher_grid,
+                                                       self.prediction_type, teacher.clip_sample,
+                                                       self.options.timestep_scaling)
         sampled = {}
         for k in range(1, min(8, self.options.teacher_grid) + 1):
             scheduler.set_timesteps(k)
@@ -234,11 +224,3 @@ class ConsistencyDistillation(Method):
             "timestep_scaling": o.timestep_scaling, "sampling_timesteps": sampled, "guidance_steps": o.guidance_steps,
             **({} if self.guidance is None else {"guidance_range": [self.guidance.w_min, self.guidance.w_max]})})
 
-
-def student_scheduler(teacher_scheduler, prediction_type: str, clip_sample: float | None, grid_points: int,
-                      timestep_scaling: float) -> LCMScheduler:
-    """LCMScheduler on the teacher's betas, with the grid, scaling and x0 clip the student was trained with."""
-    return LCMScheduler.from_config(
-        teacher_scheduler.config, original_inference_steps=grid_points, timestep_scaling=timestep_scaling,
-        prediction_type=prediction_type, clip_sample=clip_sample is not None, clip_sample_range=clip_sample or 1.0,
-        thresholding=False)

@@ -1,4 +1,5 @@
-"""Plain diffusion training (Ho et al. 2020, with v-prediction by default): how the embedded teacher is made.
+"""Plain diffusion training (Ho et al. 2020, with v-prediction by default; rectified flow with ``prediction_type:
+flow``, Liu et al. 2022): how the embedded teachers are made.
 
 It runs through the same trainer, checkpoints and export as the distillation methods, so the teacher that ships
 with the project is reproducible with ``diffkd train-teacher configs/digits-teacher.yaml``.
@@ -7,7 +8,7 @@ with the project is reproducible with ``diffkd train-teacher configs/digits-teac
 from __future__ import annotations
 
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, FlowMatchEulerDiscreteScheduler, UNet2DModel
 
 from diffkd import schedule
 from diffkd.config import Config
@@ -37,10 +38,14 @@ class DenoisingTraining(Method):
                            block_out_channels=tuple(o.block_out_channels), layers_per_block=o.layers_per_block,
                            down_block_types=tuple(down), up_block_types=tuple(up),
                            norm_num_groups=min(32, min(o.block_out_channels)))
-        scheduler = DDIMScheduler(num_train_timesteps=o.num_train_timesteps, beta_schedule=o.beta_schedule,
-                                  prediction_type=o.prediction_type, clip_sample=o.clip_sample,
-                                  timestep_spacing="trailing", set_alpha_to_one=True)
-        pipeline = DDIMPipeline(unet, scheduler)
+        if o.prediction_type == "flow":  # rectified flow; DDPMPipeline's loop runs the FlowMatch scheduler's steps
+            pipeline = DDPMPipeline(unet, FlowMatchEulerDiscreteScheduler(num_train_timesteps=o.num_train_timesteps,
+                                                                          shift=o.shift))
+        else:
+            pipeline = DDIMPipeline(unet, DDIMScheduler(
+                num_train_timesteps=o.num_train_timesteps, beta_schedule=o.beta_schedule,
+                prediction_type=o.prediction_type, clip_sample=o.clip_sample, timestep_spacing="trailing",
+                set_alpha_to_one=True))
         return LoadedPipeline("new", pipeline, denoiser_of(pipeline))
 
     def rounds(self) -> list[Round]:
@@ -53,7 +58,8 @@ class DenoisingTraining(Method):
     def loss(self, phase: str, batch: dict[str, torch.Tensor], generator: torch.Generator) -> LossTerms:
         x = batch["x0"]
         model = self.teacher.denoiser
-        t = torch.randint(0, model.num_train_timesteps, (x.shape[0],), generator=generator).to(x.device)
+        index = torch.randint(0, model.num_train_timesteps, (x.shape[0],), generator=generator).to(x.device)
+        t = model.path.timesteps_at(index)
         eps = torch.randn(x.shape, generator=generator).to(x.device)
         alpha, sigma = model.alpha_sigma(t)
         z = schedule.broadcast(alpha, x) * x + schedule.broadcast(sigma, x) * eps

@@ -31,13 +31,11 @@ from torch import nn
 from diffkd import sample_cache, schedule
 from diffkd.conditioning import batch_conditioning, read_prompts, training_rows
 from diffkd.errors import DiffkdError
-from diffkd.io import student_scheduler
 from diffkd.losses.terms import LossTerms
 from diffkd.method_options import DmdConfig
 from diffkd.methods.base import ExportSpec, Method, Network, Phase, Round
-from diffkd.methods.consistency import boundary_scalings, consistency_function
-from diffkd.methods.consistency import student_scheduler as lcm_scheduler
-from diffkd.models import Conditioning, Denoiser
+from diffkd.methods.consistency import consistency_function
+from diffkd.models import Conditioning
 
 TIMESTEP_SCALING = 10.0  # LCMScheduler's default boundary scaling, for ``multistep: consistency``
 
@@ -82,11 +80,10 @@ class DistributionMatching(Method):
     def __init__(self, config, teacher, student):
         super().__init__(config, teacher, student)
         o = self.options
-        alphas = teacher.denoiser.alphas_cumprod
-        self.generator = Denoiser(student, alphas, self.prediction_type, teacher.denoiser.clip_sample)
+        self.generator = teacher.denoiser.like(student, self.prediction_type)
         self.fake_unet = copy.deepcopy(teacher.unet).float().requires_grad_(True).train()
-        self.fake = Denoiser(self.fake_unet, alphas, teacher.denoiser.prediction_type)
-        self.grid = schedule.trailing_grid(teacher.denoiser.num_train_timesteps, o.student_steps)
+        self.fake = teacher.denoiser.like(self.fake_unet, clip=False)
+        self.grid = teacher.denoiser.path.grid(o.student_steps)
         self.head = None
         self._features: list[torch.Tensor] = []
         if o.gan > 0:
@@ -98,7 +95,7 @@ class DistributionMatching(Method):
     def check(self) -> None:
         total = self.teacher.denoiser.num_train_timesteps
         k = self.options.student_steps
-        if total % k:
+        if not self.teacher.denoiser.path.supports_steps(k):
             raise DiffkdError(f"method.student_steps={k} does not divide the teacher's {total} training timesteps, so "
                               "DDIMScheduler could not reproduce the generator's grid; pick a divisor such as 1, 2 "
                               "or 4")
@@ -157,7 +154,7 @@ class DistributionMatching(Method):
         x0 = self.generator.x0_eps(z, t, cond)[0]  # unclipped, so the gradient reaches every pixel
         if self.options.multistep == "ddim":
             return x0
-        c_skip, c_out = boundary_scalings(t, TIMESTEP_SCALING)  # c_skip < 1e-7 on the grid
+        c_skip, c_out = self.generator.path.consistency_scalings(t, TIMESTEP_SCALING)  # c_skip < 1e-7 on the grid
         return schedule.broadcast(c_skip, z) * z + schedule.broadcast(c_out, x0) * x0
 
     def step(self, z: torch.Tensor, t: torch.Tensor, s: int, cond: Conditioning,
@@ -193,9 +190,10 @@ class DistributionMatching(Method):
 
     def _timesteps(self, batch: int, generator: torch.Generator, device: torch.device,
                    fractions: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+        """Training timesteps of the teacher's path, drawn uniformly by index within ``fractions`` of the range."""
         total = self.fake.num_train_timesteps
         low, high = int(fractions[0] * total), max(int(fractions[0] * total) + 1, int(fractions[1] * total))
-        return torch.randint(low, high, (batch,), generator=generator).to(device)
+        return self.fake.path.timesteps_at(torch.randint(low, high, (batch,), generator=generator).to(device))
 
     def fake_score_loss(self, real: torch.Tensor, noise: torch.Tensor, stop: int, cond: Conditioning,
                         generator: torch.Generator) -> LossTerms:
@@ -251,13 +249,13 @@ class DistributionMatching(Method):
 
     def export_spec(self) -> ExportSpec:
         o = self.options
-        clip = self.generator.clip_sample
+        clip, path = self.generator.clip_sample, self.generator.path
         if o.multistep == "ddim":
-            scheduler = student_scheduler(self.teacher.scheduler, self.prediction_type, clip)
+            scheduler = path.multistep_scheduler(self.teacher.scheduler, o.student_steps, self.prediction_type, clip)
         else:
             # LCMScheduler's grid on all T timesteps: its k-step timesteps are the trailing grid, other k sample too
-            scheduler = lcm_scheduler(self.teacher.scheduler, self.prediction_type, clip,
-                                      self.teacher.denoiser.num_train_timesteps, TIMESTEP_SCALING)
+            scheduler = path.consistency_scheduler(self.teacher.scheduler, path.num_train_timesteps,
+                                                   self.prediction_type, clip, TIMESTEP_SCALING)
         return ExportSpec(scheduler, o.student_steps, self.prediction_type, card={
             "timesteps": self.grid[:-1], "multistep": o.multistep, "backward_simulation": o.backward_simulation,
             "fake_updates": o.fake_updates, "guidance_scale": o.guidance_scale,

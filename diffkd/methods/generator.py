@@ -17,12 +17,10 @@ import torch
 from diffkd import sample_cache, schedule
 from diffkd.conditioning import batch_conditioning, read_prompts
 from diffkd.errors import DiffkdError
-from diffkd.io import student_scheduler
 from diffkd.losses.kd import AuxiliaryLosses
 from diffkd.losses.terms import LossTerms
 from diffkd.method_options import GeneratorConfig
 from diffkd.methods.base import ExportSpec, Method, Network, Round
-from diffkd.models import Denoiser
 
 
 class GeneratorDistillation(Method):
@@ -36,7 +34,7 @@ class GeneratorDistillation(Method):
     def check(self) -> None:
         total = self.teacher.denoiser.num_train_timesteps
         k = self.options.student_steps
-        if total % k:
+        if not self.teacher.denoiser.path.supports_steps(k):
             raise DiffkdError(f"method.student_steps={k} does not divide the teacher's {total} training timesteps, so "
                               "DDIMScheduler could not reproduce the student's grid; pick a divisor such as 1, 2 or 4")
         if self.options.teacher_steps > total:
@@ -63,8 +61,8 @@ class GeneratorDistillation(Method):
         student = self.student
         noise, target = batch["noise"], batch["sample"]
         cond = batch_conditioning(batch, self.options.guidance_scale)
-        model = Denoiser(student, self.teacher.denoiser.alphas_cumprod, self.prediction_type)
-        grid = schedule.trailing_grid(model.num_train_timesteps, self.options.student_steps)
+        model = self.teacher.denoiser.like(student, self.prediction_type, clip=False)
+        grid = model.path.grid(self.options.student_steps)
         z, first = noise.float(), None
         for t, s in itertools.pairwise(grid):
             t_batch = torch.full((noise.shape[0],), t, device=noise.device)
@@ -72,7 +70,7 @@ class GeneratorDistillation(Method):
             with watch:
                 x0, eps = model.x0_eps(z, t_batch, cond.unguided())
             first = first or (z, t_batch, x0, eps)
-            if s != schedule.CLEAN:  # the exported DDIMScheduler's intermediate step, clip included
+            if s != model.path.clean:  # the exported scheduler's intermediate step, clip included
                 alpha_s, sigma_s = model.alpha_sigma(torch.full_like(t_batch, s))
                 z = schedule.ddim_step(x0, eps, alpha_s, sigma_s, self.teacher.denoiser.clip_sample)
         terms = LossTerms({"mse": (x0 - target).pow(2).mean()}, {"mse": self.options.mse})
@@ -81,7 +79,9 @@ class GeneratorDistillation(Method):
 
     def export_spec(self) -> ExportSpec:
         o = self.options
-        scheduler = student_scheduler(self.teacher.scheduler, self.prediction_type, self.teacher.denoiser.clip_sample)
+        teacher = self.teacher.denoiser
+        scheduler = teacher.path.multistep_scheduler(self.teacher.scheduler, o.student_steps, self.prediction_type,
+                                                     teacher.clip_sample)
         return ExportSpec(scheduler, o.student_steps, self.prediction_type, card={
             "teacher_sampler": o.teacher_sampler, "teacher_steps": o.teacher_steps, "num_pairs": o.num_samples,
             "sample_seed": o.sample_seed})

@@ -20,7 +20,6 @@ from diffkd import checkpoint, schedule, timestep_buckets
 from diffkd.conditioning import training_rows
 from diffkd.errors import DiffkdError
 from diffkd.guidance_embedding import conditioning_pair, embedded_student
-from diffkd.io import student_scheduler
 from diffkd.losses.kd import AuxiliaryLosses
 from diffkd.losses.terms import LossTerms
 from diffkd.method_options import ProgressiveConfig
@@ -41,8 +40,9 @@ class ProgressiveDistillation(Method):
         self.auxiliary = AuxiliaryLosses(config.losses, teacher, student, self.prediction_type)
 
     def check(self) -> None:
-        total = self.teacher.denoiser.num_train_timesteps
-        if total % self.options.final_steps:
+        path = self.teacher.denoiser.path
+        total = path.num_train_timesteps
+        if not path.supports_steps(self.options.final_steps):
             raise DiffkdError(f"method.final_steps={self.options.final_steps} does not divide the teacher's "
                               f"{total} training timesteps, so DDIMScheduler could not reproduce the student's grid; "
                               f"pick a divisor such as 1, 2, 4 or 8")
@@ -82,8 +82,7 @@ class ProgressiveDistillation(Method):
 
     def _frozen_student(self) -> Denoiser:
         unet = copy.deepcopy(self.student).requires_grad_(False).eval()
-        return Denoiser(unet, self.teacher.denoiser.alphas_cumprod, self.prediction_type,
-                        self.teacher.denoiser.clip_sample)
+        return self.teacher.denoiser.like(unet, self.prediction_type)
 
     def networks(self) -> dict[str, Network]:
         """The student, and the feature-KD projections when the losses section uses any."""
@@ -108,10 +107,10 @@ class ProgressiveDistillation(Method):
     def loss(self, phase: str, batch: dict[str, torch.Tensor], generator: torch.Generator) -> LossTerms:
         student = self.student
         x = batch["x0"]
-        k, total = self.student_steps, self.teacher.denoiser.num_train_timesteps
+        k, path = self.student_steps, self.teacher.denoiser.path
         per_step = self.teacher_steps // k  # 2 in a halving, 1 when imitating
-        grid = torch.tensor(schedule.trailing_grid(total, k), device=x.device)
-        fine = torch.tensor(schedule.trailing_grid(total, self.teacher_steps), device=x.device)
+        grid = torch.tensor(path.grid(k), device=x.device)
+        fine = torch.tensor(path.grid(self.teacher_steps), device=x.device)
         i = torch.randint(0, k, (x.shape[0],), generator=generator).to(x.device)
         t, s = grid[i], grid[i + 1]
         eps = torch.randn(x.shape, generator=generator).to(x.device)
@@ -129,17 +128,16 @@ class ProgressiveDistillation(Method):
                                                         teacher_cond)
             x_target = schedule.progressive_target(z_t, z_target, alpha_t, sigma_t, alpha_s, sigma_s)
 
-        model = Denoiser(student, self.teacher.denoiser.alphas_cumprod, self.prediction_type)
+        model = self.teacher.denoiser.like(student, self.prediction_type, clip=False)
         teacher_terms = self.options.kd_rounds == "all" or per_step == 1
         with self.auxiliary.watch(student) if teacher_terms else contextlib.nullcontext():
             x_pred, eps_pred = model.x0_eps(z_t, t, student_cond)
-        weight = schedule.loss_weight(schedule.snr(self.teacher.denoiser.alphas_cumprod.to(x.device), t),
-                                      self.options.loss_weighting)
+        weight = schedule.loss_weight(path.snr(t), self.options.loss_weighting)
         weight = weight * self.step_weight(alpha_t, sigma_t, alpha_s, sigma_s)
         per_sample = weight * (x_pred - x_target).pow(2).flatten(1).mean(1)
         terms = LossTerms({"distill": per_sample.mean()},
                           metrics={f"distill/{name}": share for name, share in timestep_buckets.bucket_shares(
-                              per_sample, t, self.teacher.denoiser.num_train_timesteps).items()})
+                              per_sample, t, path.num_train_timesteps).items()})
         return self.auxiliary.add(terms, z_t, t, cond, (x_pred, eps_pred), images=(x_pred, x_target),
                                   teacher_terms=teacher_terms)
 
@@ -182,7 +180,8 @@ class ProgressiveDistillation(Method):
 
     def export_spec(self) -> ExportSpec:
         k = self.options.final_steps
-        scheduler = student_scheduler(self.teacher.scheduler, self.prediction_type, self.teacher.denoiser.clip_sample)
+        teacher = self.teacher.denoiser
+        scheduler = teacher.path.multistep_scheduler(self.teacher.scheduler, k, self.prediction_type, teacher.clip_sample)
         return ExportSpec(scheduler, k, self.prediction_type, card={
             "start_steps": self.options.start_steps, "imitation_steps": self.options.imitation_steps,
             "loss_weighting": self.options.loss_weighting, "kd_rounds": self.options.kd_rounds,

@@ -95,7 +95,8 @@ class TextDenoisingTraining(Method):
     def loss(self, phase: str, batch: dict[str, torch.Tensor], generator: torch.Generator) -> LossTerms:
         x = batch["x0"]
         model = self.teacher.denoiser
-        t = torch.randint(0, model.num_train_timesteps, (x.shape[0],), generator=generator).to(x.device)
+        index = torch.randint(0, model.num_train_timesteps, (x.shape[0],), generator=generator).to(x.device)
+        t = model.path.timesteps_at(index)
         eps = torch.randn(x.shape, generator=generator).to(x.device)
         if self.options.noise_offset:
             offset = torch.randn(*x.shape[:2], 1, 1, generator=generator).to(x.device)

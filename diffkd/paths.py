@@ -1,0 +1,209 @@
+"""Noise paths: z_t = alpha_t x + sigma_t eps for each scheduler family, on the time axis its network is called with.
+
+Every method works on a ``NoisePath`` and never asks which family its teacher is. Two families:
+
+- ``VPPath``: the variance-preserving path of a DDPM-family scheduler, alpha_t = sqrt(alphas_cumprod[t]) at integer
+  timesteps t = 0..T-1, and t = -1 for the clean sample. Students export with DDIM (trailing grid) or LCMScheduler.
+- ``FlowPath``: rectified flow (Liu et al. 2022; Esser et al. 2024, SD3), alpha = 1 - sigma, the network called at
+  t = sigma * T as diffusers' FlowMatchEulerDiscreteScheduler calls it, t = 0 the clean sample. The teacher's
+  training timesteps carry its ``shift`` (sigma' = shift sigma / (1 + (shift - 1) sigma)); a dynamically shifted
+  teacher (Flux) gets the shift of its resolution. Students export with FlowMatchEulerDiscreteScheduler or
+  FlowMatchLCMScheduler and predict the velocity eps - x.
+
+A student's k-step grid is what its exported scheduler samples at k (``grid``), so training and sampling agree by
+construction; grids nest (``grid(2k)[::2] == grid(k)``), which progressive distillation needs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler, LCMScheduler
+
+from diffkd import schedule
+
+SIGMA_DATA = 0.5  # LCM's (and Karras et al.'s) data standard deviation in the boundary scalings
+
+
+class NoisePath:
+    """The interface methods use; see the module docstring."""
+
+    family: str = ""
+    clean: float = 0.0
+    prediction_types: tuple[str, ...] = ()
+
+    def __init__(self, num_train_timesteps: int):
+        self.num_train_timesteps = num_train_timesteps
+
+    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        alpha, sigma = self.alpha_sigma(t)
+        return alpha**2 / sigma**2
+
+    def training_timesteps(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The T timesteps denoising training draws from, least noisy first (index i of a uniform draw)."""
+        raise NotImplementedError
+
+    def timesteps_at(self, index: torch.Tensor) -> torch.Tensor:
+        """Training timesteps at integer indices 0..T-1 (a uniform index draw gives the teacher's training law)."""
+        return self.training_timesteps(index.device)[index]
+
+    def midpoint(self, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """A timestep between s and t on this path's axis (DPM-Solver(2S)'s intermediate point)."""
+        raise NotImplementedError
+
+    def supports_steps(self, k: int) -> bool:
+        """Whether the exported multistep scheduler samples exactly ``grid(k)``."""
+        return True
+
+    def grid(self, k: int) -> list[float]:
+        """k sampling steps and the clean end, as ``multistep_scheduler`` samples them at k."""
+        raise NotImplementedError
+
+    def multistep_scheduler(self, teacher_scheduler, k: int, prediction_type: str, clip_sample: float | None):
+        """The deterministic scheduler a k-step student is exported with."""
+        raise NotImplementedError
+
+    def consistency_grid(self, points: int) -> list[float]:
+        """The boundary, then ``points`` training timesteps of consistency distillation, least noisy first."""
+        raise NotImplementedError
+
+    def consistency_scheduler(self, teacher_scheduler, points: int, prediction_type: str,
+                              clip_sample: float | None, timestep_scaling: float):
+        """The multistep consistency sampler (fresh noise between steps) a consistency student is exported with."""
+        raise NotImplementedError
+
+    def consistency_scalings(self, t: torch.Tensor, timestep_scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c_skip, c_out) of f = c_skip z + c_out x0, as the exported consistency scheduler applies them."""
+        raise NotImplementedError
+
+    def card(self) -> dict:
+        """What the model card records about the path."""
+        return {"family": self.family, "num_train_timesteps": self.num_train_timesteps}
+
+
+class VPPath(NoisePath):
+    family = "variance-preserving"
+    clean = schedule.CLEAN
+    prediction_types = ("epsilon", "v_prediction", "sample")
+
+    def __init__(self, alphas_cumprod: torch.Tensor):
+        super().__init__(len(alphas_cumprod))
+        self.alphas_cumprod = alphas_cumprod.float()
+
+    def alpha_sigma(self, t):
+        return schedule.alpha_sigma(self.alphas_cumprod.to(torch.as_tensor(t).device), t)
+
+    def training_timesteps(self, device="cpu"):
+        return torch.arange(self.num_train_timesteps, device=device)
+
+    def midpoint(self, t, s):
+        return (t + s) // 2
+
+    def supports_steps(self, k):
+        return 1 <= k <= self.num_train_timesteps and self.num_train_timesteps % k == 0
+
+    def grid(self, k):
+        return schedule.trailing_grid(self.num_train_timesteps, k)
+
+    def multistep_scheduler(self, teacher_scheduler, k, prediction_type, clip_sample):
+        """DDIM with trailing spacing and a final alpha of 1 on the teacher's betas. Trailing spacing ignores
+        steps_offset; it is 1 only because StableDiffusionPipeline warns about anything else."""
+        return DDIMScheduler.from_config(
+            teacher_scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True, steps_offset=1,
+            prediction_type=prediction_type, clip_sample=clip_sample is not None,
+            clip_sample_range=clip_sample or 1.0, thresholding=False)
+
+    def consistency_grid(self, points):
+        """The boundary t = 0, then LCMScheduler's training grid j * (T // N) - 1 for j = 1..N (19, 39, ..., 999)."""
+        spacing = self.num_train_timesteps // points
+        return [0] + [j * spacing - 1 for j in range(1, points + 1)]
+
+    def consistency_scheduler(self, teacher_scheduler, points, prediction_type, clip_sample, timestep_scaling):
+        return LCMScheduler.from_config(
+            teacher_scheduler.config, original_inference_steps=points, timestep_scaling=timestep_scaling,
+            prediction_type=prediction_type, clip_sample=clip_sample is not None, clip_sample_range=clip_sample or 1.0,
+            thresholding=False)
+
+    def consistency_scalings(self, t, timestep_scaling):
+        """LCM's c_skip, c_out at discrete timesteps t (``LCMScheduler.get_scalings_for_boundary_condition_discrete``):
+        with s = t * scaling, c_skip = sd^2 / (s^2 + sd^2), c_out = s / sqrt(s^2 + sd^2); exactly (1, 0) at t = 0."""
+        scaled = torch.as_tensor(t).double() * timestep_scaling
+        c_skip = SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2)
+        c_out = scaled / (scaled**2 + SIGMA_DATA**2).sqrt()
+        return c_skip.float(), c_out.float()
+
+
+def shifted(sigma, shift: float):
+    """SD3's timestep shift (Esser et al. 2024, eq. 23): shift sigma / (1 + (shift - 1) sigma); 1 leaves it."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+class FlowPath(NoisePath):
+    family = "rectified-flow"
+    clean = 0.0
+    prediction_types = ("flow",)
+
+    def __init__(self, num_train_timesteps: int, shift: float = 1.0):
+        super().__init__(num_train_timesteps)
+        self.shift = float(shift)
+
+    def alpha_sigma(self, t):
+        sigma = (torch.as_tensor(t).float() / self.num_train_timesteps).clamp(0, 1)
+        return 1 - sigma, sigma
+
+    def training_timesteps(self, device="cpu"):
+        """FlowMatchEulerDiscreteScheduler's table: sigma_i = shift((i + 1) / T), called at t = sigma_i T."""
+        fractions = torch.arange(1, self.num_train_timesteps + 1, device=device, dtype=torch.float32)
+        return shifted(fractions / self.num_train_timesteps, self.shift) * self.num_train_timesteps
+
+    def midpoint(self, t, s):
+        return (t + s) / 2
+
+    def multistep_scheduler(self, teacher_scheduler, k, prediction_type, clip_sample):
+        """FlowMatch Euler on sigma = 1, 1 - 1/k, ..., 1/k (then 0): uniform in sigma, so the grids of k and 2k nest.
+        ``shift_terminal`` = 1/k stretches diffusers' default grid (which ends at sigma = 1/T, a step that does
+        nothing) onto it; at k = 1 the grid is sigma = 1 alone and needs no stretch."""
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=1.0,
+                                               use_dynamic_shifting=False, shift_terminal=1.0 / k if k > 1 else None)
+
+    def grid(self, k):
+        scheduler = self.multistep_scheduler(None, k, "flow", None)
+        scheduler.set_timesteps(k)
+        return [*scheduler.timesteps.tolist(), self.clean]
+
+    def consistency_grid(self, points):
+        """The boundary t = 1 (sigma = 1/T, the last point FlowMatchLCMScheduler samples), then sigma = j / N."""
+        total = self.num_train_timesteps
+        return [1.0] + [j * total / points for j in range(1, points + 1)]
+
+    def consistency_scheduler(self, teacher_scheduler, points, prediction_type, clip_sample, timestep_scaling):
+        return FlowMatchLCMScheduler(num_train_timesteps=self.num_train_timesteps, shift=1.0)
+
+    def consistency_scalings(self, t, timestep_scaling):
+        """FlowMatchLCMScheduler takes x0 = z - sigma v as it is: f(z, sigma -> 0) = z holds by the parameterisation."""
+        t = torch.as_tensor(t)
+        return torch.zeros(t.shape), torch.ones(t.shape)
+
+    def card(self):
+        return {**super().card(), "shift": self.shift}
+
+
+def is_flow_scheduler(scheduler) -> bool:
+    """Whether a scheduler is one of diffusers' rectified-flow FlowMatch schedulers."""
+    return type(scheduler).__name__.startswith("FlowMatch")
+
+
+def flow_shift(config: dict, image_seq_len: int | None) -> float:
+    """The static shift of a FlowMatch scheduler config: ``shift``, or for dynamic shifting (Flux) exp(mu) (or mu,
+    for linear time shifts) at the teacher's image sequence length, mu interpolated as FluxPipeline does."""
+    if not config.get("use_dynamic_shifting", False):
+        return float(config.get("shift", 1.0))
+    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base, top = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    length = image_seq_len or base_len
+    mu = base + (top - base) * (length - base_len) / (max_len - base_len)
+    return mu if config.get("time_shift_type", "exponential") == "linear" else math.exp(mu)
