@@ -167,6 +167,7 @@ def model_card(config: Config, method: Method, spec, report: dict, student: torc
         "prediction_type": spec.prediction_type,
         "noise_path": teacher.denoiser.path.card(),
         "scheduler": type(spec.scheduler).__name__,
+        "timesteps": sampled_timesteps(spec.scheduler, spec.num_inference_steps),
         "training_time_seconds": round(seconds, 1),
         "parameters": sum(p.numel() for p in student.parameters()),
         "teacher_parameters": sum(p.numel() for p in teacher.unet.parameters()),
@@ -175,6 +176,13 @@ def model_card(config: Config, method: Method, spec, report: dict, student: torc
         "diffkd_config": json.loads(json.dumps(config.to_dict(), default=str)),
         "library_versions": {"diffusers": str(diffusers.__version__), "torch": str(torch.__version__)},
     }
+
+
+def sampled_timesteps(scheduler, k: int) -> list[float]:
+    """The timesteps the exported scheduler runs at the card's k (the network's time input, sigma * T for flow)."""
+    fresh = type(scheduler).from_config(scheduler.config)
+    fresh.set_timesteps(k)
+    return [round(float(t), 3) for t in fresh.timesteps]
 
 
 def teacher_record(source: str) -> dict:

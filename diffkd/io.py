@@ -229,12 +229,10 @@ def noise_path_of(scheduler, source: str = "pipeline", image_seq_len: int | None
     discrete ``alphas_cumprod`` (DDPM, DDIM, PNDM, DPM-Solver, UniPC, Euler); anything else is refused."""
     name = type(scheduler).__name__ if scheduler is not None else "none"
     if is_flow_scheduler(scheduler):
-        config = dict(scheduler.config)
-        unsupported = [key for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
-                                       "invert_sigmas", "shift_terminal") if config.get(key)]
-        if unsupported:
-            raise DiffkdError(f"{source!r} has a {name} with {', '.join(unsupported)}: diffkd takes rectified-flow "
-                              "teachers whose training sigmas are t / T with an optional shift; unset them")
+        config = dict(scheduler.config)  # its sigma-grid options (karras, shift_terminal, ...) change sampling only
+        if config.get("invert_sigmas"):
+            raise DiffkdError(f"{source!r} has a {name} with invert_sigmas (Mochi's z = sigma x + (1 - sigma) eps): "
+                              "diffkd takes rectified flow z = (1 - sigma) x + sigma eps; unset invert_sigmas")
         return FlowPath(config["num_train_timesteps"], flow_shift(config, image_seq_len))
     alphas = getattr(scheduler, "alphas_cumprod", None)
     if alphas is None:
