@@ -31,7 +31,7 @@ from results_file import machine, write_section
 from diffkd.evaluation import EvalConfig, evaluate
 from diffkd.evaluation.report import fmt, markdown_table
 
-SAMPLERS = ["ddim", "dpmsolver++", "unipc"]
+SAMPLERS = ["ddim", "heun", "dpmsolver++", "unipc"]
 STEPS = [1, 2, 4]
 
 
@@ -45,6 +45,8 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1,2,3")
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--output", default=str(Path(__file__).parent / "out" / "methods-table"))
+    parser.add_argument("--section", default="methods-table", help="the eval/RESULTS.md section to write")
+    parser.add_argument("--title", default="Methods table on digits-16 (issue 18)")
     parser.add_argument("--write-results", action="store_true", help="rewrite this benchmark's eval/RESULTS.md section")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -61,7 +63,7 @@ def main() -> int:
     text = section(sweeps, students, costs, args, time.perf_counter() - started)
     print(text)
     if args.write_results:
-        write_section("methods-table", text)
+        write_section(args.section, text)
     return 0
 
 
@@ -144,9 +146,12 @@ def section(sweeps: dict[int, dict], students: dict[str, str], costs: dict[str, 
             seconds: float) -> str:
     seeds = list(sweeps)
     teacher = Path(args.teacher).name
+    flow = any(m["scheduler"].startswith("FlowMatch") for m in sweeps[seeds[0]]["models"] if m["name"] == teacher)
+    label = {"ddim": "euler"} if flow else {}  # on a rectified-flow path the DDIM step is the Euler step
     reference = _stats([reference_fd(sweeps[s]) for s in seeds])
     baseline = costs["baseline"]["seconds"] * costs["baseline"]["steps"]
-    header = ["method", "sampler", *[f"k={k}: FD (x DDIM-64)" for k in STEPS], "training s (run's own)",
+    reference_name = f"{label.get('ddim', 'ddim')}-64"
+    header = ["method", "sampler", *[f"k={k}: FD (x {reference_name})" for k in STEPS], "training s (run's own)",
               "recipe steps x s/step (x baseline)", "model passes / step", "step time / passes' time"]
     body = []
     for name, run in students.items():
@@ -160,20 +165,22 @@ def section(sweeps: dict[int, dict], students: dict[str, str], costs: dict[str, 
                      f"{cost['overhead']:.2f}"])
     for sampler in SAMPLERS:
         fds = [_stats([fd_of(sweeps[s], teacher, sampler, k) for s in seeds]) for k in STEPS]
-        body.append([f"teacher ({teacher})", sampler, *[_cell(fd, reference) for fd in fds], "-", "-", "-", "-"])
-    body.append([f"teacher ({teacher})", "ddim-64 (reference)", _cell(reference, reference), "", "", "-", "-", "-",
+        body.append([f"teacher ({teacher})", label.get(sampler, sampler), *[_cell(fd, reference) for fd in fds], "-",
+                     "-", "-", "-"])
+    body.append([f"teacher ({teacher})", f"{reference_name} (reference)", _cell(reference, reference), "", "", "-", "-", "-",
                  "-"])
     cost = costs["baseline"]
     command = "python eval/methods_table.py " + " ".join(
         [f"--teacher {shlex.quote(args.teacher)}", *[f"--student {shlex.quote(f'{n}={r}')}" for n, r in students.items()],
          f"--baseline {shlex.quote(args.baseline)}", f"--seeds {args.seeds}", f"--num-samples {args.num_samples}",
-         "--write-results"])
+         f"--section {args.section}", f"--title {shlex.quote(args.title)}", "--write-results"])
     return "\n".join([
-        "## Methods table on digits-16 (issue 18)", "",
+        f"## {args.title}", "",
         f"- command: `{command}` ({seconds:.0f} s wall)",
         f"- machine: {machine()}, shared with other developers' jobs",
         (f"- FD (digits classifier), {args.num_samples} samples per setting, mean +- spread (half the range) over "
-         f"seeds {args.seeds}, the same noise through every setting of a seed; the ratio is to the mean DDIM-64 FD"),
+         f"seeds {args.seeds}, the same noise through every setting of a seed; the ratio is to the mean "
+         f"{reference_name} FD"),
         ("- training s: the run's own training_summary.json (wall time under whatever load it ran); recipe steps x "
          "s/step: the run's config's steps times one optimiser step timed in this command, over the baseline's "
          f"(`{args.baseline}`: {cost['steps']} steps x {cost['seconds']:.2f} s, {cost['passes']} passes a step), "
