@@ -79,6 +79,9 @@ class Method:
     name: str = ""
     config_class: type[MethodConfig] = MethodConfig
     needs_teacher: bool = True
+    # Whether training reads data.prompts even where the data set brings its own captions (a teacher-sample cache
+    # drawn from prompts, say); otherwise such prompts are refused as unused (diffkd.preflight).
+    reads_data_prompts: bool = False
 
     def __init__(self, config: Config, teacher: LoadedPipeline, student: nn.Module):
         self.config = config
