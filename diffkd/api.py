@@ -216,9 +216,16 @@ def model_card(config: Config, method: Method, spec, report: dict, student: torc
         "teacher_parameters": sum(p.numel() for p in teacher.unet.parameters()),
         "student_architecture": report,
         **spec.card,
+        "schedulers": scheduler_record(spec),
         "diffkd_config": json.loads(json.dumps(config.to_dict(), default=str)),
         "library_versions": {"diffusers": str(diffusers.__version__), "torch": str(torch.__version__)},
     }
+
+
+def scheduler_record(spec) -> dict:
+    """Which schedulers the student may be sampled with: its own, those measured to work as swaps, no other."""
+    return {"exported": type(spec.scheduler).__name__, "also_works": list(spec.also_samples_with),
+            "others": "not supported: a swap may give noise (eval/RESULTS.md, 'Scheduler swaps')"}
 
 
 def teacher_record(source: str) -> dict:

@@ -272,6 +272,12 @@ def write_model_card(path: Path, card: dict, usage: list[str] | None = None) -> 
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# {card.get('method', 'distilled')} student of `{card.get('teacher', '?')}`", "",
              "Made with diffkd. Sample it with plain diffusers:", "", "```python", *usage, "```", ""]
+    schedulers = card.get("schedulers")
+    if isinstance(schedulers, dict):
+        also = ", ".join(f"`{name}`" for name in schedulers.get("also_works", []))
+        lines += [f"Sample it with its own `{schedulers['exported']}`" + (f" or, built with `from_config` of it, {also}"
+                                                                          if also else "")
+                  + "; other schedulers are not supported and may give noise.", ""]
     if "details" in card:
         lines += ["## Details", "", "```json", json.dumps(card["details"], indent=2), "```", ""]
     path.write_text("\n".join(lines))

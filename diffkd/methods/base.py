@@ -70,6 +70,10 @@ class ExportSpec:
     prediction_type: str
     card: dict = field(default_factory=dict)
     component: str = "unet"
+    # Scheduler classes besides the exported one that were measured to sample this kind of student well when built
+    # with ``from_config`` of its scheduler (eval/RESULTS.md, "Scheduler swaps"); the model card names them and
+    # warns off the rest, since a swap that looks harmless can give noise (Euler on a consistency student).
+    also_samples_with: tuple[str, ...] = ()
 
 
 class Method:

@@ -89,6 +89,12 @@ def dpm_solver_2s_step(model: Denoiser, z: torch.Tensor, t: torch.Tensor, u: tor
     return schedule.ddim_step(x0, eps, a_s, s_s, model.clip_sample)
 
 
+# Schedulers that sample the exported F as well as its LCMScheduler (from_config of it; digits student, FD within
+# 1.4x of LCM's at k = 2, 4, 8: eval/RESULTS.md, "Scheduler swaps"): both jump to F's x0 and re-noise. DDIM and
+# DPM-Solver drift from k = 4 on (5x to 8x), Euler gives noise, UniPC and Heun do not run in DDPMPipeline.
+SWAPPABLE_SCHEDULERS = ("TCDScheduler", "DDPMScheduler")
+
+
 class ConsistencyDistillation(Method):
     name = "consistency"
     config_class = ConsistencyConfig
@@ -232,7 +238,8 @@ class ConsistencyDistillation(Method):
             "trained_timesteps": self.grid, "teacher_grid": o.teacher_grid, "skip": o.skip,
             "target_ema": o.target_ema, "distance": o.distance, "solver": o.solver, "guidance_scale": o.guidance_scale,
             "timestep_scaling": o.timestep_scaling, "sampling_timesteps": sampled, "guidance_steps": o.guidance_steps,
-            **({} if self.guidance is None else {"guidance_range": [self.guidance.w_min, self.guidance.w_max]})})
+            **({} if self.guidance is None else {"guidance_range": [self.guidance.w_min, self.guidance.w_max]})},
+            also_samples_with=SWAPPABLE_SCHEDULERS)
 
 
 def student_scheduler(teacher_scheduler, prediction_type: str, clip_sample: float | None, grid_points: int,
