@@ -74,6 +74,9 @@ def check_prompt_options(config: Config, teacher: LoadedPipeline, method: Method
         raise DiffkdError(f"{given[0]} is not used: data.source={data.source} brings each image's own caption, "
                           f"which method {method.name} trains on; drop {given[0]} (eval.prompts sets the "
                           "evaluation's prompts)")
+    if config.run_eval and config.eval.text_options() and not teacher.text_conditioned:
+        raise DiffkdError(f"{config.eval.text_options()[0]} is for text-conditioned pipelines, but teacher "
+                          f"{teacher.source!r} is unconditional (no text encoder): drop it")
     if data.prompts_file:
         read_prompts((), data.prompts_file, "data.prompts_file")
     if config.run_eval and config.eval.prompts_file:

@@ -680,6 +680,12 @@ CASES = [
          _vae_stage_case("does not exist: point it at a pipeline folder", "{tmp}/no-vae")),
     Case("train-teacher VAE stage from a hub id not in the cache",
          _vae_stage_case("could not load its VAE", "nobody/no-such-vae")),
+    Case("diffkd eval prompts for pipelines without text", _eval_student_case(
+        "eval.prompts (--prompt) is for text-conditioned pipelines", "--prompt", "a cat")),
+    Case("diffkd eval guidance scales for pipelines without text", _eval_student_case(
+        "eval.guidance_scales (--guidance-scales) is for text-conditioned pipelines", "--guidance-scales", "1,3")),
+    Case("evaluation after training given prompts for an unconditional teacher",
+         _set("eval.prompts (--prompt) is for text-conditioned pipelines", "run_eval=true", "eval.prompts=[a cat]")),
     Case("teacher-samples on a CUDA device that is not there", _teacher_samples_case(
         "not available", "--device", "cuda" if not _has_cuda() else "cuda:99")),
     Case("teacher-samples guidance on an unconditional teacher",

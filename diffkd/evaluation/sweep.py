@@ -279,6 +279,9 @@ def evaluate(config: EvalConfig) -> EvalResults:
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
     models, teacher = load_models(config, device)
+    if config.text_options() and not any(m.pipe.text_conditioned for m in models):
+        raise DiffkdError(f"{config.text_options()[0]} is for text-conditioned pipelines, and none of those evaluated "
+                          "has a text encoder: drop it")
     for model in models:
         if model.student:
             check_scheduler_steps(model.pipe.pipeline.scheduler, config.steps, f"eval.steps (--steps) of {model.name}")
