@@ -34,6 +34,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="check everything a run would (teacher, data, options, output folder), print the "
                              "resolved config and exit without writing")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config and exit (the config's own checks only: no teacher needed)")
     parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                         help="continue from the newest complete checkpoint (or from CHECKPOINT)")
     parser.add_argument("--resume-from-other", action="store_true",
@@ -59,6 +61,9 @@ def add_teacher_samples_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_job(args: argparse.Namespace, teacher_training: bool) -> int:
     config = load_config(args.config, args.overrides)
+    if args.print_config:
+        sys.stdout.write(dump_config(config))
+        return 0
     check_command(config.method.name, args.config, teacher_training)
     if args.no_eval:
         config.run_eval = False
