@@ -12,6 +12,7 @@ word its own token); the next stage trains it with the UNet or replaces it with 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -103,8 +104,10 @@ def load_vae(source: str) -> AutoencoderKL:
         raise DiffkdError(f"method.init_from {source!r} {where}: point it at a pipeline folder this stage exported "
                           "(one with vae/)")
     try:
-        return AutoencoderKL.from_pretrained(source, subfolder="vae", use_safetensors=True,
-                                             local_files_only=not is_local_reference(source))
+        with warnings.catch_warnings():  # the hub client's deprecation notices would make the refusal three lines
+            warnings.simplefilter("ignore")
+            return AutoencoderKL.from_pretrained(source, subfolder="vae", use_safetensors=True,
+                                                 local_files_only=not is_local_reference(source))
     except (OSError, ValueError) as error:
         reason = " ".join(str(error).split())[:160]
         raise DiffkdError(f"method.init_from {source!r}: could not load its VAE ({reason}); point it at a pipeline "
