@@ -294,7 +294,7 @@ def check_device(device: str, option: str) -> None:
     kind, _, index = str(device).partition(":")
     if kind == "cuda":
         if not torch.cuda.is_available():
-            raise DiffkdError(f"{option}={device!r} but CUDA is not available on this machine: use cpu (or auto)")
+            raise DiffkdError(f"{option}={device!r} but CUDA is not available on this machine: use cpu")
         if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
             raise DiffkdError(f"{option}={device!r} is not available: this machine has {torch.cuda.device_count()} "
                               f"CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
