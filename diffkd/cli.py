@@ -142,10 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         print("diffkd: interrupted; continue with the same command and --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as error:  # noqa: BLE001 - the catch-all: a user reads one line, the log keeps the rest
-        log_file = write_crash_log(error, argv if argv is not None else sys.argv[1:])
+        try:
+            where = f"traceback in {write_crash_log(error, argv if argv is not None else sys.argv[1:])}"
+        except OSError as unwritable:
+            where = f"traceback not saved: {unwritable.strerror}; set DIFFKD_LOG_DIR to a writable folder"
         first = " ".join(str(error).split())[:300]
-        print(f"diffkd: unexpected error: {type(error).__name__}: {first} (traceback in {log_file}; please report "
-              "it)", file=sys.stderr)
+        print(f"diffkd: unexpected error: {type(error).__name__}: {first} ({where}; please report it)", file=sys.stderr)
         return EXIT_UNEXPECTED
     finally:
         if previous is not None:
