@@ -13,14 +13,16 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import diffusers
 import torch
+from accelerate import Accelerator
 
 from diffkd import checkpoint, run_folder
 from diffkd.config import Config, dump_config
+from diffkd.data import check_fit
 from diffkd.errors import DiffkdError
 from diffkd.eval_options import EvalConfig
 from diffkd.evaluation.plan import check_weights, plan_metrics
@@ -30,6 +32,7 @@ from diffkd.evaluation.sweep import evaluate, read_card
 from diffkd.io import LoadedPipeline, add_card_section, is_local_reference, load_pipeline, save_pipeline
 from diffkd.lora import check_lora_run, fused_folder, save_lora_student
 from diffkd.methods import Method, method_class
+from diffkd.preflight import check_run_options
 from diffkd.students import build_student
 from diffkd.trainer import Trainer, make_accelerator
 from diffkd.weights import file_sha256
@@ -95,16 +98,22 @@ def check_evaluation(config: Config, teacher: LoadedPipeline) -> None:
     check_weights(options, plan, "in the evaluation after training")
 
 
-def distill(config: Config, output: str | Path, resume: bool | str | Path = False, overwrite: bool = False
-            ) -> Path:
-    """Run ``config`` into ``output``; return the exported pipeline folder.
+@dataclass
+class Start:
+    """What the checks before a run produce: everything the run needs, nothing written yet."""
 
-    Everything that can fail on bad input (config, output folder, teacher, data, the checkpoint to resume)
-    is checked before the first byte is written. ``resume=True`` continues from the newest complete checkpoint,
-    or starts from step 0 if the folder holds none yet (a job killed early, or a first run under a scheduler
-    that always passes --resume); ``resume=PATH`` continues from that checkpoint.
-    """
-    output = Path(output)
+    accelerator: Accelerator
+    teacher: LoadedPipeline
+    method: Method
+    report: dict
+    trainer: Trainer
+    teacher_facts: dict
+    resumed_other: dict | None
+
+
+def check_start(config: Config, output: Path, resume: bool | str | Path, overwrite: bool, from_other: bool) -> Start:
+    """Every check a run makes before it writes (config, output folder, the checkpoint to resume and whose it is,
+    teacher, method, options, evaluation weights); ``distill`` and ``validate`` (``--dry-run``) share it."""
     run_folder.check_output(output, bool(resume), overwrite)
     resume_from = run_folder.resume_point(output, resume)
     if resume:
@@ -112,11 +121,44 @@ def distill(config: Config, output: str | Path, resume: bool | str | Path = Fals
     accelerator = make_accelerator(config.train, output)
     torch.manual_seed(config.train.seed)
     teacher, method, report = prepare(config, accelerator.device)
+    facts = teacher_record(config.teacher.source) if method.needs_teacher else {"teacher": "trained from scratch"}
+    identity = run_folder.run_identity(config, output, facts)
+    resumed_other = (run_folder.check_checkpoint_owner(resume_from, output, identity, from_other)
+                     if resume_from is not None else None)
+    check_run_options(config, teacher, method)
     if config.run_eval and method.needs_teacher:
         check_evaluation(config, teacher)
-    trainer = Trainer(method, config.train, output, accelerator)
+    trainer = Trainer(method, config.train, output, accelerator, identity)
     if resume_from is not None:
         trainer.restore(resume_from)
+    return Start(accelerator, teacher, method, report, trainer, facts, resumed_other)
+
+
+def validate(config: Config, output: str | Path, resume: bool | str | Path = False, overwrite: bool = False,
+             from_other: bool = False) -> None:
+    """``--dry-run``: every check a real run makes before its work (the teacher loads, the data set's images are
+    readable and fit it, the options fit the teacher and method), writing nothing. The data set is checked image
+    by image rather than built, since building it may sample the teacher for hours (a teacher-sample cache)."""
+    start = check_start(config, Path(output), resume, overwrite, from_other)
+    data, teacher = config.data, start.teacher
+    check_fit(data.source, teacher.image_size, teacher.image_channels, data.resize, data.convert, "data.source",
+              "use images of the teacher's size and colour, or set data.resize=true and/or data.convert=true")
+
+
+def distill(config: Config, output: str | Path, resume: bool | str | Path = False, overwrite: bool = False,
+            from_other: bool = False) -> Path:
+    """Run ``config`` into ``output``; return the exported pipeline folder.
+
+    Everything that can fail on bad input (config, output folder, teacher, data, the checkpoint to resume)
+    is checked before the first byte is written. ``resume=True`` continues from the newest complete checkpoint,
+    or starts from step 0 if the folder holds none yet (a job killed early, or a first run under a scheduler
+    that always passes --resume); ``resume=PATH`` continues from that checkpoint, which must be this run's unless
+    ``from_other`` (``--resume-from-other``): then the model card names the run it came from.
+    """
+    output = Path(output)
+    start = check_start(config, output, resume, overwrite, from_other)
+    accelerator, teacher, method, report, trainer = (start.accelerator, start.teacher, start.method, start.report,
+                                                     start.trainer)
     trainer.load_data()
     accelerator.wait_for_everyone()  # every rank has checked everything before rank 0 writes
 
@@ -138,7 +180,8 @@ def distill(config: Config, output: str | Path, resume: bool | str | Path = Fals
             spec = method.export_spec()
             student = accelerator.unwrap_model(trainer.student)
             card = model_card(config, method, spec, report, student, teacher,
-                              sum(progress.round_seconds.values()) or time.perf_counter() - started)
+                              sum(progress.round_seconds.values()) or time.perf_counter() - started,
+                              start.teacher_facts, start.resumed_other)
             lora = config.student.lora
             shutil.rmtree(folder, ignore_errors=True)  # a half-written export of a killed job
             if lora is None:
@@ -158,10 +201,13 @@ def distill(config: Config, output: str | Path, resume: bool | str | Path = Fals
 
 
 def model_card(config: Config, method: Method, spec, report: dict, student: torch.nn.Module,
-               teacher: LoadedPipeline, seconds: float) -> dict:
-    """Front-matter facts a user (or the Hub) needs to know what this student is."""
+               teacher: LoadedPipeline, seconds: float, teacher_facts: dict, resumed_other: dict | None = None
+               ) -> dict:
+    """Front-matter facts a user (or the Hub) needs to know what this student is, and, for a run continued from
+    another run's checkpoint (``--resume-from-other``), that run."""
     return {
-        **(teacher_record(config.teacher.source) if method.needs_teacher else {"teacher": "trained from scratch"}),
+        **teacher_facts,
+        **({"resumed_from_other_run": resumed_other} if resumed_other else {}),
         "method": method.name,
         "num_inference_steps": spec.num_inference_steps,
         "prediction_type": spec.prediction_type,
@@ -173,6 +219,7 @@ def model_card(config: Config, method: Method, spec, report: dict, student: torc
         "teacher_parameters": sum(p.numel() for p in teacher.unet.parameters()),
         "student_architecture": report,
         **spec.card,
+        "schedulers": scheduler_record(spec),
         "diffkd_config": json.loads(json.dumps(config.to_dict(), default=str)),
         "library_versions": {"diffusers": str(diffusers.__version__), "torch": str(torch.__version__)},
     }
@@ -183,6 +230,12 @@ def sampled_timesteps(scheduler, k: int) -> list[float]:
     fresh = type(scheduler).from_config(scheduler.config)
     fresh.set_timesteps(k)
     return [round(float(t), 3) for t in fresh.timesteps]
+
+
+def scheduler_record(spec) -> dict:
+    """Which schedulers the student may be sampled with: its own, those measured to work as swaps, no other."""
+    return {"exported": type(spec.scheduler).__name__, "also_works": list(spec.also_samples_with),
+            "others": "not supported: a swap may give noise (eval/RESULTS.md, 'Scheduler swaps')"}
 
 
 def teacher_record(source: str) -> dict:

@@ -122,15 +122,7 @@ def latest(root: Path) -> Path | None:
 
 def load(folder: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
     """Read a checkpoint back; a damaged, corrupt or foreign file is a DiffkdError naming it; pickles are refused."""
-    state_file = folder / STATE_FILE
-    if not state_file.is_file():
-        raise DiffkdError(f"{str(folder)!r} is not a diffkd checkpoint (no {STATE_FILE}): pass a folder from "
-                          "OUTPUT/checkpoints or use --resume without a path")
-    try:
-        state = json.loads(state_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DiffkdError(f"checkpoint state {str(state_file)!r} is corrupt ({error}); resume from an older "
-                          "checkpoint with --resume PATH") from None
+    state = read_state(folder)
     for file in sorted(folder.iterdir()):
         if file.suffix in PICKLE_SUFFIXES or (file.is_file() and _looks_pickled(file)):
             raise DiffkdError(f"refusing {str(file)!r}: diffkd checkpoints hold only safetensors and JSON, and a "
@@ -140,6 +132,23 @@ def load(folder: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
                           "truncated): resume from an older checkpoint with --resume PATH")
     tensors = {file.stem: read_safetensors(file) for file in sorted(folder.glob("*.safetensors"))}
     return tensors, state
+
+
+def read_state(folder: Path) -> dict:
+    """A checkpoint's ``state.json`` (progress, optimiser skeletons, the run it belongs to)."""
+    state_file = folder / STATE_FILE
+    if not state_file.is_file():
+        raise DiffkdError(f"{str(folder)!r} is not a diffkd checkpoint (no {STATE_FILE}): pass a folder from "
+                          "OUTPUT/checkpoints or use --resume without a path")
+    try:
+        state = json.loads(state_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DiffkdError(f"checkpoint state {str(state_file)!r} is corrupt ({error}); resume from an older "
+                          "checkpoint with --resume PATH") from None
+    if not isinstance(state, dict):
+        raise DiffkdError(f"checkpoint state {str(state_file)!r} is not a JSON object; resume from an older "
+                          "checkpoint with --resume PATH")
+    return state
 
 
 def _looks_pickled(file: Path) -> bool:

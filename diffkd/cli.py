@@ -1,4 +1,5 @@
-"""The ``diffkd`` command: a thin layer over the API. Bad input is one line on stderr and exit code 2.
+"""The ``diffkd`` command: a thin layer over the API. Bad input is one line on stderr and exit code 2; an error no
+check foresaw is one line naming a log file that holds its traceback, and exit code 1 (``diffkd.crash_log``).
 
 Start-up time matters here: ``diffkd --help`` and a config error answer without importing torch. This module and
 what it imports at the top (config, options, the eval command's arguments) are torch-free; the few imports inside
@@ -15,10 +16,12 @@ import sys
 import threading
 
 from diffkd.config import dump_config, load_config
+from diffkd.crash_log import write_crash_log
 from diffkd.errors import DiffkdError
 from diffkd.evaluation import cli as eval_cli
 from diffkd.validation import SAMPLERS
 
+EXIT_UNEXPECTED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
@@ -28,9 +31,16 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="run folder: checkpoints/, logs/, the exported pipeline")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.learning_rate=3e-4 (repeatable)")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check everything a run would (teacher, data, options, output folder), print the "
+                             "resolved config and exit without writing")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config and exit (the config's own checks only: no teacher needed)")
     parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                         help="continue from the newest complete checkpoint (or from CHECKPOINT)")
+    parser.add_argument("--resume-from-other", action="store_true",
+                        help="allow --resume CHECKPOINT of another run (another folder, config or teacher); the "
+                             "model card names that run")
     parser.add_argument("--overwrite", action="store_true", help="discard a previous run in --output")
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation after distillation")
 
@@ -51,15 +61,25 @@ def add_teacher_samples_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_job(args: argparse.Namespace, teacher_training: bool) -> int:
     config = load_config(args.config, args.overrides)
+    if args.print_config:
+        sys.stdout.write(dump_config(config))
+        return 0
     check_command(config.method.name, args.config, teacher_training)
     if args.no_eval:
         config.run_eval = False
-    if args.dry_run:
-        sys.stdout.write(dump_config(config))
-        return 0
-    from diffkd.api import distill  # deferred for start-up time
+    if args.resume_from_other and not isinstance(args.resume, str):
+        raise DiffkdError("--resume-from-other goes with --resume CHECKPOINT: name the other run's checkpoint folder")
+    from diffkd.api import distill, validate  # deferred for start-up time
 
-    folder = distill(config, args.output, resume=args.resume, overwrite=args.overwrite)
+    if args.dry_run:
+        validate(config, args.output, resume=args.resume, overwrite=args.overwrite,
+                 from_other=args.resume_from_other)
+        sys.stdout.write(dump_config(config))
+        print("dry run: config, output folder, teacher, data and options checked as a run would; nothing written",
+              file=sys.stderr)
+        return 0
+    folder = distill(config, args.output, resume=args.resume, overwrite=args.overwrite,
+                     from_other=args.resume_from_other)
     if os.environ.get("RANK", "0") == "0":
         print(f"saved {folder}")
     return 0
@@ -121,6 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("diffkd: interrupted; continue with the same command and --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as error:  # noqa: BLE001 - the catch-all: a user reads one line, the log keeps the rest
+        try:
+            where = f"traceback in {write_crash_log(error, argv if argv is not None else sys.argv[1:])}"
+        except OSError as unwritable:
+            where = f"traceback not saved: {unwritable.strerror}; set DIFFKD_LOG_DIR to a writable folder"
+        first = " ".join(str(error).split())[:300]
+        print(f"diffkd: unexpected error: {type(error).__name__}: {first} ({where}; please report it)", file=sys.stderr)
+        return EXIT_UNEXPECTED
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

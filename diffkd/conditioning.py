@@ -23,10 +23,28 @@ def read_prompts(prompts: Sequence[str], prompts_file: str | None, option: str =
     setting in the error a missing file gets."""
     prompts = list(prompts)
     if prompts_file:
-        file = Path(prompts_file).expanduser()
-        if not file.is_file():
-            raise DiffkdError(f"{option} {prompts_file!r} not found: give a text file, one prompt a line")
-        prompts += [line.strip() for line in file.read_text().splitlines() if line.strip()]
+        prompts += read_prompts_file(prompts_file, option)
+    return prompts
+
+
+def read_prompts_file(prompts_file: str, option: str) -> list[str]:
+    """The non-blank lines of a UTF-8 text file; a missing, binary or empty file is refused (silently training on no
+    prompts, or on the bytes of a .safetensors file taken for text, costs the run)."""
+    file = Path(prompts_file).expanduser()
+    if not file.is_file():
+        raise DiffkdError(f"{option} {prompts_file!r} not found: give a text file, one prompt a line")
+    data = file.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\x00" in text:
+        raise DiffkdError(f"{option} {prompts_file!r} is not a text file (binary or not UTF-8): give a UTF-8 text "
+                          "file, one prompt a line")
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise DiffkdError(f"{option} {prompts_file!r} holds no prompts (it is empty or blank): write one prompt a "
+                          "line")
     return prompts
 
 

@@ -96,6 +96,14 @@ def load_image_folder(path: str | Path, size: int, channels: int) -> torch.Tenso
     return torch.stack([_load_image(p, size, channels) for p in files])
 
 
+CAPTIONED_SETS = ("glyphs",)
+
+
+def brings_captions(source: str) -> bool:
+    """Whether data set ``source`` comes with a caption per image, which a text model trains on instead of prompts."""
+    return source in CAPTIONED_SETS
+
+
 def set_shape(source: str) -> tuple[list[tuple[int, int]], int]:
     """The sizes (width, height) an image set comes in and its channels (1 grey, 3 colour)."""
     if source == "digits":

@@ -107,3 +107,11 @@ class EvalConfig:
               f"eval.guidance_scales must all be >= 1 (1 = no guidance); got {self.guidance_scales}")
         check(self.device in ("cpu", "cuda", "mps") or self.device.startswith("cuda:"),
                f"eval.device must be cpu, cuda, cuda:N or mps; got {self.device!r}")
+
+    def text_options(self) -> list[str]:
+        """The options set here that only a text-conditioned pipeline uses (prompts, guidance scales to sweep), by
+        the names a user gives them: an evaluation without such a pipeline refuses them rather than ignore them."""
+        given = (("eval.prompts (--prompt)", self.prompts), ("eval.prompts_file (--prompts-file)", self.prompts_file),
+                 ("eval.guidance_scales (--guidance-scales)", self.guidance_scales))
+        return [name for name, value in given if value]
+

@@ -284,6 +284,12 @@ def write_model_card(path: Path, card: dict, usage: list[str] | None = None) -> 
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# {card.get('method', 'distilled')} student of `{card.get('teacher', '?')}`", "",
              "Made with diffkd. Sample it with plain diffusers:", "", "```python", *usage, "```", ""]
+    schedulers = card.get("schedulers")
+    if isinstance(schedulers, dict):
+        also = ", ".join(f"`{name}`" for name in schedulers.get("also_works", []))
+        lines += [f"Sample it with its own `{schedulers['exported']}`" + (f" or, built with `from_config` of it, {also}"
+                                                                          if also else "")
+                  + "; other schedulers are not supported and may give noise.", ""]
     if "details" in card:
         lines += ["## Details", "", "```json", json.dumps(card["details"], indent=2), "```", ""]
     path.write_text("\n".join(lines))
@@ -292,3 +298,20 @@ def write_model_card(path: Path, card: dict, usage: list[str] | None = None) -> 
 def add_card_section(path: Path, title: str, lines: list[str]) -> None:
     """Append a Markdown section to a model card's body (the evaluation's verdict, written after the export)."""
     path.write_text(path.read_text().rstrip("\n") + "\n\n" + "\n".join([f"## {title}", "", *lines]) + "\n")
+
+
+def check_device(device: str, option: str) -> None:
+    """Refuse a device this machine does not have before anything loads onto it (torch's own error comes after the
+    teacher has loaded, as a traceback)."""
+    kind, _, index = str(device).partition(":")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise DiffkdError(f"{option}={device!r} but CUDA is not available on this machine: use cpu")
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise DiffkdError(f"{option}={device!r} is not available: this machine has {torch.cuda.device_count()} "
+                              f"CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif kind == "mps":
+        if not torch.backends.mps.is_available():
+            raise DiffkdError(f"{option}={device!r} but MPS is not available on this machine: use cpu")
+    elif kind not in ("cpu", "auto"):
+        raise DiffkdError(f"{option}={device!r} is not a device: use cpu, cuda, cuda:N or mps")

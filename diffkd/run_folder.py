@@ -1,5 +1,10 @@
-"""A run's folder: who may use it (``run.lock``), whether it may be started, resumed or overwritten, and which
-checkpoint a resume continues from.
+"""A run's folder: who may use it (``run.lock``), whether it may be started, resumed or overwritten, which
+checkpoint a resume continues from, and whether that checkpoint is this run's.
+
+Every checkpoint records the run that made it (``run_identity``: the resolved config and the teacher's content
+hash). A resume from a checkpoint of another run (another config, teacher or folder) would export that run's
+student under this run's card, so it is refused unless ``--resume-from-other`` asks for it, and then the card
+names the source run.
 
 Everything here is checked before a run writes its first byte, so a wrong start costs one line, not a
 half-overwritten run.
@@ -189,3 +194,53 @@ def resume_point(output: Path, resume: bool | str | Path) -> Path | None:
                               f"{output / 'checkpoints'!s}/ckpt-* or --resume alone for the newest")
         return path
     return None
+
+
+def run_identity(config: Config, output: Path, teacher: dict) -> dict:
+    """What makes a run this run, as its checkpoints record it: its folder, resolved config and teacher record
+    (hub id, or local path with a content hash)."""
+    return {"folder": str(output.resolve()), "config": yaml.safe_load(dump_config(config)), "teacher": teacher}
+
+
+def identity_differences(recorded: dict, current: dict) -> list[tuple[str, object, object]]:
+    """(key, recorded value, current value) for every difference that changes what is trained: the teacher and
+    the config keys outside RESUMABLE_CHANGES."""
+    teachers = _teacher_key(recorded.get("teacher")), _teacher_key(current["teacher"])
+    found = [("teacher", *teachers)] if teachers[0] != teachers[1] else []
+    there, now = recorded.get("config") or {}, current["config"]
+    found += [(key, _lookup(there, key), _lookup(now, key)) for key in _diff(there, now, "")
+              if not key.startswith(RESUMABLE_CHANGES) and key != "teacher.source"]
+    return found
+
+
+def _teacher_key(record) -> str | None:
+    """A teacher by content (a local folder's hash: it may move or be retrained under its name), else by hub id."""
+    if not isinstance(record, dict):
+        return None
+    return f"sha256:{record['teacher_sha256'][:12]}" if record.get("teacher_sha256") else str(record.get("teacher"))
+
+
+def check_checkpoint_owner(folder: Path, output: Path, identity: dict, from_other: bool) -> dict | None:
+    """Refuse a checkpoint of another run (recorded config or teacher differ, or it lies outside this run's
+    checkpoints without a record) unless ``from_other``; return the source run's record for the model card when
+    another run's checkpoint is taken, None when it is this run's own."""
+    recorded = checkpoint.read_state(folder).get("run")
+    inside = folder.resolve().is_relative_to((output / "checkpoints").resolve())
+    differences = identity_differences(recorded, identity) if isinstance(recorded, dict) else []
+    if inside and not differences:
+        return None
+    source = recorded.get("folder", "?") if isinstance(recorded, dict) else str(folder.resolve().parent.parent)
+    if from_other:
+        return {"checkpoint": str(folder.resolve()), "run": source,
+                "teacher": recorded.get("teacher") if isinstance(recorded, dict) else None,
+                "differences": {key: {"there": there, "here": here} for key, there, here in differences}}
+    if differences:
+        key, there, here = differences[0]
+        more = f" and {len(differences) - 1} more" if len(differences) > 1 else ""
+        raise DiffkdError(f"--resume: checkpoint {str(folder)!r} belongs to another run: {source!r} made it with "
+                          f"{key}={there!r}, this run {str(output)!r} has {key}={here!r}{more}; resume "
+                          "with that run's config and teacher, or pass --resume-from-other to continue from it "
+                          "anyway (the model card names it)")
+    raise DiffkdError(f"--resume {str(folder)!r} is outside this run's {str(output / 'checkpoints')!r} (it is "
+                      f"{source!r}'s): pass --resume-from-other to continue from another run's checkpoint (the model "
+                      "card names it), or --resume alone for this run's newest")

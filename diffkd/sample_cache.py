@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from diffkd.conditioning import encode_rows, read_prompts
 from diffkd.errors import DiffkdError
-from diffkd.io import LoadedPipeline, load_pipeline
+from diffkd.io import LoadedPipeline, check_device, load_pipeline
 from diffkd.models import Conditioning
 from diffkd.sampling import SAMPLERS, teacher_sample
 
@@ -243,11 +243,20 @@ def ensure(teacher: LoadedPipeline, num_samples: int, sampler: str = "ddim", ste
 
 def run(args: argparse.Namespace) -> int:
     """The ``diffkd teacher-samples`` command (its options are in diffkd.cli)."""
-    if args.num_samples < 1:
-        raise DiffkdError(f"--num-samples must be >= 1; got {args.num_samples}")
+    for option, value in (("--num-samples", args.num_samples), ("--steps", args.steps),
+                          ("--batch-size", args.batch_size), ("--shard-size", args.shard_size)):
+        if value < 1:
+            raise DiffkdError(f"{option} must be >= 1; got {value}")
+    if Path(args.output).is_file():
+        raise DiffkdError(f"--output {args.output!r} is a file: pass a folder path")
+    check_device(args.device, "--device")
     prompts = tuple(read_prompts((), args.prompts_file, "--prompts-file"))
     teacher = load_pipeline(args.teacher, device=args.device)
     teacher.unet.requires_grad_(False).eval()
+    if not teacher.text_conditioned and (prompts or args.guidance_scale != 1):
+        option = "--prompts-file" if prompts else "--guidance-scale"
+        raise DiffkdError(f"{option} is for text-conditioned teachers; {args.teacher!r} is unconditional (no text "
+                          f"encoder): drop {option}")
     cache = ensure(teacher, args.num_samples, args.sampler, args.steps, args.seed, args.output, args.batch_size,
                    args.shard_size, prompts, args.guidance_scale)
     print(f"{cache.count} pairs in {cache.folder}")

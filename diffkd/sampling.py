@@ -36,6 +36,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
+from diffkd.errors import DiffkdError
 from diffkd.io import LoadedPipeline
 from diffkd.models import Conditioning, Denoiser
 from diffkd.paths import is_flow_scheduler
@@ -152,3 +153,18 @@ def teacher_sample(teacher: LoadedPipeline, noise: torch.Tensor, sampler: str, s
         return ddim_sample(teacher.denoiser, noise, steps, cond)
     scheduler = make_scheduler(sampler, teacher.scheduler, teacher.latent)
     return scheduler_sample(teacher.denoiser, scheduler, noise, steps, cond)
+
+
+def check_scheduler_steps(scheduler, steps, option: str) -> None:
+    """Refuse, before any sampling, a step count ``scheduler`` cannot set: each ``k`` in ``steps`` is tried on a
+    copy of it (LCMScheduler stops at its ``original_inference_steps``, DDIM at the training timesteps), so the
+    refusal is one line before the work, not a scheduler's traceback after it."""
+    name = type(scheduler).__name__
+    for k in steps:
+        trial = type(scheduler).from_config(scheduler.config)
+        try:
+            trial.set_timesteps(int(k))
+        except (ValueError, IndexError) as error:
+            reason = " ".join(str(error).split())
+            raise DiffkdError(f"{option} has {k}, which the pipeline's {name} cannot sample ({reason[:160]}): "
+                              "drop that step count") from None

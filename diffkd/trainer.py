@@ -39,6 +39,7 @@ from diffkd import checkpoint, round_health
 from diffkd.config import TrainConfig
 from diffkd.data import batch_indices
 from diffkd.errors import DiffkdError, TrainingDiverged
+from diffkd.io import check_device
 from diffkd.losses.terms import LossTerms
 from diffkd.methods.base import Method, Network, Phase
 from diffkd.progress import Progress as RunProgress
@@ -61,9 +62,7 @@ class Progress:
 def make_accelerator(train: TrainConfig, output: Path) -> Accelerator:
     """Gradient accumulation is done by the loop itself (no_sync + loss / n), so a skipped non-finite step can
     never knock accelerate's internal micro-step counter out of line with the optimiser steps."""
-    if train.device.startswith("cuda") and not torch.cuda.is_available():
-        raise DiffkdError(f"train.device={train.device!r} but CUDA is not available on this machine: "
-                          "use --set train.device=cpu (or auto)")
+    check_device(train.device, "train.device")
     if train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise DiffkdError("train.mixed_precision=fp16 needs a CUDA GPU: use bf16 or no on this machine")
     return Accelerator(mixed_precision=train.mixed_precision, cpu=train.device == "cpu",
@@ -128,8 +127,12 @@ def check_layout(method: str, networks: dict[str, Network], phases: list[Phase],
 class Trainer:
     """Runs ``method`` to completion, checkpointing into ``output/checkpoints``."""
 
-    def __init__(self, method: Method, train: TrainConfig, output: Path, accelerator: Accelerator):
+    def __init__(self, method: Method, train: TrainConfig, output: Path, accelerator: Accelerator,
+                 identity: dict | None = None):
+        """``identity``: the run every checkpoint records as its maker (``run_folder.run_identity``), so a resume can
+        tell this run's checkpoints from another's."""
         self.method, self.train, self.output, self.acc = method, train, output, accelerator
+        self.identity = identity
         self.checkpoints = output / "checkpoints"
         self.shards = accelerator.num_processes * train.gradient_accumulation_steps
         if train.batch_size % self.shards:
@@ -343,7 +346,7 @@ class Trainer:
                     tensors[f"ema.{name}"] = {str(i): p for i, p in enumerate(ema.shadow_params)}
             for name, follower in self.method.followers().items():
                 tensors[f"follower.{name}"] = follower.state_dict()
-            state = {"progress": self.progress.__dict__, "optimizers": skeletons,
+            state = {"run": self.identity, "progress": self.progress.__dict__, "optimizers": skeletons,
                      "ema_steps": {name: ema.optimization_step for name, ema in self.emas.items()},
                      "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None}
             checkpoint.save(self.checkpoints, self.progress.round, self.progress.step,
@@ -377,7 +380,12 @@ class Trainer:
         self.progress = progress
         if self.acc.scaler is not None and state.get("scaler"):
             self.acc.scaler.load_state_dict(state["scaler"])
-        log.info("resuming from %s (round %d, step %d)", folder, self.progress.round + 1, self.progress.step)
+        rounds = len(self.method.rounds())
+        if self.progress.round >= rounds:
+            log.info("resuming from %s (after the last of %d round(s): nothing left to train)", folder, rounds)
+        else:
+            log.info("resuming from %s (round %d of %d, step %d)", folder, self.progress.round + 1, rounds,
+                     self.progress.step)
 
     def trim_logs(self) -> None:
         """Drop metrics rows logged after the checkpoint being resumed (they will be logged again)."""

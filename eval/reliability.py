@@ -42,6 +42,7 @@ from tests.faults import (
     two_networks_config,
     write_yaml,
 )
+from tests.test_bad_input import run_in_process
 
 # ---- report ----------------------------------------------------------------------------------------------------
 
@@ -142,6 +143,9 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/diffkd-reliability", help="scratch folder")
     parser.add_argument("--only", choices=("kills", "cases", "two-ranks"), help="run one part")
     parser.add_argument("--write", action="store_true", help="update the sections in eval/RESULTS.md")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the bad-input cases through cli.main in this process (as the tests do: minutes "
+                             "instead of one torch start-up per case on a busy machine)")
     args = parser.parse_args()
     started = time.perf_counter()
     work = Path(args.work)
@@ -174,7 +178,7 @@ def main() -> None:
         for index, case in enumerate(CASES):
             tmp = work / f"case-{index}"
             shutil.rmtree(tmp, ignore_errors=True)
-            result = check_case(case, tmp, teacher, run_subprocess)
+            result = check_case(case, tmp, teacher, run_in_process if args.in_process else run_subprocess)
             cases.append(result)
             print(f"case {index + 1:2d}/{len(CASES)} {case.name}: {'ok' if result.ok else result.problem} "
                   f"| {result.message}", flush=True)

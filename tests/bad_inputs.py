@@ -414,6 +414,95 @@ def _glyphs_count_case(tmp: Path, teacher: str):
              "data.num_glyphs=0"], "data.num_glyphs must be >= 1", output)
 
 
+
+def _other_run_checkpoint(output: Path) -> list[str]:
+    """Run A (the template) and run B (this folder, another config, interrupted before its first checkpoint): B
+    resumes from A's checkpoint by path, as issue 37's user did."""
+    import yaml
+
+    other = output.parent / "run-a"
+    shutil.copytree(output, other)
+    shutil.rmtree(output / "checkpoints")
+    (output / "checkpoints").mkdir()
+    config = yaml.safe_load((output / "config.yaml").read_text())
+    config["method"]["steps_per_round"] = 3
+    (output / "config.yaml").write_text(yaml.safe_dump(config))
+    return ["--resume", str(_newest(other))]
+
+
+def _foreign_checkpoint_inside(output: Path) -> list[str]:
+    """Another run's checkpoint copied into this run's checkpoints/, this run's config.yaml lost: only the
+    checkpoint's own record of its run can tell."""
+    (output / "config.yaml").unlink()
+    return ["--resume"]
+
+
+def _teacher_changed_since(output: Path) -> list[str]:
+    """The teacher folder was retrained under its name since the checkpoint: its recorded content hash differs."""
+    state_file = _newest(output) / "state.json"
+    state = json.loads(state_file.read_text())
+    state["run"]["teacher"]["teacher_sha256"] = "0" * 64
+    state_file.write_text(json.dumps(state))
+    return ["--resume"]
+
+
+def _text_file(name: str, content: bytes | None) -> Callable[[Path], Path]:
+    def make(tmp: Path) -> Path:
+        path = tmp / name
+        if content is not None:
+            path.write_bytes(content)
+        return path
+    return make
+
+
+def _prompts_file_case(fragment: str, prepare: Callable[[Path], Path], *sets: str) -> Callable:
+    """The tiny text teacher with ``data.prompts_file`` pointing at what ``prepare`` makes."""
+    def make(tmp: Path, teacher: str):
+        return _text_teacher_case(fragment, f"data.prompts_file={prepare(tmp)}", *sets)(tmp, teacher)
+    return make
+
+
+def lcm_student(tmp: Path) -> Path:
+    """A consistency student in miniature: the 32 px RGB pipeline with LCMScheduler on a 50-point grid, and a card
+    naming its method, as diffkd exports it."""
+    from diffusers import LCMScheduler
+
+    folder = rgb_teacher(tmp)
+    shutil.rmtree(folder / "scheduler")
+    LCMScheduler(original_inference_steps=50, timestep_spacing="trailing").save_pretrained(folder / "scheduler")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "LCMScheduler"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    (folder / "README.md").write_text("---\nmethod: consistency\nnum_inference_steps: 4\n---\n")
+    return folder
+
+
+def _eval_student_case(fragment: str, *options: str) -> Callable:
+    def make(tmp: Path, teacher: str):
+        output = tmp / "eval"
+        argv = ["eval", "--pipeline", str(lcm_student(tmp)), "--reference", "digits", "--num-samples", "4",
+                "--output", str(output), "--cache-dir", str(tmp / "cache"), *options]
+        return argv, fragment, output
+    return make
+
+
+def _teacher_samples_case(fragment: str, *options: str) -> Callable:
+    """``diffkd teacher-samples`` of the tiny digits teacher with ``options``."""
+    def make(tmp: Path, teacher: str):
+        output = tmp / "cache"
+        argv = ["teacher-samples", "--teacher", teacher, "--num-samples", "4", "--steps", "2", "--output", str(output),
+                *(o.replace("{tmp}", str(tmp)) for o in options)]
+        return argv, fragment, output
+    return make
+
+
+def _vae_stage_case(fragment: str, init_from: str) -> Callable:
+    def make(tmp: Path, teacher: str):
+        output = tmp / "run"
+        return (["train-teacher", str(ROOT / "configs/glyphs-vae-decoder.yaml"), "--output", str(output), "--set",
+                 f"method.init_from={init_from.replace('{tmp}', str(tmp))}"], fragment, output)
+    return make
+
 CASES = [
     Case("unknown config key (closest suggested)", _set("did you mean 'train.learning_rate'", "train.learning_rat=1")),
     Case("unknown config section", _set("did you mean 'train'", "trian.batch_size=4")),
@@ -534,7 +623,8 @@ CASES = [
     Case("checkpoint safetensors truncated", _resume_case("incomplete", _truncate_checkpoint)),
     Case("crafted pickle in a checkpoint folder", _resume_case("refusing", _pickle_in_checkpoint)),
     Case("pickle named .safetensors in a checkpoint", _resume_case("refusing", _pickle_named_safetensors)),
-    Case("checkpoint of another network", _resume_case("does not fit", _other_shape_checkpoint)),
+    Case("checkpoint of another network", _resume_case("does not fit",
+                                                       lambda o: [*_other_shape_checkpoint(o), "--resume-from-other"])),
     Case("resume with a changed config", _resume_case("train.learning_rate differs",
                                                       lambda o: ["--resume"], "train.learning_rate=0.5")),
     Case("LoRA rank of 0", _set("student.lora.rank must be >= 1", "student.lora.rank=0")),
@@ -550,6 +640,59 @@ CASES = [
                                                                 "method.guidance.w_min=2")),
     Case("guidance embedding on a LoRA student", _text_teacher_case("method.guidance needs a full student",
                                                                     "method.guidance.w_min=2", "student.lora.rank=4")),
+    # issue 37: no wrong start may cost a result
+    Case("--resume another run's checkpoint by path", _resume_case("--resume-from-other", _other_run_checkpoint,
+                                                                   "method.steps_per_round=3")),
+    Case("another run's checkpoint inside this run's folder",
+         _resume_case("belongs to another run", _foreign_checkpoint_inside, "method.steps_per_round=3")),
+    Case("teacher changed since the checkpoint", _resume_case("teacher=", _teacher_changed_since)),
+    Case("--resume-from-other without a checkpoint path", _output_case("goes with --resume CHECKPOINT", _fake_run,
+                                                                       "--resume", "--resume-from-other")),
+    Case("guidance scale on an unconditional teacher (progressive)",
+         _set("is unconditional (no text encoder): drop method.guidance_scale", "method.guidance_scale=3")),
+    Case("guidance round on an unconditional teacher (consistency)",
+         _consistency("drop method.guidance_steps and method.guidance_scale", "method.guidance_scale=3",
+                      "method.guidance_steps=10")),
+    Case("guidance scale on an unconditional teacher (generator)",
+         _recipe("digits-generator.yaml", "drop method.guidance_scale", "method.guidance_scale=3")),
+    Case("guidance scale on an unconditional teacher (dmd)", _dmd("drop method.guidance_scale",
+                                                                  "method.guidance_scale=3")),
+    Case("prompts for an unconditional teacher", _set("is unconditional (no text encoder): drop data.prompts",
+                                                      "data.prompts=[a cat]")),
+    Case("prompts where the data set brings its own captions",
+         _text_teacher_case("data.source=glyphs brings each image's own caption", "data.source=glyphs")),
+    Case("prompts file where the data set brings its own captions",
+         _prompts_file_case("brings each image's own caption", _text_file("prompts.txt", b"a dog\n"),
+                            "data.prompts=[]", "data.source=glyphs")),
+    Case("prompts file missing", _prompts_file_case("not found", _text_file("no-prompts.txt", None))),
+    Case("prompts file empty", _prompts_file_case("holds no prompts", _text_file("prompts.txt", b"\n  \n"))),
+    Case("prompts file binary", _prompts_file_case("is not a text file", _text_file("prompts.txt",
+                                                                                   b"\x00\xff\xfe weights"))),
+    Case("eval steps the consistency student's LCMScheduler cannot sample (distill)",
+         _consistency("eval.steps (the evaluation after training) has 64, which the pipeline's LCMScheduler cannot "
+                      "sample", "run_eval=true", "eval.steps=[1,64]")),
+    Case("eval steps the student's LCMScheduler cannot sample (diffkd eval)",
+         _eval_student_case("has 64, which the pipeline's LCMScheduler cannot sample", "--steps", "1,64")),
+    Case("diffkd eval on a CUDA device that is not there", _eval_student_case(
+        "CUDA is not available" if not _has_cuda() else "not available", "--device",
+        "cuda" if not _has_cuda() else "cuda:99")),
+    Case("train-teacher VAE stage from a missing init_from folder",
+         _vae_stage_case("does not exist: point it at a pipeline folder", "{tmp}/no-vae")),
+    Case("train-teacher VAE stage from a hub id not in the cache",
+         _vae_stage_case("could not load its VAE", "nobody/no-such-vae")),
+    Case("diffkd eval prompts for pipelines without text", _eval_student_case(
+        "eval.prompts (--prompt) is for text-conditioned pipelines", "--prompt", "a cat")),
+    Case("diffkd eval guidance scales for pipelines without text", _eval_student_case(
+        "eval.guidance_scales (--guidance-scales) is for text-conditioned pipelines", "--guidance-scales", "1,3")),
+    Case("evaluation after training given prompts for an unconditional teacher",
+         _set("eval.prompts (--prompt) is for text-conditioned pipelines", "run_eval=true", "eval.prompts=[a cat]")),
+    Case("teacher-samples on a CUDA device that is not there", _teacher_samples_case(
+        "not available", "--device", "cuda" if not _has_cuda() else "cuda:99")),
+    Case("teacher-samples guidance on an unconditional teacher",
+         _teacher_samples_case("drop --guidance-scale", "--guidance-scale", "3")),
+    Case("teacher-samples prompts for an unconditional teacher",
+         _teacher_samples_case("drop --prompts-file", "--prompts-file", str(ROOT / "README.md"))),
+    Case("teacher-samples with zero steps", _teacher_samples_case("--steps must be >= 1", "--steps", "0")),
 ]
 
 

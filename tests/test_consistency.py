@@ -267,6 +267,7 @@ def test_exported_student_samples_with_lcm_scheduler_at_every_k(tiny_teacher, tm
         assert images.shape == (2, 8, 8, 1) and images.min() >= 0 and images.max() <= 1
     card = (folder / "README.md").read_text()
     assert "trained_timesteps" in card and "sampling_timesteps" in card
+    assert "also_works:\n  - TCDScheduler\n  - DDPMScheduler" in card and "other schedulers are not supported" in card
     # the exported UNet is the plain F: at k = 1 the pipeline returns the training-time f(noise, 999), and the
     # evaluation's "own" sampler gives the same from the same noise
     student = load_pipeline(str(folder))
@@ -282,6 +283,25 @@ def test_exported_student_samples_with_lcm_scheduler_at_every_k(tiny_teacher, tm
     four = [scheduler_sample(student.denoiser, LCMScheduler.from_config(pipe.scheduler.config), noise, 4)
             for _ in range(2)]
     assert torch.equal(*four)
+
+
+@pytest.mark.parametrize("name", VPPath.consistency_swaps)
+def test_the_schedulers_the_card_allows_run_the_exported_student_at_every_k(name):
+    """The swaps README and the model card allow (their quality: eval/scheduler_swaps.py, eval/RESULTS.md) build from
+    the exported LCMScheduler's config and run in the unconditional student's DDPMPipeline at k = 1..8 (UniPC and
+    Heun, for one, do not: DDPMPipeline hands their step a generator they refuse)."""
+    import diffusers
+    from diffusers import DDPMPipeline
+
+    lcm = VPPath(ALPHAS_CUMPROD).consistency_scheduler(
+        DDIMScheduler(prediction_type="v_prediction", beta_schedule="squaredcos_cap_v2"), 50, "v_prediction", None, 10.0)
+    pipe = DDPMPipeline(unet=make_tiny_unet(), scheduler=lcm)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = getattr(diffusers, name).from_config(lcm.config)
+    for k in range(1, 9):
+        images = pipe(batch_size=2, num_inference_steps=k, generator=torch.Generator().manual_seed(0),
+                      output_type="np").images
+        assert images.shape == (2, 8, 8, 1) and 0 <= images.min() and images.max() <= 1
 
 
 @pytest.mark.slow

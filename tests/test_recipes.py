@@ -1,4 +1,4 @@
-"""The shipped recipes for real teachers: they resolve (--dry-run) and run end to end on tiny random pipelines of
+"""The shipped recipes for real teachers: they resolve (--print-config) and run end to end on tiny random pipelines of
 the same layout (a 32 px RGB pixel UNet for CIFAR-10, a Stable-Diffusion-shaped latent text pipeline for SD 1.5)."""
 
 import subprocess
@@ -20,9 +20,10 @@ SMALL = ["method.start_steps=8", "method.final_steps=4", "method.steps_per_round
 
 @pytest.mark.parametrize("name, teacher", [("cifar10-progressive", "google/ddpm-cifar10-32"),
                                            ("sd15-progressive", "teachers/stable-diffusion-v1-5")])
-def test_recipe_resolves_with_dry_run(name, teacher, tmp_path):
+def test_recipe_resolves_with_print_config(name, teacher, tmp_path):
+    """--print-config, not --dry-run: a dry run loads the teacher, which these recipes download."""
     result = subprocess.run([sys.executable, "-m", "diffkd", "distill", f"configs/{name}.yaml", "--output",
-                             str(tmp_path / "run"), "--dry-run"], cwd=ROOT, capture_output=True, text=True,
+                             str(tmp_path / "run"), "--print-config"], cwd=ROOT, capture_output=True, text=True,
                             check=False)
     assert result.returncode == 0, result.stderr
     resolved = yaml.safe_load(result.stdout)

@@ -29,12 +29,12 @@ from diffkd.evaluation.prompt_accuracy import prompt_accuracy
 from diffkd.evaluation.reference import check_reference, default_cache_dir, load_real_set
 from diffkd.evaluation.report import setting_key, write_report
 from diffkd.guidance_embedding import student_conditioning
-from diffkd.io import LoadedPipeline, load_pipeline
+from diffkd.io import LoadedPipeline, check_device, load_pipeline
 from diffkd.losses.perceptual import LPIPSLoss
 from diffkd.methods import METHODS, method_class
 from diffkd.models import Conditioning
 from diffkd.progress import Progress
-from diffkd.sampling import sampler_settings, scheduler_sample, teacher_sample
+from diffkd.sampling import check_scheduler_steps, sampler_settings, scheduler_sample, teacher_sample
 from diffkd.weights import file_sha256
 
 log = logging.getLogger(__name__)
@@ -275,9 +275,16 @@ def psnr(images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def evaluate(config: EvalConfig) -> EvalResults:
     """Run the sweep that ``config`` describes; write the report when ``config.output`` is set."""
     started = time.perf_counter()
+    check_device(config.device, "eval.device (--device)")
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
     models, teacher = load_models(config, device)
+    if config.text_options() and not any(m.pipe.text_conditioned for m in models):
+        raise DiffkdError(f"{config.text_options()[0]} is for text-conditioned pipelines, and none of those evaluated "
+                          "has a text encoder: drop it")
+    for model in models:
+        if model.student:
+            check_scheduler_steps(model.pipe.pipeline.scheduler, config.steps, f"eval.steps (--steps) of {model.name}")
     first = teacher or models[0]
     size, channels = first.pipe.image_size, first.pipe.image_channels
     prompts = _prompts(config, models)

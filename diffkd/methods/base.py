@@ -71,6 +71,10 @@ class ExportSpec:
     prediction_type: str
     card: dict = field(default_factory=dict)
     component: str = "unet"
+    # Scheduler classes besides the exported one that were measured to sample this kind of student well when built
+    # with ``from_config`` of its scheduler (eval/RESULTS.md, "Scheduler swaps"); the model card names them and
+    # warns off the rest, since a swap that looks harmless can give noise (Euler on a consistency student).
+    also_samples_with: tuple[str, ...] = ()
 
 
 class Method:
@@ -80,6 +84,9 @@ class Method:
     name: str = ""
     config_class: type[MethodConfig] = MethodConfig
     needs_teacher: bool = True
+    # Whether training reads data.prompts even where the data set brings its own captions (a teacher-sample cache
+    # drawn from prompts, say); otherwise such prompts are refused as unused (diffkd.preflight).
+    reads_data_prompts: bool = False
 
     def __init__(self, config: Config, teacher: LoadedPipeline, student: nn.Module):
         self.config = config

@@ -222,5 +222,6 @@ class ConsistencyDistillation(Method):
             "trained_timesteps": self.grid, "teacher_grid": o.teacher_grid, "skip": o.skip,
             "target_ema": o.target_ema, "distance": o.distance, "solver": o.solver, "guidance_scale": o.guidance_scale,
             "timestep_scaling": o.timestep_scaling, "sampling_timesteps": sampled, "guidance_steps": o.guidance_steps,
-            **({} if self.guidance is None else {"guidance_range": [self.guidance.w_min, self.guidance.w_max]})})
+            **({} if self.guidance is None else {"guidance_range": [self.guidance.w_min, self.guidance.w_max]})},
+            also_samples_with=teacher.path.consistency_swaps)
 

@@ -92,6 +92,11 @@ class DistributionMatching(Method):
         self.warm_start = o.warm_start_steps > 0
         self.pairs: dict[str, torch.Tensor] = {}
 
+    @property
+    def reads_data_prompts(self) -> bool:
+        """The regression's teacher-sample pairs are drawn from data.prompts, whatever the data set's captions."""
+        return self.options.uses_cache
+
     def check(self) -> None:
         total = self.teacher.denoiser.num_train_timesteps
         k = self.options.student_steps

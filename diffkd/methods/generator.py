@@ -26,6 +26,7 @@ from diffkd.methods.base import ExportSpec, Method, Network, Round
 class GeneratorDistillation(Method):
     name = "generator"
     config_class = GeneratorConfig
+    reads_data_prompts = True  # its teacher-sample pairs are drawn from data.prompts, never from captions
 
     def __init__(self, config, teacher, student):
         super().__init__(config, teacher, student)

@@ -12,13 +12,17 @@ word its own token); the next stage trains it with the UNet or replaces it with 
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import torch
 from diffusers import AutoencoderKL
 
 from diffkd import text_pipeline
 from diffkd.config import Config
 from diffkd.data import load_training_set
-from diffkd.io import LoadedPipeline, denoiser_of
+from diffkd.errors import DiffkdError
+from diffkd.io import LoadedPipeline, denoiser_of, is_local_reference
 from diffkd.losses.terms import LossTerms
 from diffkd.method_options import VaeConfig
 from diffkd.methods.base import ExportSpec, Method, Network, Round
@@ -47,7 +51,7 @@ class VaeTraining(Method):
         tokenizer = text_pipeline.build_tokenizer(text_pipeline.caption_words(), o.max_tokens)
         text_encoder = text_pipeline.build_text_encoder(tokenizer, o.text_hidden_size, o.text_layers, o.text_heads)
         if o.init_from:
-            vae = AutoencoderKL.from_pretrained(o.init_from, subfolder="vae", use_safetensors=True)
+            vae = load_vae(o.init_from)
         else:
             vae = text_pipeline.build_vae(o.sample_size, o.block_out_channels, o.latent_channels, o.layers_per_block)
         latent_size = o.sample_size // 2 ** (len(o.block_out_channels) - 1)
@@ -90,3 +94,22 @@ class VaeTraining(Method):
         self.vae.eval()
         return ExportSpec(self.teacher.scheduler, 50, "epsilon", card={"stage": "vae", "scaling_factor": scale},
                           component="vae")
+
+
+def load_vae(source: str) -> AutoencoderKL:
+    """``method.init_from``'s VAE: a missing folder, a folder without a ``vae/`` or a hub id not in the local cache is
+    one line (diffusers' own error is a 45-line hub traceback after minutes of retries)."""
+    if is_local_reference(source) and not (Path(source).expanduser() / "vae").is_dir():
+        where = "does not exist" if not Path(source).expanduser().exists() else "has no vae/ folder"
+        raise DiffkdError(f"method.init_from {source!r} {where}: point it at a pipeline folder this stage exported "
+                          "(one with vae/)")
+    try:
+        with warnings.catch_warnings():  # the hub client's deprecation notices would make the refusal three lines
+            warnings.simplefilter("ignore")
+            return AutoencoderKL.from_pretrained(source, subfolder="vae", use_safetensors=True,
+                                                 local_files_only=not is_local_reference(source))
+    except (OSError, ValueError) as error:
+        reason = " ".join(str(error).split())[:160]
+        raise DiffkdError(f"method.init_from {source!r}: could not load its VAE ({reason}); point it at a pipeline "
+                          "folder with vae/ (a hub id is read from the local Hugging Face cache, never downloaded "
+                          "mid-run)") from None
