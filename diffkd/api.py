@@ -212,7 +212,6 @@ def model_card(config: Config, method: Method, spec, report: dict, student: torc
         "num_inference_steps": spec.num_inference_steps,
         "prediction_type": spec.prediction_type,
         "noise_path": teacher.denoiser.path.card(),
-        "scheduler": type(spec.scheduler).__name__,
         "timesteps": sampled_timesteps(spec.scheduler, spec.num_inference_steps),
         "training_time_seconds": round(seconds, 1),
         "parameters": sum(p.numel() for p in student.parameters()),
