@@ -38,6 +38,13 @@ def test_random_conv_features_are_a_pure_function_of_the_seed():
     assert torch.equal(RandomConvFeatures()(images[:, :1]), grey)  # grey reads as grey RGB
 
 
+def test_random_conv_weights_are_he_scaled():
+    """std sqrt(2 / (9 fan_in)) per 3x3 conv (He et al. 2015): features neither vanish nor explode with depth."""
+    for conv in RandomConvFeatures().convs:
+        expected = (2 / (conv.in_channels * 9)) ** 0.5
+        assert abs(conv.weight.std().item() / expected - 1) < 0.1
+
+
 def test_random_conv_separates_distributions():
     """Flat grey patches and noise patches differ in FD by far more than two draws of the same noise."""
     network = load_feature_network("random-conv")
@@ -101,6 +108,15 @@ def test_patience_stops_the_run_and_keeps_the_best_weights(tiny_teacher, tmp_pat
     assert progress.validation["stopped_early"] and [h["step"] for h in progress.validation["history"]] == [2, 4, 6, 8]
     assert progress.round == 1  # the round ended at the stop, its checkpoint written
     assert trainer.best_weights.keys() == {k for k, p in trainer.student.state_dict().items()}
+
+
+def test_validation_scores_and_keeps_the_ema_weights_that_would_be_exported(tiny_teacher, tmp_path):
+    """With an export EMA, the last validation (here the best) keeps exactly the weights the round's end exports."""
+    trainer = scripted_trainer(tiny_teacher, tmp_path / "run", [4.0, 3.0, 2.0, 1.0])
+    trainer.fit()
+    exported = trainer.student.state_dict()
+    assert trainer.progress.validation["best_step"] == 8
+    assert all(torch.equal(trainer.best_weights[k], exported[k]) for k in exported)
 
 
 def test_a_resumed_run_restores_the_validation_record_and_best_weights(tiny_teacher, tmp_path):
