@@ -21,6 +21,7 @@ from torch import nn
 from diffkd.data import load_digits
 from diffkd.errors import DiffkdError
 from diffkd.evaluation.glyphs_classifier import GLYPHS_CLASSIFIER, GlyphsFeatures, load_glyphs_classifier
+from diffkd.evaluation.random_features import RANDOM_CONV_SEED, RandomConvFeatures
 from diffkd.weights import INCEPTION, file_sha256, locate_checkpoint
 
 log = logging.getLogger(__name__)
@@ -141,8 +142,6 @@ def _digits(device: str | torch.device) -> FeatureNetwork:
 
 
 def _random_conv(device: str | torch.device) -> FeatureNetwork:
-    from diffkd.evaluation.random_features import RANDOM_CONV_SEED, RandomConvFeatures
-
     module = RandomConvFeatures().to(device).eval()
     digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in module.parameters())).hexdigest()
     return FeatureNetwork("random-conv", "FD (random conv)", module, digest,
