@@ -33,6 +33,7 @@ from diffkd.io import LoadedPipeline, add_card_section, is_local_reference, load
 from diffkd.lora import check_lora_run, fused_folder, save_lora_student
 from diffkd.methods import Method, method_class
 from diffkd.preflight import check_run_options
+from diffkd.run_validation import Validator, plot_record
 from diffkd.students import build_student
 from diffkd.trainer import Trainer, make_accelerator
 from diffkd.weights import file_sha256
@@ -129,6 +130,7 @@ def check_start(config: Config, output: Path, resume: bool | str | Path, overwri
     if config.run_eval and method.needs_teacher:
         check_evaluation(config, teacher)
     trainer = Trainer(method, config.train, output, accelerator, identity)
+    trainer.validator = make_validator(config, teacher, method, output)
     if resume_from is not None:
         trainer.restore(resume_from)
     return Start(accelerator, teacher, method, report, trainer, facts, resumed_other)
@@ -179,9 +181,13 @@ def distill(config: Config, output: str | Path, resume: bool | str | Path = Fals
         if main:
             spec = method.export_spec()
             student = accelerator.unwrap_model(trainer.student)
+            if trainer.best_weights:  # the best validated weights, not the last ones
+                checkpoint.load_network_state(student, trainer.best_weights)
             card = model_card(config, method, spec, report, student, teacher,
                               sum(progress.round_seconds.values()) or time.perf_counter() - started,
                               start.teacher_facts, start.resumed_other)
+            if trainer.validator is not None and progress.validation:
+                card["validation"] = validation_card(trainer.validator, progress.validation)
             lora = config.student.lora
             shutil.rmtree(folder, ignore_errors=True)  # a half-written export of a killed job
             if lora is None:
@@ -190,6 +196,8 @@ def distill(config: Config, output: str | Path, resume: bool | str | Path = Fals
                 shutil.rmtree(fused_folder(folder), ignore_errors=True)
                 save_lora_student(folder, teacher, student, spec.scheduler, card, lora.fuse)
             log.info("saved %s", folder)
+            if "validation" in card:
+                add_validation_section(folder, trainer.validator, progress.validation, output / "validation")
             if config.run_eval and method.needs_teacher:
                 evaluated = folder if lora is None else fused_folder(folder)
                 run_evaluation(config, evaluated, output / "eval", str(accelerator.device))
@@ -198,6 +206,38 @@ def distill(config: Config, output: str | Path, resume: bool | str | Path = Fals
         accelerator.wait_for_everyone()
     accelerator.end_training()  # last: it also tears down the process group of a multi-process run
     return folder
+
+
+def make_validator(config: Config, teacher: LoadedPipeline, method: Method, output: Path) -> Validator | None:
+    """The in-run validation ``train.validate_every`` asks for, scoring k-step samples of the exported scheduler."""
+    train = config.train
+    if train.validate_every == 0:
+        return None
+    if not method.needs_teacher or teacher.text_conditioned:
+        raise DiffkdError("train.validate_every scores a student against its unconditional teacher's DDIM-64 "
+                          f"samples; this {config.method.name} run has "
+                          f"{'no teacher' if not method.needs_teacher else 'a text-conditioned one'}: set it to 0")
+    spec = method.export_spec()
+    return Validator(teacher, spec.scheduler, spec.prediction_type, train.validate_steps or spec.num_inference_steps,
+                     train.validate_samples, train.validate_feature, output / "validation", train.seed)
+
+
+def validation_card(validator: Validator, record: dict) -> dict:
+    """Which step was exported and why: its validation FD, against the last one and the whole record's size."""
+    history = record["history"]
+    return {**validator.describe(), "exported_step": record["best_step"], "exported_fd": round(record["best_fd"], 4),
+            "last_step": history[-1]["step"], "last_fd": round(history[-1]["fd"], 4),
+            "validations": len(history), "stopped_early": record["stopped_early"]}
+
+
+def add_validation_section(folder: Path, validator: Validator, record: dict, plots: Path) -> None:
+    """The model card's validation curve and what it chose."""
+    curve = plot_record(record, validator.feature.label, plots / "curve.png")
+    link = os.path.relpath(curve, folder)
+    summary = (f"Exported: step {record['best_step']}, {validator.feature.label} {record['best_fd']:.4g} to the "
+               f"teacher's DDIM-64 samples ({validator.samples} samples of {validator.steps}-step sampling; the last "
+               f"of {len(record['history'])} validations: {record['history'][-1]['fd']:.4g}).")
+    add_card_section(folder / "README.md", "Validation during training", [summary, "", f"![validation]({link})"])
 
 
 def model_card(config: Config, method: Method, spec, report: dict, student: torch.nn.Module,

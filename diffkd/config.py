@@ -150,6 +150,11 @@ class TrainConfig:
     (capped by ema_decay), as in diffusers' unconditional training example: ema_power 1 with ema_inv_gamma g + 1
     averages the whole run with weights growing as t^g (EDM2's power-function EMA, Karras et al. 2024), the
     long average that a one-step DMD generator needs (its weights swing between checkpoints).
+    validate_every: every so many steps of the last round (and at its end) score the student's
+    ``validate_steps``-step samples (0 = the exported k) of ``validate_samples`` fixed noises by FD to the teacher's
+    DDIM-64 samples on ``validate_feature`` ("auto": the digits classifier for grey images, else "random-conv"),
+    and export the best (``diffkd.run_validation``); 0 = off. patience: stop after that many validations without
+    a new best (0 = never).
     """
 
     batch_size: int = 64
@@ -172,11 +177,21 @@ class TrainConfig:
     device: str = "auto"
     nan_policy: str = "stop"
     max_skipped_steps: int = 10
+    validate_every: int = 0
+    validate_samples: int = 256
+    validate_steps: int = 0
+    validate_feature: str = "auto"
+    patience: int = 0
 
     def __post_init__(self):
         for name in ("batch_size", "gradient_accumulation_steps", "checkpoint_every", "keep_checkpoints",
                      "log_every"):
             check(getattr(self, name) > 0, f"train.{name} must be > 0; got {getattr(self, name)}")
+        for name in ("validate_every", "validate_steps", "patience"):
+            check(getattr(self, name) >= 0, f"train.{name} must be >= 0 (0 = off); got {getattr(self, name)}")
+        check(self.validate_samples >= 2, f"train.validate_samples must be >= 2; got {self.validate_samples}")
+        check(self.patience == 0 or self.validate_every > 0,
+              f"train.patience={self.patience} stops on validation: set train.validate_every too")
         check(self.learning_rate > 0, f"train.learning_rate must be > 0; got {self.learning_rate}")
         check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0; got {self.warmup_steps}")
         check(self.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off); got {self.grad_clip}")

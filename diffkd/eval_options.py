@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from diffkd.validation import SAMPLERS, check
 
-FEATURES = ("auto", "digits-classifier", "glyphs-classifier", "inception")
+FEATURES = ("auto", "digits-classifier", "glyphs-classifier", "random-conv", "inception")
 LPIPS_NETS = ("alex", "vgg", "squeeze")
 
 

@@ -26,7 +26,8 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,6 +44,7 @@ from diffkd.io import check_device
 from diffkd.losses.terms import LossTerms
 from diffkd.methods.base import Method, Network, Phase
 from diffkd.progress import Progress as RunProgress
+from diffkd.selection import Selection
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ class Progress:
     round_seconds: dict[str, float] = field(default_factory=dict)
     round_losses: list[float] = field(default_factory=list)  # this round's, for the round-health check
     round_health: list[dict] = field(default_factory=list)
+    validation: dict = field(default_factory=dict)  # a diffkd.selection.Selection's fields
 
 
 def make_accelerator(train: TrainConfig, output: Path) -> Accelerator:
@@ -151,6 +154,8 @@ class Trainer:
             [self._param_group(name) for name in phase.networks])) for phase in self.phases}
         self.emas: dict[str, EMAModel] = {}
         self.progress = Progress()
+        self.validator: Callable[[nn.Module], float] | None = None  # set by the caller: see diffkd.run_validation
+        self.best_weights: dict[str, torch.Tensor] = {}
 
     def _param_group(self, name: str) -> dict:
         network = self.networks[name]
@@ -193,6 +198,9 @@ class Trainer:
                 if logs is not None and (self.progress.step % self.train.log_every == 0
                                          or self.progress.step == current.num_steps):
                     self._log(index, logs)
+                stop = self._validates(index, len(rounds), current.num_steps) and self._validate()
+                if stop:
+                    break
                 if self.progress.step % self.train.checkpoint_every == 0 and self.progress.step < current.num_steps:
                     self._save()
             self.progress.round_health.append(round_health.judge(current.name, self.progress.round_losses,
@@ -201,6 +209,40 @@ class Trainer:
             self._end_round()
         shown.close()
         return self.progress
+
+    def _validates(self, index: int, num_rounds: int, num_steps: int) -> bool:
+        """Validation runs in the last round only (earlier rounds of progressive train other step counts), every
+        ``validate_every`` steps and at the round's end."""
+        every = self.train.validate_every
+        return (self.validator is not None and every > 0 and index == num_rounds - 1
+                and (self.progress.step % every == 0 or self.progress.step == num_steps))
+
+    def _validate(self) -> bool:
+        """Score the student, keep its weights if best; True when early stopping ends the run here."""
+        selection = Selection(**self.progress.validation)
+        started = time.perf_counter()
+        student = self.acc.unwrap_model(self.student)
+        ema = next((self.emas[name] for name, n in self.networks.items() if n.exported and name in self.emas), None)
+        if ema is not None:  # what the round's end would export: the EMA weights
+            ema.store(trainable(student))
+            ema.copy_to(trainable(student))
+        try:
+            fd = self.validator(student)
+            best = selection.record(self._global_step(), fd)
+            if best:
+                self.best_weights = {k: v.detach().cpu().clone() for k, v in checkpoint.network_state(student).items()}
+        finally:
+            if ema is not None:
+                ema.restore(trainable(student))
+        selection.seconds += time.perf_counter() - started
+        step = self._global_step()
+        log.info("validation at step %d: FD %.4g (best %.4g at step %d)", step, fd, selection.best_fd,
+                 selection.best_step)
+        selection.stopped_early = selection.should_stop(self.train.patience)
+        self.progress.validation = asdict(selection)
+        if self.acc.is_main_process:
+            self.acc.log({"validation/fd": fd}, step=step)
+        return selection.stopped_early
 
     @property
     def _headline(self) -> str:
@@ -346,6 +388,7 @@ class Trainer:
                     tensors[f"ema.{name}"] = {str(i): p for i, p in enumerate(ema.shadow_params)}
             for name, follower in self.method.followers().items():
                 tensors[f"follower.{name}"] = follower.state_dict()
+            tensors["validation_best"] = self.best_weights
             state = {"run": self.identity, "progress": self.progress.__dict__, "optimizers": skeletons,
                      "ema_steps": {name: ema.optimization_step for name, ema in self.emas.items()},
                      "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None}
@@ -367,6 +410,9 @@ class Trainer:
                                                                           state["optimizers"][phase]))
             for name, follower in self.method.followers().items():
                 follower.load_state_dict(tensors[f"follower.{name}"])
+            best = tensors.get("validation_best", {})
+            if progress.validation.get("best_step") is not None and not best:
+                raise ValueError("its validation record names a best step but it holds no best weights")
             if progress.step > 0:
                 self.method.load_state_tensors(progress.round, tensors.get("method", {}))
                 self.emas = self._new_emas()
@@ -378,6 +424,7 @@ class Trainer:
             raise DiffkdError(f"checkpoint {str(folder)!r} does not fit this config ({str(error).splitlines()[0]}); "
                               "resume with the config the run was started with (OUTPUT/config.yaml)") from None
         self.progress = progress
+        self.best_weights = best
         if self.acc.scaler is not None and state.get("scaler"):
             self.acc.scaler.load_state_dict(state["scaler"])
         rounds = len(self.method.rounds())
@@ -434,7 +481,12 @@ class Trainer:
 
     def write_summary(self) -> None:
         if self.acc.is_main_process:
-            (self.output / "training_summary.json").write_text(json.dumps(self.progress.__dict__, indent=1))
+            summary = dict(self.progress.__dict__)
+            if summary["validation"]:
+                wall = sum(self.progress.round_seconds.values())
+                summary["validation"] = {**summary["validation"],
+                                         "share_of_wall_time": summary["validation"]["seconds"] / wall if wall else None}
+            (self.output / "training_summary.json").write_text(json.dumps(summary, indent=1))
 
 
 class _SkipStep(Exception):

@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 FAST_TESTS = ["tests/test_paths.py", "tests/test_schedule.py", "tests/test_progressive_target.py", "tests/test_denoise.py",
               "tests/test_psnr.py", "tests/test_frechet.py", "tests/test_kd_losses.py", "tests/test_generator.py",
               "tests/test_progressive.py", "tests/test_perceptual.py", "tests/test_consistency.py", "tests/test_dmd.py",
-              "tests/test_guidance_embedding.py", "tests/test_glyphs_teacher.py"]
+              "tests/test_guidance_embedding.py", "tests/test_glyphs_teacher.py",
+              "tests/test_run_validation.py"]
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,15 @@ MUTATIONS = [
     Mutation("vae-narrow-means", "diffkd/text_pipeline.py", "vae.quant_conv.bias[latent_channels:] = ",
              "vae.quant_conv.bias[:latent_channels] = ", "the narrow start is put on the posterior means, not its "
              "log-variances"),
+    Mutation("selection-ties-move", "diffkd/selection.py", "if self.best_fd is None or fd < self.best_fd:",
+             "if self.best_fd is None or fd <= self.best_fd:",
+             "a validation that ties the best becomes the best: the longer-trained checkpoint is exported"),
+    Mutation("patience-one-late", "diffkd/selection.py", "self.since_best >= patience",
+             "self.since_best > patience", "early stopping waits one validation more than train.patience"),
+    Mutation("validation-raw-not-ema", "diffkd/trainer.py", "            ema.copy_to(trainable(student))\n",
+             "", "validation scores the raw weights while the EMA weights are exported"),
+    Mutation("random-conv-unscaled", "diffkd/evaluation/random_features.py", "* math.sqrt(2 / (fan_in * 9))",
+             "* math.sqrt(2 / fan_in)", "random conv weights not He-scaled by the kernel's fan-in"),
     Mutation("pooled-caption-dropped", "diffkd/text_pipeline.py",
              'addition_embed_type="text" if text_time_embedding else None', "addition_embed_type=None",
              "text_time_embedding: true leaves the pooled caption out of the timestep embedding"),

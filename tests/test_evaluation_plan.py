@@ -52,7 +52,7 @@ def test_check_weights_names_each_missing_file(empty_hub, tmp_path):
     with pytest.raises(DiffkdError, match="CLIPScore before x needs the model 'nobody/no-clip'"):
         check_weights(clip, plan_metrics(clip, True, True, True), "before x")
     missing_net = EvalConfig(feature=str(tmp_path / "net.pt"))
-    with pytest.raises(DiffkdError, match="neither digits-classifier, glyphs-classifier, inception nor a TorchScript file"):
+    with pytest.raises(DiffkdError, match="neither digits-classifier, glyphs-classifier, random-conv, inception nor a TorchScript file"):
         check_weights(missing_net, plan_metrics(missing_net, True, False, False), "before x")
     check_weights(EvalConfig(), plan_metrics(EvalConfig(), True, False, False), "before x")  # digits: nothing to find
 

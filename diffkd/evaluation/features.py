@@ -8,6 +8,7 @@ own small classifier, trained by ``python -m diffkd.evaluation.features train-di
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from torch import nn
 from diffkd.data import load_digits
 from diffkd.errors import DiffkdError
 from diffkd.evaluation.glyphs_classifier import GLYPHS_CLASSIFIER, GlyphsFeatures, load_glyphs_classifier
+from diffkd.evaluation.random_features import RANDOM_CONV_SEED, RandomConvFeatures
 from diffkd.weights import INCEPTION, file_sha256, locate_checkpoint
 
 log = logging.getLogger(__name__)
@@ -103,11 +105,14 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 def load_feature_network(name: str, device: str | torch.device = "cpu",
                          inception_weights: str | None = None) -> FeatureNetwork:
-    """The network called ``name``: 'digits-classifier', 'glyphs-classifier', 'inception' or a TorchScript file."""
+    """The network called ``name``: 'digits-classifier', 'glyphs-classifier', 'random-conv', 'inception' or a
+    TorchScript file."""
     if name == "digits-classifier":
         return _digits(device)
     if name == "glyphs-classifier":
         return _glyphs(device)
+    if name == "random-conv":
+        return _random_conv(device)
     if name == "inception":
         filename, url = INCEPTION
         path = locate_checkpoint(filename, url, inception_weights, "FID (Inception)",
@@ -116,7 +121,7 @@ def load_feature_network(name: str, device: str | torch.device = "cpu",
                               file_sha256(str(path)), "bilinear antialiased to 299x299 (torchmetrics)")
     path = Path(name).expanduser()
     if not path.is_file():
-        raise DiffkdError(f"eval.feature {name!r} is neither digits-classifier, glyphs-classifier, inception nor a "
+        raise DiffkdError(f"eval.feature {name!r} is neither digits-classifier, glyphs-classifier, random-conv, inception nor a "
                           "TorchScript file")
     module = torch.jit.load(str(path), map_location=device).eval()
     return FeatureNetwork(str(path), f"FD ({path.stem})", module, file_sha256(str(path)), "done by the module")
@@ -134,6 +139,13 @@ def _digits(device: str | torch.device) -> FeatureNetwork:
         details = json.loads(handle.metadata()["details"])
     return FeatureNetwork("digits-classifier", "FD (digits classifier)", DigitsFeatures(classifier).to(device).eval(),
                           file_sha256(str(DIGITS_CLASSIFIER)), "grey, bilinear antialiased to 16x16", details)
+
+
+def _random_conv(device: str | torch.device) -> FeatureNetwork:
+    module = RandomConvFeatures().to(device).eval()
+    digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in module.parameters())).hexdigest()
+    return FeatureNetwork("random-conv", "FD (random conv)", module, digest,
+                          "RGB (grey repeated), bilinear antialiased to 16x16", {"seed": RANDOM_CONV_SEED})
 
 
 def _glyphs(device: str | torch.device) -> FeatureNetwork:

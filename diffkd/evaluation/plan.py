@@ -79,10 +79,10 @@ def check_weights(config: EvalConfig, plan: MetricPlan, purpose: str) -> None:
     """Find every weights file ``plan`` requires, without loading it; raise naming the file and where to put it."""
     if plan.feature == "inception":
         locate_checkpoint(*INCEPTION, config.feature_weights, f"FID (Inception) {purpose}", "eval.feature_weights")
-    elif plan.feature not in ("digits-classifier", "glyphs-classifier") and not Path(plan.feature).expanduser(
+    elif plan.feature not in ("digits-classifier", "glyphs-classifier", "random-conv") and not Path(plan.feature).expanduser(
             ).is_file():
-        raise DiffkdError(f"eval.feature {plan.feature!r} is neither digits-classifier, glyphs-classifier, inception "
-                          "nor a TorchScript file")
+        raise DiffkdError(f"eval.feature {plan.feature!r} is neither digits-classifier, glyphs-classifier, random-conv, "
+                          "inception nor a TorchScript file")
     if (plan.prompt_accuracy or plan.feature == "glyphs-classifier") and not GLYPHS_CLASSIFIER.is_file():
         raise DiffkdError(missing_classifier())
     if plan.lpips:

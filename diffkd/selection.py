@@ -1,0 +1,36 @@
+"""Which checkpoint a run exports: the record of its validations, the best so far, and when to stop early.
+
+Torch-free plain values, kept in every checkpoint's state.json (JSON keeps floats exactly), so a run resumed from a
+checkpoint chooses the same weights and stops at the same step as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Selection:
+    """The validation record of a run: every (step, FD), the best so far and how many validations since.
+    Plain values, saved in each checkpoint's state.json (JSON keeps floats exactly), so a resumed run chooses the
+    same checkpoint as an uninterrupted one."""
+
+    history: list[dict] = field(default_factory=list)
+    best_step: int | None = None
+    best_fd: float | None = None
+    since_best: int = 0
+    seconds: float = 0.0
+    stopped_early: bool = False
+
+    def record(self, step: int, fd: float) -> bool:
+        """Add one validation; True when it is the best so far (ties keep the earlier, shorter-trained one)."""
+        self.history.append({"step": step, "fd": fd})
+        if self.best_fd is None or fd < self.best_fd:
+            self.best_step, self.best_fd, self.since_best = step, fd, 0
+            return True
+        self.since_best += 1
+        return False
+
+    def should_stop(self, patience: int) -> bool:
+        """Early stopping: ``patience`` validations in a row without a new best (0 = never stop)."""
+        return patience > 0 and self.since_best >= patience

@@ -1,0 +1,145 @@
+"""In-run validation (diffkd.run_validation, diffkd.selection): the record picks the first best and counts the
+validations since, early stopping fires after ``patience`` of them, the random feature network is a pure function
+of its seed, and a validated run exports the weights its record names and resumes to the same choice."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffkd.api import distill, prepare
+from diffkd.config import parse_config
+from diffkd.errors import DiffkdError
+from diffkd.evaluation.features import load_feature_network
+from diffkd.evaluation.frechet import frechet_distance_of_features
+from diffkd.evaluation.random_features import RandomConvFeatures
+from diffkd.run_validation import Validator, default_feature
+from diffkd.selection import Selection
+from diffkd.trainer import Trainer, make_accelerator
+from tests import faults
+
+
+def test_selection_keeps_the_first_best_and_counts_validations_since():
+    selection = Selection()
+    for step, fd in [(10, 5.0), (20, 3.0), (30, 3.0), (40, 4.0)]:
+        selection.record(step, fd)
+    assert (selection.best_step, selection.best_fd, selection.since_best) == (20, 3.0, 2)
+    assert selection.should_stop(2) and not selection.should_stop(3) and not selection.should_stop(0)
+    assert selection.record(50, 2.5) and selection.since_best == 0 and not selection.should_stop(1)
+
+
+def test_random_conv_features_are_a_pure_function_of_the_seed():
+    images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    first, second = RandomConvFeatures()(images), RandomConvFeatures()(images)
+    assert first.shape == (6, 640) and torch.equal(first, second)
+    assert not torch.equal(first, RandomConvFeatures(seed=1)(images))
+    grey = RandomConvFeatures()(images[:, :1].repeat(1, 3, 1, 1))
+    assert torch.equal(RandomConvFeatures()(images[:, :1]), grey)  # grey reads as grey RGB
+
+
+def test_random_conv_weights_are_he_scaled():
+    """std sqrt(2 / (9 fan_in)) per 3x3 conv (He et al. 2015): features neither vanish nor explode with depth."""
+    for conv in RandomConvFeatures().convs:
+        expected = (2 / (conv.in_channels * 9)) ** 0.5
+        assert abs(conv.weight.std().item() / expected - 1) < 0.1
+
+
+def test_random_conv_separates_distributions():
+    """Flat grey patches and noise patches differ in FD by far more than two draws of the same noise."""
+    network = load_feature_network("random-conv")
+    noise = [torch.randint(0, 256, (200, 3, 16, 16), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
+    flat = torch.randint(100, 156, (200, 3, 1, 1), dtype=torch.uint8).expand(200, 3, 16, 16)
+    same = frechet_distance_of_features(network(noise[0]), network(noise[1]))
+    assert frechet_distance_of_features(network(noise[0]), network(flat)) > 10 * same
+
+
+def test_default_feature_fits_the_teacher():
+    assert default_feature(1) == "digits-classifier" and default_feature(3) == "random-conv"
+
+
+def test_patience_needs_validation():
+    with pytest.raises(DiffkdError, match="train.validate_every"):
+        parse_config({"train": {"patience": 2}})
+
+
+def validated(teacher: str, steps: int = 8, **train) -> dict:
+    config = faults.consistency_config(teacher)
+    config["method"]["num_steps"] = steps
+    config["train"].update(validate_every=2, validate_samples=16, **train)
+    return config
+
+
+def test_validated_run_exports_the_best_weights_and_says_which(tiny_teacher, tmp_path):
+    folder = distill(parse_config(validated(tiny_teacher)), tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "training_summary.json").read_text())["validation"]
+    assert [h["step"] for h in record["history"]] == [2, 4, 6, 8]
+    assert record["best_fd"] == min(h["fd"] for h in record["history"])
+    assert 0 < record["share_of_wall_time"] < 1
+    card = (folder / "README.md").read_text()
+    assert f"exported_step: {record['best_step']}" in card and "![validation]" in card
+    config = parse_config(validated(tiny_teacher))
+    teacher, method, _ = prepare(config)
+    exported = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    method.student.load_state_dict(exported)
+    spec = method.export_spec()
+    validator = Validator(teacher, spec.scheduler, spec.prediction_type, 4, 16, "auto", tmp_path / "run" / "validation")
+    assert validator(method.student) == pytest.approx(record["best_fd"], rel=1e-9)
+
+
+def scripted_trainer(teacher: str, output, fds: list[float], **train) -> Trainer:
+    """A trainer whose validator returns ``fds`` in turn: the choice of step is then known in advance."""
+    config = parse_config(validated(teacher, **train))
+    _, method, _ = prepare(config)
+    trainer = Trainer(method, config.train, output, make_accelerator(config.train, output))
+    values = iter(fds)
+    trainer.validator = lambda _student: next(values)
+    return trainer
+
+
+def test_patience_stops_the_run_and_keeps_the_best_weights(tiny_teacher, tmp_path):
+    trainer = scripted_trainer(tiny_teacher, tmp_path / "run", [3.0, 2.0, 4.0, 5.0], patience=2, ema_decay=0.0)
+    progress = trainer.fit()
+    assert progress.validation["history"][-1]["step"] == 8 and progress.validation["best_step"] == 4
+    trainer = scripted_trainer(tiny_teacher, tmp_path / "stopped", [3.0, 2.0, 4.0, 5.0, 1.0], patience=2,
+                               steps=12, ema_decay=0.0)
+    progress = trainer.fit()
+    assert progress.validation["stopped_early"] and [h["step"] for h in progress.validation["history"]] == [2, 4, 6, 8]
+    assert progress.round == 1  # the round ended at the stop, its checkpoint written
+    assert trainer.best_weights.keys() == {k for k, p in trainer.student.state_dict().items()}
+
+
+def test_validation_scores_and_keeps_the_ema_weights_that_would_be_exported(tiny_teacher, tmp_path):
+    """With an export EMA, the last validation (here the best) keeps exactly the weights the round's end exports."""
+    trainer = scripted_trainer(tiny_teacher, tmp_path / "run", [4.0, 3.0, 2.0, 1.0])
+    trainer.fit()
+    exported = trainer.student.state_dict()
+    assert trainer.progress.validation["best_step"] == 8
+    assert all(torch.equal(trainer.best_weights[k], exported[k]) for k in exported)
+
+
+def test_a_resumed_run_restores_the_validation_record_and_best_weights(tiny_teacher, tmp_path):
+    trainer = scripted_trainer(tiny_teacher, tmp_path / "run", [3.0, 2.0, 4.0, 5.0])
+    trainer.fit()
+    from diffkd import checkpoint
+
+    middle = checkpoint.complete(tmp_path / "run" / "checkpoints")[0]  # step 6 of 8 (the last two are kept)
+    resumed = scripted_trainer(tiny_teacher, tmp_path / "run", [])
+    resumed.restore(middle)
+    assert resumed.progress.validation["best_step"] == 4 and len(resumed.progress.validation["history"]) == 3
+    assert all(torch.equal(resumed.best_weights[k], v) for k, v in trainer.best_weights.items())
+
+
+@pytest.mark.slow
+def test_killed_validated_run_resumes_bit_identical(tiny_teacher, tmp_path):
+    """SIGKILL after backward at step 5 (the record of steps 2 and 4 and their best weights come from the step-4
+    checkpoint): the resumed run exports the same weights and keeps the same record."""
+    config = faults.write_yaml(validated(tiny_teacher), tmp_path / "validated.yaml")
+    reference = faults.reference_run("consistency", config, tmp_path)
+    point = next(p for p in faults.KILL_POINTS if p.method == "consistency" and "after backward" in p.name)
+    result = faults.kill_and_resume(point, config, reference, tmp_path / "killed")
+    assert result.killed and result.identical, result.detail
+    records = [json.loads((folder / "training_summary.json").read_text())["validation"]
+               for folder in (tmp_path / "reference-consistency", tmp_path / "killed")]
+    assert records[0]["history"] == records[1]["history"]
