@@ -139,6 +139,9 @@ def distill(config: Config, output: str | Path, resume: bool | str | Path = Fals
             student = accelerator.unwrap_model(trainer.student)
             card = model_card(config, method, spec, report, student, teacher,
                               sum(progress.round_seconds.values()) or time.perf_counter() - started)
+            skipped = getattr(trainer.data, "skipped", 0)
+            if skipped:
+                card["data_rows_skipped"] = skipped  # data.skip_bad_rows: unreadable rows left out
             lora = config.student.lora
             shutil.rmtree(folder, ignore_errors=True)  # a half-written export of a killed job
             if lora is None:
