@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-Pick = Callable[[int], tuple[Image.Image, str]]
+Pick = Callable[[int], tuple[Image.Image | bytes, str]]
 
 
 def flat_rows(size: int = 8, mode: str = "L") -> Pick:
@@ -25,7 +25,10 @@ def flat_rows(size: int = 8, mode: str = "L") -> Pick:
     return pick
 
 
-def png(image: Image.Image) -> bytes:
+def png(image: Image.Image | bytes) -> bytes:
+    """The image as PNG bytes; bytes are kept as they are (a test's unreadable image)."""
+    if isinstance(image, bytes):
+        return image
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
