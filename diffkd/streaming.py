@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -175,15 +176,22 @@ class StreamedRows:
         self.rows = _Rows(captioned, transform, good)
         self.skipped = len(captioned) - len(self.rows)
         self.encode, self.num_workers = encode, num_workers
+        self.wait_seconds = 0.0
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def batches(self, plan: Iterable[tuple[Key, list[int]]]) -> Iterator[tuple[Key, dict[str, torch.Tensor]]]:
         """Each plan item's batch, in plan order; the workers decode ahead of the loop."""
-        loader = DataLoader(self.rows, batch_sampler=plan, num_workers=self.num_workers, collate_fn=_keep,
-                            prefetch_factor=4 if self.num_workers else None)
-        for key, pixels, captions in loader:
+        loader = iter(DataLoader(self.rows, batch_sampler=plan, num_workers=self.num_workers, collate_fn=_keep,
+                                 prefetch_factor=4 if self.num_workers else None))
+        while True:
+            started = time.perf_counter()
+            try:
+                key, pixels, captions = next(loader)
+            except StopIteration:
+                return
+            self.wait_seconds += time.perf_counter() - started  # the loop stood still for the workers
             if isinstance(pixels, str):
                 raise DiffkdError(pixels)
             yield key, self.encode(pixels.float() / 127.5 - 1, captions)

@@ -460,8 +460,13 @@ class Trainer:
         return done + self.progress.step
 
     def write_summary(self) -> None:
+        """Progress, and for a streamed set the rows skipped and the time spent waiting for the data workers."""
         if self.acc.is_main_process:
-            (self.output / "training_summary.json").write_text(json.dumps(self.progress.__dict__, indent=1))
+            summary = dict(self.progress.__dict__)
+            if isinstance(self.data, StreamedRows):
+                summary["data"] = {"rows": len(self.data), "rows_skipped": self.data.skipped,
+                                   "wait_seconds": round(self.data.wait_seconds, 3)}
+            (self.output / "training_summary.json").write_text(json.dumps(summary, indent=1))
 
 
 class _SkipStep(Exception):
