@@ -35,6 +35,7 @@ from results_file import machine, write_section
 from tests import captioned_sets
 
 GLYPHS = 2000
+FORMATS = "metadata,webdataset,saved"
 
 
 def glyph_rows():
@@ -187,7 +188,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("benchmark", choices=("flat", "wait", "sd512"))
     parser.add_argument("--rows", default="20000,200000")
-    parser.add_argument("--formats", default="metadata,webdataset,saved")
+    parser.add_argument("--formats", default=FORMATS)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32, help="glyphs runs (the recipe's 32 by default)")
@@ -205,7 +206,8 @@ def main() -> None:
     command = "python eval/data_scale.py " + " ".join(sys.argv[1:])
     print("\n".join(lines + verdicts))
     if not args.no_results:
-        write_section(f"data-scale-{args.benchmark}", "\n".join([
+        formats = "" if args.benchmark != "flat" or args.formats == FORMATS else "-" + args.formats.replace(",", "-")
+        write_section(f"data-scale-{args.benchmark}{formats}", "\n".join([
             f"## Data at scale ({args.benchmark}): captioned sets streamed from disk", "",
             f"Machine: {machine('cpu')} (2 cores shared with other jobs). Command: `{command}`.", "",
             *lines, "", *(f"- {v}" for v in verdicts)]))
