@@ -188,6 +188,9 @@ def distill(config: Config, output: str | Path, resume: bool | str | Path = Fals
                               start.teacher_facts, start.resumed_other)
             if trainer.validator is not None and progress.validation:
                 card["validation"] = validation_card(trainer.validator, progress.validation)
+            skipped = getattr(trainer.data, "skipped", 0)
+            if skipped:
+                card["data_rows_skipped"] = skipped  # data.skip_bad_rows: unreadable rows left out
             lora = config.student.lora
             shutil.rmtree(folder, ignore_errors=True)  # a half-written export of a killed job
             if lora is None:

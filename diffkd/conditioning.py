@@ -6,16 +6,18 @@ prompt as the unconditional branch); unconditional teachers get nothing, and eve
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
+from diffkd.captioned import open_captioned
 from diffkd.config import DataConfig
 from diffkd.data import load_training_set
 from diffkd.errors import DiffkdError
 from diffkd.io import LoadedPipeline
 from diffkd.models import Conditioning
+from diffkd.streaming import StreamedRows, Transform
 
 
 def read_prompts(prompts: Sequence[str], prompts_file: str | None, option: str = "data.prompts_file") -> list[str]:
@@ -96,10 +98,35 @@ def training_latents(teacher: LoadedPipeline, data: DataConfig) -> tuple[torch.T
     return latents, captions
 
 
-def training_rows(teacher: LoadedPipeline, data: DataConfig) -> dict[str, torch.Tensor]:
-    """The latents ("x0") beside each row's text conditioning: the rows progressive, consistency and DMD train on."""
+def training_rows(teacher: LoadedPipeline, data: DataConfig) -> dict[str, torch.Tensor] | StreamedRows:
+    """The latents ("x0") beside each row's text conditioning: the rows progressive, consistency and DMD train on.
+    A captioned set on disk is streamed, each batch encoded as it is drawn (``encode_batch``)."""
+    streamed = captioned_rows(teacher, data, lambda pixels, captions: encode_batch(teacher, pixels, captions))
+    if streamed is not None:
+        return streamed
     latents, captions = training_latents(teacher, data)
     return {"x0": latents, **row_conditioning(teacher, data, captions, len(latents))}
+
+
+def captioned_rows(teacher: LoadedPipeline, data: DataConfig,
+                   encode: Callable[[torch.Tensor, list[str]], dict[str, torch.Tensor]]) -> StreamedRows | None:
+    """data.source as rows streamed from disk at the teacher's size (None: an embedded set or a plain folder).
+
+    Streamed rather than encoded once into a latent cache: every method then sees the images the same way, with
+    nothing to invalidate when the teacher, the set or the transform changes; the price is one VAE-encoder and
+    text-encoder pass per batch, small beside the teacher and student passes of a distillation step."""
+    captioned = open_captioned(data.source, data.image_column, data.caption_column)
+    if captioned is None:
+        return None
+    transform = Transform(teacher.image_size, teacher.image_channels, data.resize, data.convert)
+    return StreamedRows(captioned, transform, encode, data.num_workers, data.skip_bad_rows)
+
+
+@torch.no_grad()
+def encode_batch(teacher: LoadedPipeline, pixels: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
+    """One streamed batch as the in-memory rows look: latents, and for a text teacher each image's own caption."""
+    latents = teacher.denoiser.encode(pixels.to(teacher.unet.device)).cpu()
+    return {"x0": latents, **encode_captions(teacher, captions)}
 
 
 def batch_conditioning(batch: dict[str, torch.Tensor], guidance_scale: float) -> Conditioning:

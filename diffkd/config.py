@@ -43,6 +43,12 @@ class DataConfig:
     that does not match the teacher is refused rather than silently adapted.
     num_glyphs / seed: how many glyphs-32 images (source 'glyphs') and which; each comes with its caption, which
     a text teacher is trained or distilled on in place of data.prompts.
+    source may also be a captioned set streamed from disk (diffkd.captioned): a folder with diffusers'
+    metadata.jsonl, a dataset saved with save_to_disk or a hub name, or WebDataset shards (brace patterns joined by
+    '::'). image_column / caption_column: its columns (empty: 'image' and 'text', or a shard's image extension and
+    'txt'; 'json.caption' reads a field of a json column). num_workers: DataLoader workers that decode it.
+    skip_bad_rows: leave out unreadable images and rows without caption (counted in the log and the model card)
+    instead of refusing the set.
     """
 
     source: str = "digits"
@@ -52,8 +58,13 @@ class DataConfig:
     prompts_file: str | None = None
     num_glyphs: int = 20000
     seed: int = 0
+    image_column: str = ""
+    caption_column: str = ""
+    num_workers: int = 2
+    skip_bad_rows: bool = False
 
     def __post_init__(self):
+        check(self.num_workers >= 0, f"data.num_workers must be >= 0; got {self.num_workers}")
         check(self.num_glyphs >= 1, f"data.num_glyphs must be >= 1; got {self.num_glyphs}")
         check(self.seed >= 0, f"data.seed must be >= 0; got {self.seed}")
 

@@ -156,16 +156,23 @@ def _check_uniform(files: list[Path]) -> None:
 def _load_image(path: Path, size: int, channels: int) -> torch.Tensor:
     try:
         with Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB")
-            scale = size / min(image.size)
-            w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-            image = image.resize((w, h), Image.Resampling.BICUBIC)
-            left, top = (w - size) // 2, (h - size) // 2
-            image = image.crop((left, top, left + size, top + size))
-            pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+            pixels = fit_image(image, size, channels)
     except (UnidentifiedImageError, OSError) as error:
         raise DiffkdError(f"cannot read image {str(path)!r} ({type(error).__name__}): remove or replace it") from error
-    return pixels.reshape(size, size, channels).permute(2, 0, 1).float() / 127.5 - 1
+    return pixels.float() / 127.5 - 1
+
+
+def fit_image(image: Image.Image, size: int, channels: int) -> torch.Tensor:
+    """``image`` as channels x size x size uint8: shorter side resized (bicubic) to ``size``, centre-cropped.
+    Deterministic (no random crop), so a batch is a pure function of its rows, in any worker."""
+    image = image.convert("L" if channels == 1 else "RGB")
+    scale = size / min(image.size)
+    w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+    image = image.resize((w, h), Image.Resampling.BICUBIC)
+    left, top = (w - size) // 2, (h - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return pixels.reshape(size, size, channels).permute(2, 0, 1).contiguous()
 
 
 def load_images(source: str, size: int, channels: int, resize: bool = False, convert: bool = False) -> torch.Tensor:

@@ -26,7 +26,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -45,6 +45,7 @@ from diffkd.losses.terms import LossTerms
 from diffkd.methods.base import Method, Network, Phase
 from diffkd.progress import Progress as RunProgress
 from diffkd.selection import Selection
+from diffkd.streaming import StreamedRows
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +144,9 @@ class Trainer:
                               f"divide into {accelerator.num_processes} process(es) x "
                               f"train.gradient_accumulation_steps={train.gradient_accumulation_steps}: use a multiple "
                               f"of {self.shards}")
-        self.data: dict[str, torch.Tensor] = {}
+        self.data: dict[str, torch.Tensor] | StreamedRows = {}
         self.num_rows = 0
+        self._stream: Iterator[tuple[tuple[int, ...], dict[str, torch.Tensor]]] | None = None
         self.networks, self.phases = method.networks(), method.phases()
         check_layout(type(method).__name__, self.networks, self.phases, method.followers())
         for network in self.networks.values():
@@ -172,7 +174,7 @@ class Trainer:
         that cheap checks (a checkpoint to resume) fail before an expensive dataset is built."""
         if not self.data:
             self.data = self.method.dataset()
-            self.num_rows = len(next(iter(self.data.values())))
+            self.num_rows = len(next(iter(self.data.values()))) if isinstance(self.data, dict) else len(self.data)
 
     def fit(self, resume_from: Path | None = None) -> Progress:
         if resume_from is not None:
@@ -187,6 +189,8 @@ class Trainer:
             if self.progress.step == 0:
                 self._begin_round(index)
             started = time.perf_counter() - self.progress.round_seconds.get(current.name, 0.0)
+            if isinstance(self.data, StreamedRows):
+                self._stream = self.data.batches(self._plan(index, current.num_steps))
             while self.progress.step < current.num_steps:
                 logs = self._optimizer_step(index, current.num_steps)
                 self.progress.step += 1
@@ -279,14 +283,12 @@ class Trainer:
         clip, check, step its optimiser. Update 0 of a step draws what a one-update step always drew."""
         accumulation = self.train.gradient_accumulation_steps
         world, rank = self.acc.num_processes, self.acc.process_index
-        rows = batch_indices(self.num_rows, self.train.batch_size, self.progress.step,
-                             self.train.seed + 7919 * round_index + 104_729 * update)
-        size = self.train.batch_size // self.shards
+        rows = self._rows(round_index, self.progress.step, update)
         logs: dict[str, float] = {}
         try:
             for micro in range(accumulation):
                 shard = micro * world + rank
-                batch = {k: v[rows[shard * size:(shard + 1) * size]].to(self.acc.device) for k, v in self.data.items()}
+                batch = self._batch(rows[self._shard_slice(shard)], (self.progress.step, update, micro))
                 seed = step_seed(self.train.seed, round_index, self.progress.step, shard, update)
                 set_seed(seed % 2**32)
                 generator = torch.Generator().manual_seed(seed)
@@ -317,6 +319,38 @@ class Trainer:
         logs["lr"] = optimizer.param_groups[0]["lr"]
         logs["grad_norm"] = float(norm) if norm is not None else float("nan")
         return logs
+
+    def _rows(self, round_index: int, step: int, update: int) -> torch.Tensor:
+        """The rows of one update's global batch: a pure function of (seed, round, step, update)."""
+        return batch_indices(self.num_rows, self.train.batch_size, step,
+                             self.train.seed + 7919 * round_index + 104_729 * update)
+
+    def _shard_slice(self, shard: int) -> slice:
+        size = self.train.batch_size // self.shards
+        return slice(shard * size, (shard + 1) * size)
+
+    def _plan(self, round_index: int, num_steps: int) -> Iterator[tuple[tuple[int, int, int], list[int]]]:
+        """This process's shards of every update from the current step to the round's end, in the order ``_update``
+        asks for them: what a streamed set's workers decode ahead of the loop. Each rank's are its own rows."""
+        updates = sum(phase.repeats for phase in self.phases)
+        world, rank = self.acc.num_processes, self.acc.process_index
+        for step in range(self.progress.step, num_steps):
+            for update in range(updates):
+                rows = self._rows(round_index, step, update)
+                for micro in range(self.train.gradient_accumulation_steps):
+                    yield (step, update, micro), rows[self._shard_slice(micro * world + rank)].tolist()
+
+    def _batch(self, rows: torch.Tensor, key: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+        """The rows' tensors: indexed in memory, or the streamed batch planned for ``key`` (batches planned for a
+        skipped step's remaining updates are passed over)."""
+        if isinstance(self.data, dict):
+            return {k: v[rows].to(self.acc.device) for k, v in self.data.items()}
+        for planned, batch in self._stream:
+            if planned == key:
+                return {k: v.to(self.acc.device) for k, v in batch.items()}
+            if planned > key:
+                break
+        raise RuntimeError(f"streamed batch {key} was not in the plan")  # a bug in _plan, not a user error
 
     def _zero_grad(self) -> None:
         """Every network's gradients, not only the phase's: a student loss through the critic reaches the critic."""
@@ -480,12 +514,16 @@ class Trainer:
         return done + self.progress.step
 
     def write_summary(self) -> None:
+        """Progress, and for a streamed set the rows skipped and the time spent waiting for the data workers."""
         if self.acc.is_main_process:
             summary = dict(self.progress.__dict__)
             if summary["validation"]:
                 wall = sum(self.progress.round_seconds.values())
                 summary["validation"] = {**summary["validation"],
                                          "share_of_wall_time": summary["validation"]["seconds"] / wall if wall else None}
+            if isinstance(self.data, StreamedRows):
+                summary["data"] = {"rows": len(self.data), "rows_skipped": self.data.skipped,
+                                   "wait_seconds": round(self.data.wait_seconds, 3)}
             (self.output / "training_summary.json").write_text(json.dumps(summary, indent=1))
 
 

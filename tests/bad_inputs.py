@@ -163,6 +163,43 @@ def _garbage_image(tmp: Path) -> Path:
     return folder
 
 
+def _captioned(kind: str, count: int = 6, damage: Callable[[int], tuple] | None = None) -> Callable[[Path], str]:
+    """A captioned set of 8x8 grey images (the tiny teacher's) in format ``kind``; ``damage(i)`` may replace row
+    i's image (a PIL image, or bytes written as they are) or caption (None: keep it)."""
+    from tests import captioned_sets
+
+    base = captioned_sets.flat_rows(8, "L")
+
+    def pick(i: int):
+        image, caption = damage(i) if damage else (None, None)
+        return base(i)[0] if image is None else image, base(i)[1] if caption is None else caption
+
+    return lambda tmp: captioned_sets.write(kind, tmp / kind, count, pick)
+
+
+def _grey(width: int, height: int):
+    from PIL import Image
+
+    return Image.new("L", (width, height))
+
+
+def _empty_shard(tmp: Path) -> str:
+    import tarfile
+
+    from tests import captioned_sets
+
+    pattern = captioned_sets.write_shards(tmp / "shards", 4, captioned_sets.flat_rows(8, "L"), per_shard=2)
+    tarfile.open(tmp / "shards" / "shard-00002.tar", "w").close()
+    return pattern.replace("00001}", "00002}")
+
+
+def _captioned_case(fragment: str, prepare: Callable[[Path], str], *sets: str) -> Callable:
+    def make(tmp: Path, teacher: str):
+        argv, output = _distill(tmp, teacher, f"data.source={prepare(tmp)}", "data.num_workers=0", *sets)
+        return argv, fragment, output
+    return make
+
+
 def _output_case(fragment: str, prepare: Callable[[Path], Path], *extra: str) -> Callable:
     def make(tmp: Path, teacher: str):
         output = prepare(tmp)
@@ -594,6 +631,16 @@ CASES = [
     Case("unreadable image", _data_case("cannot read image", _garbage_image)),
     Case("images of mixed sizes", _data_case("mixed sizes", lambda tmp: _images(
         tmp / "images", [("L", (8, 8)), ("L", (8, 8)), ("L", (12, 10))]))),
+    Case("captioned folder: unreadable image", _captioned_case("data.skip_bad_rows=true", _captioned(
+        "metadata", damage=lambda i: (b"not a png" if i == 3 else None, None)))),
+    Case("captioned folder: row without caption", _captioned_case("has no caption", _captioned(
+        "metadata", damage=lambda i: (None, "" if i == 2 else None)))),
+    Case("captioned set: caption column missing", _captioned_case("has no column 'prompt'", _captioned("saved"),
+                                                                 "data.caption_column=prompt")),
+    Case("WebDataset shard empty", _captioned_case("is empty", _empty_shard)),
+    Case("captioned images of mixed sizes without data.resize", _captioned_case("set data.resize=true", _captioned(
+        "webdataset", damage=lambda i: (_grey(12, 10) if i == 4 else None, None)))),
+    Case("hub data set offline", _captioned_case("save_to_disk", lambda tmp: "nobody/no-such-dataset")),
     Case("images of mixed channels", _data_case("mixed channels", lambda tmp: _images(
         tmp / "images", [("L", (8, 8)), ("RGB", (8, 8))]))),
     Case("CUDA asked for on a machine without it", _cuda_case),

@@ -115,7 +115,8 @@ class Method:
         """Refuse, before any work, a config this teacher cannot be distilled with (raise DiffkdError)."""
 
     def dataset(self) -> dict[str, torch.Tensor]:
-        """Training rows as tensors of equal length; the trainer draws batches of rows from them."""
+        """Training rows as tensors of equal length, or a diffkd.streaming.StreamedRows for a set read from disk as
+        it is drawn; the trainer draws batches of rows from them either way."""
         raise NotImplementedError
 
     def rounds(self) -> list[Round]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from diffkd import schedule, text_pipeline
-from diffkd.conditioning import training_latents
+from diffkd.conditioning import captioned_rows, training_latents
 from diffkd.config import Config
 from diffkd.errors import DiffkdError
 from diffkd.io import LoadedPipeline, denoiser_of, load_pipeline
@@ -78,11 +78,21 @@ class TextDenoisingTraining(Method):
 
     def dataset(self) -> dict[str, torch.Tensor]:
         """Latents of the training images (the VAE's mode, scaled), each row's caption as token ids, and the empty
-        prompt's ids in every row (the caption-dropout branch)."""
+        prompt's ids in every row (the caption-dropout branch). A captioned set on disk is streamed."""
+        streamed = captioned_rows(self.teacher, self.config.data, self._encode)
+        if streamed is not None:
+            return streamed
         latents, captions = training_latents(self.teacher, self.config.data)
         if captions is None:
             raise DiffkdError(f"data.source {self.config.data.source!r} has no captions: the text-denoise method "
                               "trains on each image's own caption; use data.source: glyphs")
+        ids = self._token_ids([*captions, ""])
+        return {"x0": latents, "input_ids": ids[:-1], "uncond_input_ids": ids[-1:].expand(len(captions), -1)}
+
+    @torch.no_grad()
+    def _encode(self, pixels: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
+        """One streamed batch as ``dataset``'s in-memory rows look."""
+        latents = self.teacher.denoiser.encode(pixels.to(self.teacher.unet.device)).cpu()
         ids = self._token_ids([*captions, ""])
         return {"x0": latents, "input_ids": ids[:-1], "uncond_input_ids": ids[-1:].expand(len(captions), -1)}
 
