@@ -1,0 +1,54 @@
+"""The measured side of the memory plan: the peak of a real optimiser step of a built trainer, on this machine.
+
+It runs the trainer's own ``_optimizer_step`` (the method's real loss, the trainer's AdamW, clipping and EMA) twice
+under the same storage tracker the plan uses, with real tensors, and returns the peak of the second step, the
+steady state in which Adam's moments exist. ``plan_for`` plans the same run from the teacher's UNet config, so the
+two can be held against each other (tests/test_plan.py, the 15% target).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from diffkd.config import Config
+from diffkd.memory_tracker import PeakTracker
+from diffkd.plan import Levers, Plan, trace_step, track
+from diffkd.plan_layouts import Layout
+from diffkd.plan_step import step_spec
+
+
+def measured_peak(trainer) -> int:
+    trainer.load_data()
+    trainer._begin_round(0)
+    method = trainer.method
+    frozen = [method.teacher.unet, *method.followers().values()]
+    trainer._optimizer_step(0, 10)  # the first step makes Adam's moments
+    with PeakTracker() as tracker:
+        track(tracker, [*(n.module for n in trainer.networks.values()), *frozen,
+                        *(o.optimizer for o in trainer.optimizers.values()),
+                        *(p for ema in trainer.emas.values() for p in ema.shadow_params)])
+        tracker.reset_peak()
+        trainer._optimizer_step(0, 10)
+        return tracker.peak
+
+
+def teacher_layout(folder: str | Path) -> Layout:
+    """A local teacher's UNet as a plan layout, from its config file alone (no weights read)."""
+    folder = Path(folder)
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    family = "unet" if config["_class_name"] == "UNet2DConditionModel" else "unet2d"
+    tokens = 0
+    if (folder / "text_encoder" / "config.json").is_file():
+        tokens = json.loads((folder / "text_encoder" / "config.json").read_text())["max_position_embeddings"]
+    return Layout(folder.name, family, {k: v for k, v in config.items() if not k.startswith("_")}, tokens)
+
+
+def plan_for(config: Config, layout: Layout, batch: int | None = None) -> Plan:
+    t = config.train
+    levers = Levers(mixed_precision=t.mixed_precision, frozen_dtype=t.frozen_dtype,
+                    gradient_checkpointing=t.gradient_checkpointing,
+                    lora_rank=config.student.lora.rank if config.student.lora else 16, export_ema=t.ema_decay > 0)
+    spec = step_spec(config.method.name, config.method, config.student.lora is not None)
+    per_device = batch or t.batch_size // t.gradient_accumulation_steps
+    return trace_step(spec, layout, per_device, levers)
