@@ -194,13 +194,14 @@ def _roles(spec: StepSpec, networks: dict[str, nn.Module], trained: dict, emas: 
     return roles
 
 
-def largest_batch(one: Plan, two: Plan, limit_gb: float) -> int:
-    """The largest batch whose peak fits ``limit_gb``, from the traces at batch 1 and 2: what grows with the batch
-    (activations, the loss's tensors) grows linearly in it, so peak(b) = peak(1) + (b - 1) (peak(2) - peak(1))."""
-    if one.peak_gb > limit_gb:
-        return 0
-    per_row = two.peak_gb - one.peak_gb
-    return 1 + int((limit_gb - one.peak_gb) // per_row) if per_row > 0 else 1 << 20
+def largest_batch(low: Plan, high: Plan, limit_gb: float) -> int | None:
+    """The largest batch whose peak fits ``limit_gb``, from traces at two batches large enough that the backward,
+    not the optimiser step, sets the peak: what grows with the batch (activations) grows linearly in it. None when
+    the two peaks are equal (the optimiser step still sets it: the answer is above ``high.batch_size``)."""
+    per_row = (high.peak_gb - low.peak_gb) / (high.batch_size - low.batch_size)
+    if per_row <= 0:
+        return None
+    return max(0, low.batch_size + int((limit_gb - low.peak_gb) // per_row))
 
 
-__all__ = ["DEVICES_GB", "Levers", "Plan", "TARGET", "TEACHER", "largest_batch", "trace_step"]
+__all__ = ["DEVICES_GB", "TARGET", "TEACHER", "Levers", "Plan", "largest_batch", "trace_step"]
