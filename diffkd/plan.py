@@ -96,7 +96,13 @@ def add_lora(module: nn.Module, layout: Layout, rank: int) -> nn.Module:
     from peft import LoraConfig
 
     module.requires_grad_(False)
-    module.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(layout.lora_targets)))
+    # peft moves each adapter to its base layer's device and dtype with Module.to, which cannot swap fake
+    # parameters; everything here is made on the CPU in fp32 already, so those moves are skipped
+    move, nn.Module.to = nn.Module.to, lambda self, *args, **kwargs: self
+    try:
+        module.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(layout.lora_targets)))
+    finally:
+        nn.Module.to = move
     return module
 
 

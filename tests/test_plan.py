@@ -49,3 +49,37 @@ def test_checkpointing_lowers_the_planned_peak(teacher):
     plain = plan_for(run_config(teacher, "progressive", False), layout)
     checkpointed = plan_for(run_config(teacher, "progressive", True), layout)
     assert checkpointed.roles["activations"] < 0.7 * plain.roles["activations"]
+
+
+@pytest.fixture(scope="module")
+def text_teacher(tmp_path_factory) -> str:
+    """The tests' tiny SD-layout pipeline with a wider cross-attention UNet, so weights and activations, not the
+    loss's small tensors, make the peak."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from tests.conftest import make_tiny_sd_pipeline
+
+    folder = make_tiny_sd_pipeline(tmp_path_factory.mktemp("plan-sd") / "pipeline")
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    torch.manual_seed(0)
+    pipe.unet = UNet2DConditionModel(sample_size=4, in_channels=4, out_channels=4, block_out_channels=(64, 128),
+                                     layers_per_block=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                     norm_num_groups=8, attention_head_dim=8)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("method", ["progressive", "consistency"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_lora_student_plan_within_15_percent(text_teacher, method, checkpointing, tmp_path):
+    config = parse_config({"method": {**METHODS[method], "guidance_scale": 3.0}, "teacher": {"source": text_teacher},
+                           "student": {"lora": {"rank": 8}},
+                           "data": {"source": "digits", "convert": True, "prompts": ["a cat", "a dog"]},
+                           "train": {"batch_size": 32, "device": "cpu", "gradient_checkpointing": checkpointing},
+                           "run_eval": False})
+    planned = plan_for(config, teacher_layout(text_teacher))
+    _, built, _ = prepare(config)
+    measured = measured_peak(Trainer(built, config.train, tmp_path, make_accelerator(config.train, tmp_path)))
+    assert planned.roles["student grads"] < 0.1 * planned.roles["student weights"]  # only the adapters train
+    assert abs(planned.peak_bytes - measured) <= 0.15 * measured, (planned.peak_bytes, measured)
