@@ -2,7 +2,7 @@
 
 The step's networks are built from their diffusers configs under torch's FakeTensorMode (tensors with shapes,
 dtypes and devices but no storage), and the step is replayed as the method runs it (``diffkd.plan_step``): each
-phase's passes in order, the backward, AdamW's step, zero_grad, twice, so the second step has its Adam moments.
+phase's passes in order, the backward, AdamW's step, zero_grad, with Adam's moments made beforehand, as in every step after the first.
 a dispatch mode (``diffkd.memory_tracker``) counts every live storage while it runs; its peak is the plan. Replaying the step on the real
 networks, rather than summing a hand formula, is what makes checkpointing, LoRA, autocast and the attention kernels
 count as they really do; what is not replayed is the loss arithmetic between passes (a few latent-sized tensors).
@@ -120,18 +120,22 @@ def trace_step(spec: StepSpec, layout: Layout, batch: int, levers: Levers) -> Pl
         emas = [p.detach().clone() for name in spec.trained if levers.export_ema and name == "student"
                 for p in trained[name]]
         optimizers = [torch.optim.AdamW([p for name in phase.trained for p in trained[name]]) for phase in spec.phases]
+        for optimizer in optimizers:  # Adam's moments, as after a first step, made without a pass
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    param.grad = torch.zeros_like(param)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         with PeakTracker() as tracker:
             track(tracker, [*networks.values(), *optimizers, *emas])
-            for _ in range(2):
-                for phase, optimizer in zip(spec.phases, optimizers):
-                    for _ in range(phase.repeats):
-                        _update(phase.passes, networks, layout, batch, levers.mixed_precision)
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
+            for phase, optimizer in zip(spec.phases, optimizers):  # a phase's repeats are alike: one of each
+                _update(phase.passes, networks, layout, batch, levers.mixed_precision)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             peak = tracker.peak
         roles = _roles(spec, networks, trained, emas, layout, levers)
     untracked = sum(v for k, v in roles.items() if k.startswith("frozen parts"))
-    roles["activations"] = max(0, peak + untracked - sum(roles.values()))
+    roles["activations and temporaries"] = max(0, peak + untracked - sum(roles.values()))
     return Plan(batch, peak + untracked, roles)
 
 
