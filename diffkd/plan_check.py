@@ -52,3 +52,32 @@ def plan_for(config: Config, layout: Layout, batch: int | None = None) -> Plan:
     spec = step_spec(config.method.name, config.method, config.student.lora is not None)
     per_device = batch or t.batch_size // t.gradient_accumulation_steps
     return trace_step(spec, layout, per_device, levers)
+
+
+def run(args) -> int:
+    """``diffkd plan``: the configured step's plan per role, then the largest batch per device of each size."""
+    from diffkd.config import load_config
+    from diffkd.errors import DiffkdError
+    from diffkd.plan import DEVICES_GB, largest_batch
+    from diffkd.plan_layouts import LAYOUTS
+
+    config = load_config(args.config, args.overrides)
+    if args.layout:
+        layout = LAYOUTS[args.layout]
+    elif (Path(config.teacher.source) / "unet" / "config.json").is_file():
+        layout = teacher_layout(config.teacher.source)
+    else:
+        raise DiffkdError(f"teacher.source={config.teacher.source!r} has no unet/config.json here: name its layout "
+                          f"with --layout ({', '.join(LAYOUTS)})")
+    plan = plan_for(config, layout)
+    print(f"{args.config}: {config.method.name} on {layout.name}, batch {plan.batch_size} per device, "
+          f"{config.train.mixed_precision} autocast, frozen {config.train.frozen_dtype}, gradient checkpointing "
+          f"{'on' if config.train.gradient_checkpointing else 'off'}")
+    for role, size in plan.roles.items():
+        print(f"  {role:<40} {size / 1e9:8.2f} GB")
+    print(f"  {'peak':<40} {plan.peak_gb:8.2f} GB")
+    low, high = plan_for(config, layout, 8), plan_for(config, layout, 16)
+    for device in DEVICES_GB:
+        fits = largest_batch(low, high, device)
+        print(f"  largest batch per device in {device} GB: {'> 16' if fits is None else fits}")
+    return 0

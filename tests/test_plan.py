@@ -83,3 +83,23 @@ def test_lora_student_plan_within_15_percent(text_teacher, method, checkpointing
     measured = measured_peak(Trainer(built, config.train, tmp_path, make_accelerator(config.train, tmp_path)))
     assert planned.roles["student grads"] < 0.1 * planned.roles["student weights"]  # only the adapters train
     assert abs(planned.peak_bytes - measured) <= 0.15 * measured, (planned.peak_bytes, measured)
+
+
+def test_plan_command_prints_roles_peak_and_largest_batches(teacher, tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"method": METHODS["progressive"], "teacher": {"source": teacher},
+                                    "train": {"batch_size": 32, "device": "cpu"}, "run_eval": False}))
+    result = subprocess.run([sys.executable, "-m", "diffkd", "plan", str(path), "--set",
+                             "train.gradient_checkpointing=true"], capture_output=True, text=True, timeout=600,
+                            check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "gradient checkpointing on" in result.stdout
+    assert "student Adam moments" in result.stdout and "largest batch per device in 80 GB" in result.stdout
+    missing = subprocess.run([sys.executable, "-m", "diffkd", "plan", "configs/sd15-progressive.yaml"],
+                             capture_output=True, text=True, timeout=600, check=False)
+    assert missing.returncode == 2 and "--layout" in missing.stderr
