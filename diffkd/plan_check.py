@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from diffkd.config import Config
+from diffkd.config import Config, load_config
+from diffkd.errors import DiffkdError
 from diffkd.memory_tracker import PeakTracker
-from diffkd.plan import Levers, Plan, trace_step, track
-from diffkd.plan_layouts import Layout
+from diffkd.plan import DEVICES_GB, Levers, Plan, largest_batch, trace_step, track
+from diffkd.plan_layouts import LAYOUTS, Layout
 from diffkd.plan_step import step_spec
 
 
@@ -56,11 +57,6 @@ def plan_for(config: Config, layout: Layout, batch: int | None = None) -> Plan:
 
 def run(args) -> int:
     """``diffkd plan``: the configured step's plan per role, then the largest batch per device of each size."""
-    from diffkd.config import load_config
-    from diffkd.errors import DiffkdError
-    from diffkd.plan import DEVICES_GB, largest_batch
-    from diffkd.plan_layouts import LAYOUTS
-
     config = load_config(args.config, args.overrides)
     if args.layout:
         layout = LAYOUTS[args.layout]
