@@ -7,6 +7,7 @@ exports the pipeline and (for distillation) evaluates it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -67,6 +68,21 @@ def prepare(config: Config, device: str = "cpu") -> tuple[LoadedPipeline, Method
                               "same parameterisation, or set the method's student_prediction_type to match")
     method.check()
     return teacher, method, report
+
+
+@contextlib.contextmanager
+def frozen_precision(teacher: LoadedPipeline, dtype: str):
+    """The frozen teacher UNet (the real score) stored at ``dtype`` while training, which runs it under autocast;
+    fp32 again before and after, where it runs outside autocast (a teacher-sample cache, a fused LoRA export, the
+    evaluation). The method copied what it trains (in fp32) from it at construction, before this."""
+    if dtype == "no":
+        yield
+        return
+    teacher.unet.to({"bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
+    try:
+        yield
+    finally:
+        teacher.unet.to(torch.float32)
 
 
 def start_from(student: torch.nn.Module, source: str, device: str) -> str:
@@ -175,7 +191,8 @@ def distill(config: Config, output: str | Path, resume: bool | str | Path = Fals
             trainer.trim_logs()
         accelerator.wait_for_everyone()
         started = time.perf_counter()
-        progress = trainer.fit()
+        with frozen_precision(teacher, config.train.frozen_dtype):
+            progress = trainer.fit()
         trainer.write_summary()
         folder = output / export_folder_name(type(method))
         if main:

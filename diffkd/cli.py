@@ -100,6 +100,12 @@ def run_teacher_samples(args: argparse.Namespace) -> int:
     return sample_cache.run(args)
 
 
+def run_plan(args: argparse.Namespace) -> int:
+    from diffkd import plan_check  # deferred for start-up time
+
+    return plan_check.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffkd", description="Distil diffusers pipelines into few-step students.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -117,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "generator method")
     add_teacher_samples_arguments(samples)
     samples.set_defaults(handler=run_teacher_samples)
+    plan = commands.add_parser("plan", help="peak accelerator memory of one optimiser step, planned without weights")
+    plan.add_argument("config", help="YAML config (see configs/)")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config value (repeatable)")
+    plan.add_argument("--layout", default=None, choices=["sd15", "sdxl", "sd3-medium", "flux-dev"],
+                      help="plan on this real-size layout instead of the teacher folder's UNet config")
+    plan.set_defaults(handler=run_plan)
     return parser
 
 

@@ -166,6 +166,13 @@ class TrainConfig:
     DDIM-64 samples on ``validate_feature`` ("auto": the digits classifier for grey images, else "random-conv"),
     and export the best (``diffkd.run_validation``); 0 = off. patience: stop after that many validations without
     a new best (0 = never).
+
+    Memory levers (``diffkd plan`` shows what each saves): gradient_checkpointing recomputes the trained networks'
+    activations in the backward instead of keeping them (diffusers' ``enable_gradient_checkpointing``: about a third
+    more compute for most of the activations). frozen_dtype stores the frozen teacher (the real score) at the
+    autocast precision while trained networks keep fp32 master weights; it needs mixed_precision set to the same,
+    since autocast is what feeds those weights inputs of their dtype. optimizer adamw8bit keeps Adam's moments in
+    8 bits (bitsandbytes, CUDA only).
     """
 
     batch_size: int = 64
@@ -193,6 +200,9 @@ class TrainConfig:
     validate_steps: int = 0
     validate_feature: str = "auto"
     patience: int = 0
+    gradient_checkpointing: bool = False
+    frozen_dtype: str = "no"
+    optimizer: str = "adamw"
 
     def __post_init__(self):
         for name in ("batch_size", "gradient_accumulation_steps", "checkpoint_every", "keep_checkpoints",
@@ -212,6 +222,11 @@ class TrainConfig:
         check_choice("train.lr_schedule", self.lr_schedule, ("linear", "constant", "cosine"))
         check_choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
         check_choice("train.nan_policy", self.nan_policy, ("stop", "skip"))
+        check_choice("train.frozen_dtype", self.frozen_dtype, ("no", "bf16", "fp16"))
+        check(self.frozen_dtype in ("no", self.mixed_precision),
+              f"train.frozen_dtype={self.frozen_dtype} needs train.mixed_precision={self.frozen_dtype} (autocast feeds "
+              f"the frozen weights inputs of their dtype); got mixed_precision={self.mixed_precision}")
+        check_choice("train.optimizer", self.optimizer, ("adamw", "adamw8bit"))
         check(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
               f"train.device must be auto, cpu, cuda, cuda:N or mps; got {self.device!r}")
 

@@ -106,6 +106,21 @@ def export_ema(parameters: list[nn.Parameter], train: TrainConfig) -> EMAModel:
                     inv_gamma=train.ema_inv_gamma, power=train.ema_power)
 
 
+def adam_class(name: str) -> type[torch.optim.Optimizer]:
+    """AdamW, or bitsandbytes' AdamW8bit (moments in 8 bits: 2 bytes a parameter instead of 8) where it runs."""
+    if name == "adamw":
+        return torch.optim.AdamW
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise DiffkdError("train.optimizer=adamw8bit needs bitsandbytes (pip install bitsandbytes) and a CUDA GPU: "
+                          "use train.optimizer=adamw") from None
+    if not torch.cuda.is_available():
+        raise DiffkdError("train.optimizer=adamw8bit runs on CUDA only (bitsandbytes has no CPU 8-bit Adam): use "
+                          "train.optimizer=adamw on this machine")
+    return bitsandbytes.optim.AdamW8bit
+
+
 def check_layout(method: str, networks: dict[str, Network], phases: list[Phase],
                  followers: dict[str, nn.Module]) -> None:
     """A method's networks, phases and followers fit together: one exported network, each network updated by
@@ -151,8 +166,11 @@ class Trainer:
         check_layout(type(method).__name__, self.networks, self.phases, method.followers())
         for network in self.networks.values():
             self.acc.prepare_model(network.module.to(self.acc.device), evaluation_mode=True)  # no DDP: see above
+            if train.gradient_checkpointing and hasattr(network.module, "enable_gradient_checkpointing"):
+                network.module.enable_gradient_checkpointing()
         self.student = next(n.module for n in self.networks.values() if n.exported)
-        self.optimizers = {phase.name: self.acc.prepare_optimizer(torch.optim.AdamW(
+        adam = adam_class(train.optimizer)
+        self.optimizers = {phase.name: self.acc.prepare_optimizer(adam(
             [self._param_group(name) for name in phase.networks])) for phase in self.phases}
         self.emas: dict[str, EMAModel] = {}
         self.progress = Progress()

@@ -192,6 +192,12 @@ MUTATIONS = [
     Mutation("pooled-caption-dropped", "diffkd/text_pipeline.py",
              'addition_embed_type="text" if text_time_embedding else None', "addition_embed_type=None",
              "text_time_embedding: true leaves the pooled caption out of the timestep embedding"),
+    Mutation("plan-tracker-never-frees", "diffkd/memory_tracker.py", "            self.current -= entry[1]",
+             "            pass", "the memory tracker never takes a freed storage off: the plan is every allocation"),
+    Mutation("plan-no-cfg-batch", "diffkd/plan_step.py", "return 2 if scale != 1.0 else 1", "return 1",
+             "a classifier-free guided teacher pass planned at the plain batch, not twice it"),
+    Mutation("plan-no-checkpointing", "diffkd/plan.py", "            module.enable_gradient_checkpointing()",
+             "            pass", "the plan ignores train.gradient_checkpointing"),
 ]
 
 

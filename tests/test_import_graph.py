@@ -18,6 +18,7 @@ DEFERRED_FOR_STARTUP = {
     ("diffkd.evaluation", "diffkd.evaluation.sweep"),
     ("diffkd.evaluation.cli", "diffkd.evaluation.report"), ("diffkd.evaluation.cli", "diffkd.evaluation.sweep"),
     ("diffkd.cli", "diffkd.api"), ("diffkd.cli", "diffkd.methods"), ("diffkd.cli", "diffkd.sample_cache"),
+    ("diffkd.cli", "diffkd.plan_check"),
 }
 
 # Layers, lowest first: a module imports only from its own layer or below (evaluation sits beside the trainer).

@@ -1,0 +1,217 @@
+"""``diffkd plan``: the peak accelerator memory of one optimiser step, before any work and without the weights.
+
+The step's networks are built from their diffusers configs under torch's FakeTensorMode (tensors with shapes,
+dtypes and devices but no storage), and the step is replayed as the method runs it (``diffkd.plan_step``): each
+phase's passes in order, the backward, AdamW's step, zero_grad, with Adam's moments made beforehand, as in every step after the first.
+a dispatch mode (``diffkd.memory_tracker``) counts every live storage while it runs; its peak is the plan. Replaying the step on the real
+networks, rather than summing a hand formula, is what makes checkpointing, LoRA, autocast and the attention kernels
+count as they really do; what is not replayed is the loss arithmetic between passes (a few latent-sized tensors).
+
+Roles: weights (per network, at its dtype), gradients and Adam moments of the trained ones, the export EMA and
+target copies, and activations: the peak less everything persistent. The VAE and text encoders stay on the device
+but never run in a step (the conditioning is encoded once before training): they are counted, not traced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from diffkd.memory_tracker import PeakTracker
+from diffkd.plan_layouts import Layout
+from diffkd.plan_step import TARGET, TEACHER, Pass, StepSpec
+
+GB = 1e9
+DEVICES_GB = (24, 40, 80)
+DTYPES = {"no": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Levers:
+    """What the run sets that moves memory: autocast precision, the frozen networks' dtype, gradient checkpointing
+    of the trained networks, the LoRA rank of LoRA networks, the export EMA."""
+
+    mixed_precision: str = "bf16"
+    frozen_dtype: str = "no"
+    gradient_checkpointing: bool = False
+    lora_rank: int = 16
+    export_ema: bool = False
+
+
+@dataclass
+class Plan:
+    batch_size: int
+    peak_bytes: int
+    roles: dict[str, int] = field(default_factory=dict)  # "student weights", "student grads", ... -> bytes
+
+    @property
+    def peak_gb(self) -> float:
+        return self.peak_bytes / GB
+
+
+def build_network(layout: Layout, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """``layout``'s network with its parameters made at ``dtype`` (``.to(dtype)`` cannot swap fake parameters)."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel
+
+    classes = {"unet": UNet2DConditionModel, "unet2d": UNet2DModel, "sd3": SD3Transformer2DModel,
+               "flux": FluxTransformer2DModel}
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return classes[layout.family].from_config(layout.config)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def network_inputs(layout: Layout, batch: int) -> dict:
+    """One pass's inputs at ``batch``: latents, timesteps and the conditioning the layout's network takes."""
+    c = layout.config
+    t = torch.full((batch,), 500.0)
+    if layout.family in ("unet", "unet2d"):
+        size = c.get("sample_size", 64)
+        inputs = {"sample": torch.randn(batch, c.get("in_channels", 4), size, size), "timestep": t}
+        if layout.family == "unet":
+            inputs["encoder_hidden_states"] = torch.randn(batch, layout.tokens, c["cross_attention_dim"])
+            if c.get("addition_embed_type") == "text_time":
+                pooled = c["projection_class_embeddings_input_dim"] - 6 * c["addition_time_embed_dim"]
+                inputs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, pooled),
+                                               "time_ids": torch.randn(batch, 6)}
+        return inputs
+    if layout.family == "sd3":
+        size = c["sample_size"]
+        return {"hidden_states": torch.randn(batch, c["in_channels"], size, size), "timestep": t,
+                "encoder_hidden_states": torch.randn(batch, layout.tokens, c["joint_attention_dim"]),
+                "pooled_projections": torch.randn(batch, c["pooled_projection_dim"])}
+    pixels = 4096  # 1024 px: 128 x 128 latents packed 2 x 2
+    return {"hidden_states": torch.randn(batch, pixels, c["in_channels"]), "timestep": t / 1000,
+            "encoder_hidden_states": torch.randn(batch, layout.tokens, c["joint_attention_dim"]),
+            "pooled_projections": torch.randn(batch, c["pooled_projection_dim"]), "guidance": torch.full((batch,), 3.5),
+            "img_ids": torch.zeros(pixels, 3), "txt_ids": torch.zeros(layout.tokens, 3)}
+
+
+def add_lora(module: nn.Module, layout: Layout, rank: int) -> nn.Module:
+    from peft import LoraConfig
+
+    module.requires_grad_(False)
+    # peft moves each adapter to its base layer's device and dtype with Module.to, which cannot swap fake
+    # parameters; everything here is made on the CPU in fp32 already, so those moves are skipped
+    move, nn.Module.to = nn.Module.to, lambda self, *args, **kwargs: self
+    try:
+        module.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(layout.lora_targets)))
+    finally:
+        nn.Module.to = move
+    return module
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def trace_step(spec: StepSpec, layout: Layout, batch: int, levers: Levers) -> Plan:
+    """The traced peak of one steady-state optimiser step of ``spec`` on ``layout``'s networks at ``batch``."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=False):
+        networks = _networks(spec, layout, levers)
+        trained = {name: [p for p in networks[name].parameters() if p.requires_grad] for name in spec.trained}
+        emas = [p.detach().clone() for name in spec.trained if levers.export_ema and name == "student"
+                for p in trained[name]]
+        optimizers = [torch.optim.AdamW([p for name in phase.trained for p in trained[name]]) for phase in spec.phases]
+        for optimizer in optimizers:  # Adam's moments, as after a first step, made without a pass
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    param.grad = torch.zeros_like(param)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        with PeakTracker() as tracker:
+            track(tracker, [*networks.values(), *optimizers, *emas])
+            for phase, optimizer in zip(spec.phases, optimizers):  # a phase's repeats are alike: one of each
+                _update(phase.passes, networks, layout, batch, levers.mixed_precision)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            peak = tracker.peak
+        roles = _roles(spec, networks, trained, emas, layout, levers)
+    untracked = sum(v for k, v in roles.items() if k.startswith("frozen parts"))
+    roles["activations and temporaries"] = max(0, peak + untracked - sum(roles.values()))
+    return Plan(batch, peak + untracked, roles)
+
+
+def track(tracker: PeakTracker, objects: list) -> None:
+    """Count what exists before the step: modules' parameters and buffers, optimisers' moments, loose tensors."""
+    for thing in objects:
+        if isinstance(thing, nn.Module):
+            tracker.track(*thing.parameters(), *thing.buffers())
+        elif isinstance(thing, torch.optim.Optimizer):
+            tracker.track(*[v for state in thing.state.values() for v in state.values() if torch.is_tensor(v)])
+        else:
+            tracker.track(thing)
+
+
+def _networks(spec: StepSpec, layout: Layout, levers: Levers) -> dict[str, nn.Module]:
+    """Trained networks in fp32 (master weights), LoRA ones as adapters on a frozen base; frozen ones at
+    ``frozen_dtype``; a follower as a copy of the network it follows (a LoRA student's target is a whole copy)."""
+    networks = {}
+    for name, lora in spec.trained.items():
+        module = build_network(layout).train()
+        if lora:
+            add_lora(module, layout, levers.lora_rank)
+        if levers.gradient_checkpointing:
+            module.enable_gradient_checkpointing()
+        networks[name] = module
+    for name in spec.frozen:
+        networks[name] = build_network(layout, DTYPES[levers.frozen_dtype]).requires_grad_(False).eval()
+    for name, source in spec.followers.items():
+        module = build_network(layout)
+        if spec.trained[source]:
+            add_lora(module, layout, levers.lora_rank)
+        networks[name] = module.requires_grad_(False).eval()
+    return networks
+
+
+def _update(passes: list[Pass], networks: dict[str, nn.Module], layout: Layout, batch: int, precision: str) -> None:
+    """One update's passes in the method's order; the grad passes' outputs make the loss, then the backward."""
+    autocast = (torch.autocast("cpu", dtype=DTYPES[precision]) if precision != "no" else contextlib.nullcontext())
+    loss = None
+    with autocast:
+        for one in passes:
+            inputs = network_inputs(layout, batch * one.batch_factor)
+            with torch.set_grad_enabled(one.grad):
+                output = networks[one.network](**inputs, return_dict=False)[0].float()
+            if one.grad:
+                term = output.pow(2).mean()
+                loss = term if loss is None else loss + term
+            del output, inputs
+    if loss is not None:
+        loss.backward()
+
+
+def _roles(spec: StepSpec, networks: dict[str, nn.Module], trained: dict, emas: list, layout: Layout,
+           levers: Levers) -> dict[str, int]:
+    roles = {}
+    for name, module in networks.items():
+        roles[f"{name} weights"] = _bytes(module.parameters()) + _bytes(module.buffers())
+    for name, params in trained.items():
+        roles[f"{name} grads"] = _bytes(params)
+        roles[f"{name} Adam moments"] = 2 * _bytes(params)
+    if emas:
+        roles["student export EMA"] = _bytes(emas)
+    frozen_bytes = torch.tensor([], dtype=DTYPES[levers.frozen_dtype]).element_size()
+    for part, count in layout.frozen_parameters.items():
+        roles[f"frozen parts: {part}"] = count * frozen_bytes
+    return roles
+
+
+def largest_batch(low: Plan, high: Plan, limit_gb: float) -> int | None:
+    """The largest batch whose peak fits ``limit_gb``, from traces at two batches large enough that the backward,
+    not the optimiser step, sets the peak: what grows with the batch (activations) grows linearly in it. None when
+    the two peaks are equal (the optimiser step still sets it: the answer is above ``high.batch_size``)."""
+    per_row = (high.peak_gb - low.peak_gb) / (high.batch_size - low.batch_size)
+    if per_row <= 0:
+        return None
+    return max(0, low.batch_size + int((limit_gb - low.peak_gb) // per_row))
+
+
+__all__ = ["DEVICES_GB", "TARGET", "TEACHER", "Levers", "Plan", "largest_batch", "trace_step"]

@@ -1,0 +1,105 @@
+"""The memory plan against the measured peak of the real step (real tensors, the trainer's own step), on a UNet
+small enough to run: within 15%, for progressive, consistency and dmd, with and without gradient checkpointing."""
+
+import pytest
+import torch
+from diffusers import DDPMPipeline, UNet2DModel
+
+from diffkd.api import prepare
+from diffkd.config import parse_config
+from diffkd.plan_check import measured_peak, plan_for, teacher_layout
+from diffkd.trainer import Trainer, make_accelerator
+from tests.conftest import make_scheduler
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 64), layers_per_block=2,
+                       norm_num_groups=8, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    folder = tmp_path_factory.mktemp("plan-teacher") / "pipeline"
+    DDPMPipeline(unet=unet, scheduler=make_scheduler()).save_pretrained(folder)
+    return str(folder)
+
+
+METHODS = {"progressive": {"name": "progressive", "start_steps": 8, "final_steps": 4, "steps_per_round": 10},
+           "consistency": {"name": "consistency", "num_steps": 10, "teacher_grid": 20, "target_ema": 0.9},
+           "dmd": {"name": "dmd", "student_steps": 1, "num_steps": 10, "fake_updates": 2}}
+
+
+def run_config(teacher: str, method: str, checkpointing: bool):
+    return parse_config({"method": METHODS[method], "teacher": {"source": teacher}, "data": {"source": "digits"},
+                         "train": {"batch_size": 32, "device": "cpu", "gradient_checkpointing": checkpointing},
+                         "run_eval": False})
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_plan_within_15_percent_of_the_measured_peak(teacher, method, checkpointing, tmp_path):
+    config = run_config(teacher, method, checkpointing)
+    planned = plan_for(config, teacher_layout(teacher)).peak_bytes
+    _, built, _ = prepare(config)
+    measured = measured_peak(Trainer(built, config.train, tmp_path, make_accelerator(config.train, tmp_path)))
+    assert abs(planned - measured) <= 0.15 * measured, (planned, measured)
+
+
+def test_checkpointing_lowers_the_planned_peak(teacher):
+    layout = teacher_layout(teacher)
+    plain = plan_for(run_config(teacher, "progressive", False), layout)
+    checkpointed = plan_for(run_config(teacher, "progressive", True), layout)
+    assert checkpointed.roles["activations and temporaries"] < 0.7 * plain.roles["activations and temporaries"]
+
+
+@pytest.fixture(scope="module")
+def text_teacher(tmp_path_factory) -> str:
+    """The tests' tiny SD-layout pipeline with a wider cross-attention UNet, so weights and activations, not the
+    loss's small tensors, make the peak."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from tests.conftest import make_tiny_sd_pipeline
+
+    folder = make_tiny_sd_pipeline(tmp_path_factory.mktemp("plan-sd") / "pipeline")
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    torch.manual_seed(0)
+    pipe.unet = UNet2DConditionModel(sample_size=4, in_channels=4, out_channels=4, block_out_channels=(64, 128),
+                                     layers_per_block=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                     norm_num_groups=8, attention_head_dim=8)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("method", ["progressive", "consistency"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_lora_student_plan_within_15_percent(text_teacher, method, checkpointing, tmp_path):
+    config = parse_config({"method": {**METHODS[method], "guidance_scale": 3.0}, "teacher": {"source": text_teacher},
+                           "student": {"lora": {"rank": 8}},
+                           "data": {"source": "digits", "convert": True, "prompts": ["a cat", "a dog"]},
+                           "train": {"batch_size": 32, "device": "cpu", "gradient_checkpointing": checkpointing},
+                           "run_eval": False})
+    planned = plan_for(config, teacher_layout(text_teacher))
+    _, built, _ = prepare(config)
+    measured = measured_peak(Trainer(built, config.train, tmp_path, make_accelerator(config.train, tmp_path)))
+    assert planned.roles["student grads"] < 0.1 * planned.roles["student weights"]  # only the adapters train
+    assert abs(planned.peak_bytes - measured) <= 0.15 * measured, (planned.peak_bytes, measured)
+
+
+def test_plan_command_prints_roles_peak_and_largest_batches(teacher, tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"method": METHODS["progressive"], "teacher": {"source": teacher},
+                                    "train": {"batch_size": 32, "device": "cpu"}, "run_eval": False}))
+    result = subprocess.run([sys.executable, "-m", "diffkd", "plan", str(path), "--set",
+                             "train.gradient_checkpointing=true"], capture_output=True, text=True, timeout=600,
+                            check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "gradient checkpointing on" in result.stdout
+    assert "student Adam moments" in result.stdout and "largest batch per device in 80 GB" in result.stdout
+    missing = subprocess.run([sys.executable, "-m", "diffkd", "plan", "configs/sd15-progressive.yaml"],
+                             capture_output=True, text=True, timeout=600, check=False)
+    assert missing.returncode == 2 and "--layout" in missing.stderr
