@@ -1,6 +1,7 @@
 """Noise paths: the rectified-flow path against diffusers' FlowMatch schedulers and hand computations, the VP path
 against what the project had, and the refusal of schedulers with no Gaussian path (all fast)."""
 
+import itertools
 import math
 
 import pytest
@@ -72,7 +73,7 @@ def test_ddim_step_on_the_flow_path_is_flowmatch_euler():
     z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     grid = path.grid(4)
     with torch.no_grad():
-        for t, s in zip(grid[:-1], grid[1:]):
+        for t, s in itertools.pairwise(grid):
             u = model.output(z, torch.tensor(t))
             expected = scheduler.step(u, scheduler.timesteps[grid.index(t)], z).prev_sample
             z = model.ddim_step(z, torch.tensor(t), torch.tensor(s))

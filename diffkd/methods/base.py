@@ -64,13 +64,14 @@ class Phase:
 @dataclass
 class ExportSpec:
     """How the trained student is saved: its scheduler, its step count, model-card facts and the pipeline component
-    it becomes (the UNet, or the VAE for a stage that trains a pipeline's autoencoder)."""
+    it becomes (None: the teacher's network, a UNet or a transformer; "vae" for a stage that trains a pipeline's
+    autoencoder)."""
 
     scheduler: object
     num_inference_steps: int
     prediction_type: str
     card: dict = field(default_factory=dict)
-    component: str = "unet"
+    component: str | None = None
 
 
 class Method:
