@@ -17,6 +17,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import torch
 import yaml
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DiffusionPipeline
@@ -123,6 +124,8 @@ def _from_pretrained(source: str, kwargs: dict) -> DiffusionPipeline:
     libraries' warnings are held back while loading and shown only if it succeeds, so a failure is one line.
     """
     local = is_local_reference(source)
+    if local:
+        kwargs = {**_absent_components(Path(source).expanduser()), **kwargs}
     with _held_library_output() as held:
         try:
             pipeline = DiffusionPipeline.from_pretrained(source, **kwargs)
@@ -130,6 +133,22 @@ def _from_pretrained(source: str, kwargs: dict) -> DiffusionPipeline:
             held.clear()
             raise _load_error(source, local, kwargs, error) from None
     return pipeline
+
+
+def _absent_components(folder: Path) -> dict[str, None]:
+    """Components a pipeline was saved without (SD3 without its T5: ``text_encoder_3=None``), which
+    model_index.json records as [null, null] and ``from_pretrained`` then demands all the same: passed as None, as a
+    user loading that folder passes them."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    pipeline_class = getattr(diffusers, str(index.get("_class_name")), None) if isinstance(index, dict) else None
+    if pipeline_class is None or not hasattr(pipeline_class, "_get_signature_keys"):
+        return {}
+    expected, _ = pipeline_class._get_signature_keys(pipeline_class)
+    absent = {name for name, entry in index.items() if entry == [None, None]}
+    return {name: None for name in sorted(set(expected) & absent - set(pipeline_class._optional_components))}
 
 
 def _check_model_index(path: Path, source: str) -> None:
