@@ -94,3 +94,10 @@ def tiny_sd3(tmp_path_factory) -> str:
     from tests.tiny_layouts import make_tiny_sd3_pipeline
 
     return make_tiny_sd3_pipeline(tmp_path_factory.mktemp("tiny-sd3") / "pipeline")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> str:
+    from tests.tiny_layouts import make_tiny_flux_pipeline
+
+    return make_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny-flux") / "pipeline")

@@ -6,6 +6,7 @@ import pytest
 import torch
 from diffusers import (
     DiffusionPipeline,
+    FluxPipeline,
     LCMScheduler,
     StableDiffusion3Pipeline,
     StableDiffusionXLPipeline,
@@ -14,88 +15,137 @@ from diffusers import (
 from diffkd.api import distill
 from diffkd.conditioning import batch_conditioning, encode_captions
 from diffkd.config import parse_config
+from diffkd.errors import DiffkdError
 from diffkd.io import load_pipeline
 from diffkd.layouts import Layout
+from diffkd.layouts.flux import FluxLayout
 from diffkd.layouts.sd3 import SD3Layout
 from diffkd.layouts.sdxl import SDXLLayout
 from diffkd.methods.consistency import consistency_function
 from diffkd.sampling import ddim_sample
 
 PROMPTS = ["a cat", "a red dog", "a cat"]
-PIPELINE_CLASSES = {"tiny_sdxl": StableDiffusionXLPipeline, "tiny_sd3": StableDiffusion3Pipeline}
+PIPELINE_CLASSES = {"tiny_sdxl": StableDiffusionXLPipeline, "tiny_sd3": StableDiffusion3Pipeline,
+                    "tiny_flux": FluxPipeline}
+LAYOUTS = list(PIPELINE_CLASSES)
+SIZE = 8  # pixels; Flux's default would be 1024
 
 
-def _pipeline_latents(pipe, noise: torch.Tensor, k: int, guidance_scale: float, size: int) -> torch.Tensor:
-    return pipe(PROMPTS[:len(noise)], num_inference_steps=k, guidance_scale=guidance_scale, latents=noise,
-                height=size, width=size, output_type="latent").images
+def _pipeline_latents(pipe, noise: torch.Tensor, k: int, guidance_scale: float) -> torch.Tensor:
+    """The pipeline's own k-step latents from ``noise`` (packed in and unpacked out for Flux, as Flux takes them)."""
+    flux = isinstance(pipe, FluxPipeline)
+    latents = FluxPipeline._pack_latents(noise, *noise.shape) if flux else noise
+    out = pipe(PROMPTS[:len(noise)], num_inference_steps=k, guidance_scale=guidance_scale, latents=latents,
+               height=SIZE, width=SIZE, output_type="latent").images
+    return FluxPipeline._unpack_latents(out, SIZE, SIZE, pipe.vae_scale_factor) if flux else out
 
 
-def test_each_pipeline_gets_its_layout(tiny_sd, tiny_sdxl, tiny_sd3):
+def _load(source: str):
+    return load_pipeline(source, image_size=SIZE)
+
+
+def test_each_pipeline_gets_its_layout(tiny_sd, tiny_sdxl, tiny_sd3, tiny_flux):
     assert type(load_pipeline(tiny_sd).layout) is Layout
-    sdxl, sd3 = load_pipeline(tiny_sdxl), load_pipeline(tiny_sd3)
+    sdxl, sd3, flux = load_pipeline(tiny_sdxl), load_pipeline(tiny_sd3), load_pipeline(tiny_flux, image_size=SIZE)
     assert isinstance(sdxl.layout, SDXLLayout) and sdxl.component == "unet"
     assert isinstance(sd3.layout, SD3Layout) and sd3.component == "transformer" and sd3.unet is sd3.pipeline.transformer
     assert sd3.pipeline.text_encoder_3 is None  # saved without T5, loaded as a user loads it
     assert sd3.latent_shape == sdxl.latent_shape == (4, 4, 4) and sd3.image_size == 8
+    assert isinstance(flux.layout, FluxLayout) and flux.latent_shape == (4, 4, 4)  # unpacked; 16 channels packed
+    assert load_pipeline(tiny_flux).latent_shape == (4, 128, 128)  # FluxPipeline's default, 1024 px at 8x
 
 
-@pytest.mark.parametrize("name", ["tiny_sdxl", "tiny_sd3"])
+@pytest.mark.parametrize("name", LAYOUTS)
 def test_the_teacher_through_its_layout_samples_what_its_pipeline_samples(name, request):
     """Guided k-step sampling by the Denoiser on rows the layout encoded equals the pipeline's own call (its
-    encode_prompt, added time ids / pooled projections, CFG) from the same noise."""
-    teacher = load_pipeline(request.getfixturevalue(name))
+    encode_prompt, added time ids / pooled projections, CFG; Flux's packing, ids and embedded guidance) from the same
+    noise, and the guidance scale changes it."""
+    teacher = _load(request.getfixturevalue(name))
     cond = batch_conditioning(encode_captions(teacher, PROMPTS), 3.0)
     noise = torch.randn(len(PROMPTS), *teacher.latent_shape, generator=torch.Generator().manual_seed(0))
     ours = ddim_sample(teacher.denoiser, noise, 2, cond)
     pipe = teacher.pipeline
     pipe.scheduler = teacher.denoiser.path.multistep_scheduler(pipe.scheduler, 2, teacher.denoiser.prediction_type,
                                                               None)
-    theirs = _pipeline_latents(pipe, noise, 2, 3.0, teacher.image_size)
+    theirs = _pipeline_latents(pipe, noise, 2, 3.0)
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(theirs, ddim_sample(teacher.denoiser, noise, 2, cond.unguided()), atol=1e-3)
+    unguided = ddim_sample(teacher.denoiser, noise, 2, batch_conditioning(encode_captions(teacher, PROMPTS), 1.0))
+    assert not torch.allclose(theirs, unguided, atol=1e-3)
 
 
 def _run(teacher: str, method: dict, folder, **student) -> DiffusionPipeline:
-    config = parse_config({"method": method, "teacher": {"source": teacher}, "student": student,
+    config = parse_config({"method": method, "teacher": {"source": teacher, "image_size": SIZE}, "student": student,
                            "data": {"source": "digits", "convert": True, "resize": True, "prompts": PROMPTS[:2]},
                            "train": {"batch_size": 2, "device": "cpu"}, "run_eval": False})
     return distill(config, folder)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["tiny_sdxl", "tiny_sd3"])
+@pytest.mark.parametrize("name", LAYOUTS)
 def test_consistency_student_loads_in_its_pipeline_class_and_samples_at_any_k(name, request, tmp_path):
     source = request.getfixturevalue(name)
     folder = _run(source, {"name": "consistency", "num_steps": 2, "teacher_grid": 20, "guidance_scale": 3.0},
                   tmp_path / "run")
     pipe = PIPELINE_CLASSES[name].from_pretrained(folder, **({"text_encoder_3": None, "tokenizer_3": None}
                                                              if name == "tiny_sd3" else {}))
-    student = load_pipeline(str(folder))
+    student = _load(str(folder))
     assert student.component == load_pipeline(source).component
     assert isinstance(pipe.scheduler, LCMScheduler) == (name == "tiny_sdxl")
     noise = torch.randn(2, *student.latent_shape, generator=torch.Generator().manual_seed(0))
-    cond = batch_conditioning(encode_captions(student, PROMPTS[:2]), 1.0).unguided()
+    w = 3.0 if name == "tiny_flux" else 1.0  # Flux's student keeps its guidance input; a CFG student has w in it
+    cond = batch_conditioning(encode_captions(student, PROMPTS[:2]), w).unguided()
     top = student.denoiser.path.consistency_grid(20)[-1]  # where the exported scheduler starts at k = 1
     with torch.no_grad():
         ours = consistency_function(student.denoiser, noise, torch.full((2,), top), cond, 10.0)
-    torch.testing.assert_close(_pipeline_latents(pipe, noise, 1, 1.0, student.image_size), ours, atol=1e-5, rtol=1e-4)
-    images = pipe(PROMPTS[:2], num_inference_steps=4, guidance_scale=1.0, height=8, width=8, output_type="np").images
+    torch.testing.assert_close(_pipeline_latents(pipe, noise, 1, w), ours, atol=1e-5, rtol=1e-4)
+    images = pipe(PROMPTS[:2], num_inference_steps=4, guidance_scale=w, height=8, width=8, output_type="np").images
     assert images.shape == (2, 8, 8, 3)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["tiny_sdxl", "tiny_sd3"])
+@pytest.mark.parametrize("name", LAYOUTS)
 def test_dmd_generator_loads_in_its_pipeline_class_and_samples_its_grid(name, request, tmp_path):
     source = request.getfixturevalue(name)
     folder = _run(source, {"name": "dmd", "num_steps": 2, "student_steps": 2, "fake_updates": 1,
                            "guidance_scale": 3.0}, tmp_path / "run")
     pipe = PIPELINE_CLASSES[name].from_pretrained(folder, **({"text_encoder_3": None, "tokenizer_3": None}
                                                              if name == "tiny_sd3" else {}))
-    student = load_pipeline(str(folder))
+    student = _load(str(folder))
     noise = torch.randn(2, *student.latent_shape, generator=torch.Generator().manual_seed(0))
-    cond = batch_conditioning(encode_captions(student, PROMPTS[:2]), 1.0).unguided()
-    ours = ddim_sample(student.denoiser, noise, 2, cond)
-    torch.testing.assert_close(_pipeline_latents(pipe, noise, 2, 1.0, student.image_size), ours, atol=1e-5, rtol=1e-4)
-    teacher = load_pipeline(source)
+    w = 3.0 if name == "tiny_flux" else 1.0
+    ours = ddim_sample(student.denoiser, noise, 2, batch_conditioning(encode_captions(student, PROMPTS[:2]), w))
+    torch.testing.assert_close(_pipeline_latents(pipe, noise, 2, w), ours, atol=1e-5, rtol=1e-4)
+    teacher = _load(source)
     assert any(not torch.equal(a, b) for a, b in zip(student.unet.state_dict().values(),
                                                        teacher.unet.state_dict().values()))
+
+
+def _refused(source: str, folder, method: dict | None = None, **student) -> str:
+    with pytest.raises(DiffkdError) as error:
+        _run(source, method or {"name": "consistency", "num_steps": 1, "teacher_grid": 20}, folder, **student)
+    assert not folder.exists()
+    return str(error.value)
+
+
+def test_a_pipeline_of_no_known_layout_is_refused_in_one_line(tmp_path):
+    from tests.tiny_layouts import make_tiny_dit_pipeline
+
+    message = _refused(make_tiny_dit_pipeline(tmp_path / "dit"), tmp_path / "run")
+    assert message.startswith(f"{str(tmp_path / 'dit')!r} is a DiTPipeline, which diffkd cannot take (its network "
+                              "is a DiTTransformer2DModel)") and "\n" not in message
+
+
+def test_a_lora_target_absent_from_the_layout_is_named(tiny_sd3, tmp_path):
+    message = _refused(tiny_sd3, tmp_path / "run", lora={"target_modules": ["to_q", "conv1"]})
+    assert message.startswith("student.lora.target_modules ['conv1'] match no layer of the teacher's transformer")
+
+
+def test_cfg_settings_on_flux_are_refused(tiny_flux, tmp_path):
+    """Flux's guidance is an embedded input: a CFG w range has nothing to act on, and schnell takes w = 1 only."""
+    ranged = {"name": "consistency", "num_steps": 1, "teacher_grid": 20, "guidance": {"w_min": 2, "w_max": 6}}
+    assert "Flux has no CFG" in _refused(tiny_flux, tmp_path / "run", ranged)
+    from tests.tiny_layouts import make_tiny_flux_pipeline
+
+    schnell = make_tiny_flux_pipeline(tmp_path / "schnell", guidance_embeds=False)
+    fixed = {"name": "dmd", "num_steps": 1, "student_steps": 1, "guidance_scale": 3.5}
+    assert "has no guidance input" in _refused(schnell, tmp_path / "run", fixed)

@@ -78,3 +78,53 @@ def make_tiny_sd3_pipeline(folder) -> str:
         text_encoder_3=None, tokenizer_3=None)
     pipe.save_pretrained(folder)
     return str(folder)
+
+
+def t5_tokenizer(max_length: int = 16):
+    """A T5 tokenizer over single letters, built in code (a Unigram model; what T5's sentencepiece file holds)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in LETTERS + "\u2581"]
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    return T5TokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=max_length)
+
+
+def make_tiny_flux_pipeline(folder, guidance_embeds: bool = True) -> str:
+    """Flux's layout: an MMDiT over 2x2-packed latents (4 channels -> 16 packed) with rotary ids, CLIP's pooled
+    embedding and a one-layer T5, a guidance embedding (Flux-dev; ``guidance_embeds=False`` is schnell-like), a
+    shifted VAE and FlowMatch Euler with Flux's dynamic shifting. Sample it at 8 px (``height=width=8``)."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    folder = Path(folder)
+    torch.manual_seed(0)
+    tokenizer = clip_tokenizer(folder.parent / f"{folder.name}-vocab")
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                         pooled_projection_dim=16, guidance_embeds=guidance_embeds,
+                                         axes_dims_rope=(2, 2, 4))
+    t5 = T5EncoderModel(T5Config(vocab_size=32, d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2,
+                                 relative_attention_num_buckets=8, decoder_start_token_id=0))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=tiny_vae(shift_factor=0.1), text_encoder=CLIPTextModel(clip_config(16)),
+                        tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=t5_tokenizer(), transformer=transformer)
+    pipe.save_pretrained(folder)
+    return str(folder)
+
+
+def make_tiny_dit_pipeline(folder) -> str:
+    """A class-conditional DiT pipeline: a transformer of a family diffkd has no layout for."""
+    from diffusers import DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=4,
+                                        num_layers=1, sample_size=4, patch_size=2, num_embeds_ada_norm=10,
+                                        norm_num_groups=4)
+    pipe = DiTPipeline(transformer=transformer, vae=tiny_vae(), scheduler=DDIMScheduler())
+    pipe.save_pretrained(folder)
+    return str(folder)
