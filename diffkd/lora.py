@@ -44,9 +44,10 @@ def check_lora_run(config: Config, teacher: LoadedPipeline) -> None:
 def lora_student(teacher_unet: nn.Module, options: LoraOptions, default_targets: tuple[str, ...] = LORA_TARGETS
                  ) -> nn.Module:
     """A copy of the teacher's network, frozen, with trainable adapters on every layer ``target_modules`` names
-    (by default ``default_targets``, its layout's)."""
-    targets = list(options.target_modules or default_targets)
+    (by default those of ``default_targets``, its layout's, that it has: SD3's last block has no ``to_add_out``)."""
     names = [name for name, _ in teacher_unet.named_modules()]
+    targets = list(options.target_modules or [target for target in default_targets  # a small model may lack some
+                                              if any(matches(name, target) for name in names)])
     unmatched = [target for target in targets if not any(matches(name, target) for name in names)]
     if unmatched:
         examples = sorted({_short_name(name) for name, module in teacher_unet.named_modules()
@@ -99,6 +100,9 @@ def save_lora_student(folder: Path, teacher: LoadedPipeline, student: nn.Module,
         f"{component}_lora_layers": adapter_state_dict(student),
         f"{component}_lora_adapter_metadata": student.peft_config["default"].to_dict()})
     scheduler.save_pretrained(folder / "scheduler")
+    size = (folder / LORA_FILE).stat().st_size  # what a user downloads: LCM-LoRA's point
+    log.info("LoRA adapters: %s, %.2f MB", folder / LORA_FILE, size / 1e6)
+    card = {**card, "lora_file_bytes": size}
     write_model_card(folder / "README.md", card, usage=usage_lines(card, folder, type(scheduler).__name__))
     if fuse:
         save_pipeline(fused_folder(folder), teacher, fused_unet(teacher, folder), scheduler,

@@ -21,6 +21,7 @@ from diffkd.layouts import Layout
 from diffkd.layouts.flux import FluxLayout
 from diffkd.layouts.sd3 import SD3Layout
 from diffkd.layouts.sdxl import SDXLLayout
+from diffkd.lora import LORA_FILE
 from diffkd.methods.consistency import consistency_function
 from diffkd.sampling import ddim_sample
 
@@ -73,10 +74,10 @@ def test_the_teacher_through_its_layout_samples_what_its_pipeline_samples(name, 
     assert not torch.allclose(theirs, unguided, atol=1e-3)
 
 
-def _run(teacher: str, method: dict, folder, **student) -> DiffusionPipeline:
+def _run(teacher: str, method: dict, folder, learning_rate: float = 1e-4, **student) -> DiffusionPipeline:
     config = parse_config({"method": method, "teacher": {"source": teacher, "image_size": SIZE}, "student": student,
                            "data": {"source": "digits", "convert": True, "resize": True, "prompts": PROMPTS[:2]},
-                           "train": {"batch_size": 2, "device": "cpu"}, "run_eval": False})
+                           "train": {"batch_size": 2, "device": "cpu", "learning_rate": learning_rate}, "run_eval": False})
     return distill(config, folder)
 
 
@@ -149,3 +150,35 @@ def test_cfg_settings_on_flux_are_refused(tiny_flux, tmp_path):
     schnell = make_tiny_flux_pipeline(tmp_path / "schnell", guidance_embeds=False)
     fixed = {"name": "dmd", "num_steps": 1, "student_steps": 1, "guidance_scale": 3.5}
     assert "has no guidance input" in _refused(schnell, tmp_path / "run", fixed)
+
+
+LORA_METHODS = {"consistency": {"name": "consistency", "num_steps": 2, "teacher_grid": 20},
+                "dmd": {"name": "dmd", "num_steps": 2, "student_steps": 1, "fake_updates": 1}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", LORA_METHODS)
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_lora_student_loads_onto_the_teacher_and_fuses_to_the_fused_export(name, method, request, tmp_path):
+    """LCM-LoRA (and a DMD2 LoRA generator) on each layout, its default targets: the adapter folder on the teacher's
+    own pipeline (load_lora_weights + the exported scheduler) samples what the fused export samples, before and after
+    fuse_lora; the adapters trained, and their file's bytes are on the model card."""
+    source = request.getfixturevalue(name)
+    folder = _run(source, LORA_METHODS[method], tmp_path / "run",
+                  learning_rate=1e-2, lora={"rank": 2, "alpha": 4, "fuse": True})
+    card = (folder / "README.md").read_text()
+    assert f"lora_file_bytes: {(folder / LORA_FILE).stat().st_size}" in card
+    extra = {"text_encoder_3": None, "tokenizer_3": None} if name == "tiny_sd3" else {}
+    pipeline_class = PIPELINE_CLASSES[name]
+    fused = pipeline_class.from_pretrained(folder.with_name("student-fused"), **extra)
+    pipe = pipeline_class.from_pretrained(source, **extra)
+    pipe.load_lora_weights(folder)
+    pipe.scheduler = type(fused.scheduler).from_pretrained(folder, subfolder="scheduler")
+    noise = torch.randn(2, *_load(source).latent_shape, generator=torch.Generator().manual_seed(0))
+    expected = _pipeline_latents(fused, noise, 1, 1.0)  # one step: no fresh noise
+    torch.testing.assert_close(_pipeline_latents(pipe, noise, 1, 1.0), expected, atol=1e-4, rtol=1e-4)
+    pipe.fuse_lora()
+    torch.testing.assert_close(_pipeline_latents(pipe, noise, 1, 1.0), expected, atol=1e-4, rtol=1e-4)
+    teacher = pipeline_class.from_pretrained(source, **extra)
+    teacher.scheduler = pipe.scheduler
+    assert not torch.allclose(_pipeline_latents(teacher, noise, 1, 1.0), expected, atol=1e-4)
