@@ -24,6 +24,7 @@ from diffkd.layouts.sdxl import SDXLLayout
 from diffkd.lora import LORA_FILE
 from diffkd.methods.consistency import consistency_function
 from diffkd.sampling import ddim_sample
+from tests import faults
 
 PROMPTS = ["a cat", "a red dog", "a cat"]
 PIPELINE_CLASSES = {"tiny_sdxl": StableDiffusionXLPipeline, "tiny_sd3": StableDiffusion3Pipeline,
@@ -182,3 +183,20 @@ def test_lora_student_loads_onto_the_teacher_and_fuses_to_the_fused_export(name,
     teacher = pipeline_class.from_pretrained(source, **extra)
     teacher.scheduler = pipe.scheduler
     assert not torch.allclose(_pipeline_latents(teacher, noise, 1, 1.0), expected, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_killed_consistency_run_on_a_flux_teacher_resumes_bit_identical(tiny_flux, tmp_path):
+    """A transformer student with packed latents and an embedded guidance: killed after a backward pass, resumed,
+    its exported transformer is bit-identical to an uninterrupted run's."""
+    config = faults.consistency_config(tiny_flux)
+    config = {**config, "teacher": {"source": tiny_flux, "image_size": SIZE},
+              "method": {**config["method"], "guidance_scale": 3.5},
+              "data": {"source": "digits", "convert": True, "resize": True, "prompts": PROMPTS[:2]},
+              "train": {**config["train"], "batch_size": 2}}
+    path = faults.write_yaml(config, tmp_path / "consistency.yaml")
+    reference = faults.reference_run("consistency", path, tmp_path)
+    assert reference.parent.name == "transformer"
+    point = next(p for p in faults.KILL_POINTS if p.method == "consistency" and "after backward" in p.name)
+    result = faults.kill_and_resume(point, path, reference, tmp_path / "killed")
+    assert result.killed and result.identical, result.detail
