@@ -37,17 +37,18 @@ class LoadedPipeline:
     """A diffusers pipeline and the Denoiser view of its network + scheduler.
 
     ``unet`` is the network whatever its kind: the pipeline component the layout names (``layout.component``, the
-    UNet or a transformer), which a student replaces. ``latent_size``: the side of the latents it is distilled at.
+    UNet or a transformer), which a student replaces. ``latent_side``: the side of the latents it is distilled at
+    (None: the pipeline's default).
     """
 
     source: str
     pipeline: DiffusionPipeline
     denoiser: Denoiser
-    latent_size: int | None = None
+    latent_side: int | None = None
 
-    def __post_init__(self):
-        if self.latent_size is None:
-            self.latent_size = self.layout.latent_size(self.pipeline)
+    @property
+    def latent_size(self) -> int:
+        return self.latent_side or self.layout.latent_size(self.pipeline)
 
     @property
     def layout(self) -> Layout:

@@ -92,7 +92,7 @@ class Method:
     def prediction_type(self) -> str:
         """The student's parameterisation: the method's ``student_prediction_type``; 'teacher' (or a method
         without that option) keeps the teacher's. On a rectified-flow path 'v_prediction' is the path's velocity
-        (flow): the FlowMatch schedulers a flow student exports with sample nothing else."""
+        (flow): the rectified-flow schedulers a flow student exports with sample nothing else."""
         chosen = getattr(self.options, "student_prediction_type", "teacher")
         teacher = self.teacher.denoiser
         if chosen == "teacher":
