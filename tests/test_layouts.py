@@ -200,3 +200,11 @@ def test_killed_consistency_run_on_a_flux_teacher_resumes_bit_identical(tiny_flu
     point = next(p for p in faults.KILL_POINTS if p.method == "consistency" and "after backward" in p.name)
     result = faults.kill_and_resume(point, path, reference, tmp_path / "killed")
     assert result.killed and result.identical, result.detail
+
+
+def test_the_evaluation_after_training_is_refused_before_any_work_where_it_cannot_sample(tiny_sd3, tmp_path):
+    config = parse_config({"method": {"name": "consistency", "num_steps": 1, "teacher_grid": 20},
+                           "teacher": {"source": tiny_sd3}, "data": {"prompts": ["a cat"]}})
+    with pytest.raises(DiffkdError, match=r"^the evaluation after training does not sample StableDiffusion3Pipeline"):
+        distill(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -47,6 +47,7 @@ class Layout:
     name = "sd"
     component = "unet"  # the pipeline component that is the network (and that a student replaces)
     lora_targets: tuple[str, ...] = tuple(LORA_TARGETS)  # LCM-LoRA's layers of this family's network
+    evaluated = True  # whether diffkd's evaluation sweep samples this family's pipelines (SD's encode_prompt call)
 
     @classmethod
     def matches(cls, pipeline) -> bool:

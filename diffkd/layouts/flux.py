@@ -29,6 +29,7 @@ FLUX_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_pr
 
 class FluxLayout(Layout):
     name = "flux"
+    evaluated = False
     component = "transformer"
     lora_targets = FLUX_LORA_TARGETS
 

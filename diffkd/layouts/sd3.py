@@ -22,6 +22,7 @@ SD3_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_pro
 
 class SD3Layout(Layout):
     name = "sd3"
+    evaluated = False
     component = "transformer"
     lora_targets = SD3_LORA_TARGETS
 

@@ -18,6 +18,7 @@ from diffkd.layouts.base import ADDED, Columns, Layout
 
 class SDXLLayout(Layout):
     name = "sdxl"
+    evaluated = False
 
     @classmethod
     def matches(cls, pipeline) -> bool:
