@@ -9,6 +9,7 @@ from diffusers import (
     FluxPipeline,
     LCMScheduler,
     StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
     StableDiffusionXLPipeline,
 )
 
@@ -27,7 +28,7 @@ from diffkd.sampling import ddim_sample
 from tests import faults
 
 PROMPTS = ["a cat", "a red dog", "a cat"]
-PIPELINE_CLASSES = {"tiny_sdxl": StableDiffusionXLPipeline, "tiny_sd3": StableDiffusion3Pipeline,
+PIPELINE_CLASSES = {"tiny_sd": StableDiffusionPipeline, "tiny_sdxl": StableDiffusionXLPipeline, "tiny_sd3": StableDiffusion3Pipeline,
                     "tiny_flux": FluxPipeline}
 LAYOUTS = list(PIPELINE_CLASSES)
 SIZE = 8  # pixels; Flux's default would be 1024
@@ -92,7 +93,7 @@ def test_consistency_student_loads_in_its_pipeline_class_and_samples_at_any_k(na
                                                              if name == "tiny_sd3" else {}))
     student = _load(str(folder))
     assert student.component == load_pipeline(source).component
-    assert isinstance(pipe.scheduler, LCMScheduler) == (name == "tiny_sdxl")
+    assert isinstance(pipe.scheduler, LCMScheduler) == (name in ("tiny_sd", "tiny_sdxl"))  # VP; else flow LCM
     noise = torch.randn(2, *student.latent_shape, generator=torch.Generator().manual_seed(0))
     w = 3.0 if name == "tiny_flux" else 1.0  # Flux's student keeps its guidance input; a CFG student has w in it
     cond = batch_conditioning(encode_captions(student, PROMPTS[:2]), w).unguided()
