@@ -209,3 +209,18 @@ def test_the_evaluation_after_training_is_refused_before_any_work_where_it_canno
     with pytest.raises(DiffkdError, match=r"^the evaluation after training does not sample StableDiffusion3Pipeline"):
         distill(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_guidance_embedded_sdxl_student_samples_at_any_w_in_one_pass_a_step(tiny_sdxl, tmp_path):
+    """LCM's w-conditioning on SDXL: the student's conditioning keeps SDXL's added inputs beside the w embedding, and
+    StableDiffusionXLPipeline feeds it the same (one UNet pass per step, no CFG)."""
+    folder = _run(tiny_sdxl, {"name": "consistency", "num_steps": 2, "teacher_grid": 20,
+                              "guidance": {"w_min": 2.0, "w_max": 6.0}}, tmp_path / "run")
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    assert pipe.unet.config.time_cond_proj_dim is not None
+    noise = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    calls = []
+    pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    at_2, at_6 = _pipeline_latents(pipe, noise, 1, 2.0), _pipeline_latents(pipe, noise, 1, 6.0)
+    assert calls == [2, 2] and not torch.allclose(at_2, at_6)
