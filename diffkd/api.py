@@ -91,9 +91,6 @@ def evaluation_options(config: Config, **fields) -> EvalConfig:
 def check_evaluation(config: Config, teacher: LoadedPipeline) -> None:
     """The evaluation that follows training needs weights that cannot be downloaded offline (Inception, LPIPS's
     backbone, CLIP): find them now, so a missing file costs seconds, not the night of training before it."""
-    if not teacher.layout.evaluated:
-        raise DiffkdError(f"the evaluation after training does not sample {type(teacher.pipeline).__name__} yet: set "
-                          "run_eval=false, and sample the exported student with that pipeline class")
     options = evaluation_options(config)
     plan = plan_metrics(options, has_teacher=True, text_conditioned=teacher.text_conditioned,
                         has_prompts=bool(options.prompts or options.prompts_file))
@@ -119,6 +116,9 @@ def distill(config: Config, output: str | Path, resume: bool | str | Path = Fals
     torch.manual_seed(config.train.seed)
     teacher, method, report = prepare(config, accelerator.device)
     if config.run_eval and method.needs_teacher:
+        if not teacher.layout.evaluated:
+            raise DiffkdError(f"the evaluation after training does not sample {type(teacher.pipeline).__name__} yet: "
+                              "set run_eval=false, and sample the exported student with that pipeline class")
         check_evaluation(config, teacher)
     trainer = Trainer(method, config.train, output, accelerator)
     if resume_from is not None:

@@ -14,7 +14,7 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 from diffkd import schedule
-from diffkd.layouts.base import Layout, unet_forward  # noqa: F401  (re-exported)
+from diffkd.layouts.base import Layout
 from diffkd.paths import NoisePath, VPPath
 
 
