@@ -51,13 +51,16 @@ def prepare(config: Config, device: str = "cpu") -> tuple[LoadedPipeline, Method
     method_type = method_class(config.method.name)
     if method_type.needs_teacher:
         teacher = load_pipeline(config.teacher.source, device=device,
-                                trust_remote_code=config.teacher.trust_remote_code)
+                                trust_remote_code=config.teacher.trust_remote_code,
+                                image_size=config.teacher.image_size)
+        teacher.layout.check_guidance(teacher.unet, getattr(config.method, "guidance_scale", 1.0),
+                                      getattr(config.method, "guidance", None))
     else:
         teacher = method_type.template(config)
     teacher.unet.requires_grad_(False).eval()
     if config.student.lora is not None:
         check_lora_run(config, teacher)
-    student, report = build_student(teacher.unet, config.student)
+    student, report = build_student(teacher.unet, config.student, teacher.layout.lora_targets)
     source_prediction = start_from(student, config.student.init_from, device) if config.student.init_from else None
     method = method_type(config, teacher, student.to(device))
     if source_prediction is not None:
@@ -144,6 +147,9 @@ def check_start(config: Config, output: Path, resume: bool | str | Path, overwri
                      if resume_from is not None else None)
     check_run_options(config, teacher, method)
     if config.run_eval and method.needs_teacher:
+        if not teacher.layout.evaluated:
+            raise DiffkdError(f"the evaluation after training does not sample {type(teacher.pipeline).__name__} yet: "
+                              "set run_eval=false, and sample the exported student with that pipeline class")
         check_evaluation(config, teacher)
     trainer = Trainer(method, config.train, output, accelerator, identity)
     trainer.validator = make_validator(config, teacher, method, output)
@@ -211,7 +217,7 @@ def distill(config: Config, output: str | Path, resume: bool | str | Path = Fals
             lora = config.student.lora
             shutil.rmtree(folder, ignore_errors=True)  # a half-written export of a killed job
             if lora is None:
-                save_pipeline(folder, teacher, student, spec.scheduler, card, spec.component)
+                save_pipeline(folder, teacher, student, spec.scheduler, card, spec.component or teacher.component)
             else:
                 shutil.rmtree(fused_folder(folder), ignore_errors=True)
                 save_lora_student(folder, teacher, student, spec.scheduler, card, lora.fuse)

@@ -16,6 +16,7 @@ from diffkd.config import DataConfig
 from diffkd.data import load_training_set
 from diffkd.errors import DiffkdError
 from diffkd.io import LoadedPipeline
+from diffkd.layouts import ADDED
 from diffkd.models import Conditioning
 from diffkd.streaming import StreamedRows, Transform
 
@@ -63,19 +64,22 @@ def encode_rows(teacher: LoadedPipeline, prompts: Sequence[str], num_rows: int) 
 @torch.no_grad()
 def encode_captions(teacher: LoadedPipeline, captions: Sequence[str], batch_size: int = 256
                     ) -> dict[str, torch.Tensor]:
-    """Row i's text-encoder states are those of ``captions[i]`` (each distinct caption encoded once), beside the
-    empty prompt's, the unconditional branch of classifier-free guidance."""
+    """Row i's conditioning columns are those of ``captions[i]`` (each distinct caption encoded once, by the layout
+    with the pipeline's own ``encode_prompt``), beside the unconditional branch of classifier-free guidance, one
+    row shared by all (a guidance-distilled layout, Flux, has none)."""
     if not teacher.text_conditioned:
         return {}
     distinct = sorted(set(captions))
     position = {caption: index for index, caption in enumerate(distinct)}
     device = teacher.unet.device
-    encode = teacher.pipeline.encode_prompt
-    embeds = torch.cat([encode(distinct[i:i + batch_size], device, 1, False)[0].cpu()
-                        for i in range(0, len(distinct), batch_size)])
-    empty = encode([""], device, 1, False)[0].cpu()
+    chunks, shared = [], {}
+    for i in range(0, len(distinct), batch_size):
+        per_prompt, shared = teacher.layout.encode(teacher.pipeline, distinct[i:i + batch_size], device,
+                                                   teacher.latent_size)
+        chunks.append({k: v.cpu() for k, v in per_prompt.items()})
     rows = torch.tensor([position[caption] for caption in captions])
-    return {"encoder_hidden_states": embeds[rows], "uncond_encoder_hidden_states": empty.expand(len(rows), -1, -1)}
+    columns = {k: torch.cat([chunk[k] for chunk in chunks])[rows] for k in chunks[0]}
+    return {**columns, **{k: v.cpu().expand(len(rows), *v.shape[1:]) for k, v in shared.items()}}
 
 
 def row_conditioning(teacher: LoadedPipeline, data: DataConfig, captions: Sequence[str] | None, num_rows: int
@@ -130,7 +134,16 @@ def encode_batch(teacher: LoadedPipeline, pixels: torch.Tensor, captions: list[s
 
 
 def batch_conditioning(batch: dict[str, torch.Tensor], guidance_scale: float) -> Conditioning:
-    """The teacher's conditioning for a batch drawn from rows made by ``encode_rows``."""
-    return Conditioning(encoder_hidden_states=batch.get("encoder_hidden_states"),
+    """The teacher's conditioning for a batch drawn from rows made by ``encode_rows``: the layout's further inputs
+    (columns ``added_<name>``, their unconditional pairs ``uncond_added_<name>``) by name. Text rows without an
+    unconditional branch are a guidance-distilled layout's (Flux): w is then the network's ``guidance`` input, one
+    conditional pass that a student keeps (``Conditioning.unguided`` leaves ``added`` as it is)."""
+    added = {k[len(ADDED):]: v for k, v in batch.items() if k.startswith(ADDED)}
+    uncond_added = {k[len("uncond_" + ADDED):]: v for k, v in batch.items() if k.startswith("uncond_" + ADDED)}
+    hidden = batch.get("encoder_hidden_states")
+    if hidden is not None and "uncond_encoder_hidden_states" not in batch:
+        added["guidance"] = torch.full((len(hidden),), float(guidance_scale), device=hidden.device)
+    return Conditioning(encoder_hidden_states=hidden,
                         uncond_encoder_hidden_states=batch.get("uncond_encoder_hidden_states"),
-                        class_labels=batch.get("class_labels"), guidance_scale=guidance_scale)
+                        class_labels=batch.get("class_labels"), guidance_scale=guidance_scale,
+                        added=added or None, uncond_added=uncond_added or None)

@@ -26,13 +26,20 @@ from diffkd.validation import check, check_choice
 
 @dataclass
 class TeacherConfig:
-    """The pipeline to distil: a local diffusers folder or a hub id."""
+    """The pipeline to distil: a local diffusers folder or a hub id.
+
+    image_size: the pixel side to distil at (None: the pipeline's default, its network's sample size through the
+    VAE; Flux's 1024). The student samples best at this size, which the model card records.
+    """
 
     source: str = "teachers/digits-16"
     trust_remote_code: bool = False
+    image_size: int | None = None
 
     def __post_init__(self):
         check(bool(self.source), "teacher.source must name a diffusers pipeline folder or hub id")
+        check(self.image_size is None or self.image_size >= 1,
+              f"teacher.image_size must be a positive number of pixels; got {self.image_size}")
 
 
 @dataclass
@@ -79,20 +86,22 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.n
 class LoraOptions:
     """LoRA adapters (Hu et al. 2021) on a frozen copy of the teacher's UNet: W + (alpha / rank) B A per target layer.
 
-    target_modules: module names, or name suffixes after a dot (peft's rule). fuse: besides the adapter folder, also
-    export the full student with the adapters folded into its weights (``student-fused``).
+    target_modules: module names, or name suffixes after a dot (peft's rule); None: the LCM-LoRA layers of the
+    teacher's layout (``LORA_TARGETS`` for a UNet; attention projections for SD3's and Flux's transformers).
+    fuse: besides the adapter folder, also export the full student with the adapters folded into its weights
+    (``student-fused``).
     """
 
     rank: int = 16
     alpha: float = 16.0
-    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    target_modules: list[str] | None = None
     fuse: bool = False
 
     def __post_init__(self):
         check(self.rank >= 1, f"student.lora.rank must be >= 1 (the adapters' inner width); got {self.rank}")
         check(self.alpha > 0, f"student.lora.alpha must be > 0 (the adapters' scale is alpha / rank); "
                               f"got {self.alpha}")
-        check(bool(self.target_modules), "student.lora.target_modules needs at least one layer name, e.g. "
+        check(self.target_modules is None or bool(self.target_modules), "student.lora.target_modules needs at least one layer name, e.g. "
                                          "[to_q, to_k, to_v, to_out.0]")
 
 

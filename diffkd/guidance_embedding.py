@@ -13,6 +13,7 @@ give the CFG teacher ``teacher_conditioning`` and the student (or a w-conditione
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -82,15 +83,12 @@ def draw_guidance_scales(batch_size: int, guidance: GuidanceRange, generator: to
 
 def teacher_conditioning(cond: Conditioning, w: torch.Tensor) -> Conditioning:
     """A plain teacher's classifier-free guidance at each sample's own w (two passes, conditional and not)."""
-    return Conditioning(encoder_hidden_states=cond.encoder_hidden_states, class_labels=cond.class_labels,
-                        uncond_encoder_hidden_states=cond.uncond_encoder_hidden_states,
-                        uncond_class_labels=cond.uncond_class_labels, guidance_scale=w)
+    return replace(cond, guidance_scale=w, timestep_cond=None)  # the layout's added inputs (SDXL's) stay
 
 
 def student_conditioning(cond: Conditioning, w: torch.Tensor, embedding_dim: int) -> Conditioning:
     """A guidance-embedded network's one conditional pass, told each sample's w."""
-    return Conditioning(encoder_hidden_states=cond.encoder_hidden_states, class_labels=cond.class_labels,
-                        timestep_cond=guidance_scale_embedding(w, embedding_dim))
+    return replace(cond.unguided(), timestep_cond=guidance_scale_embedding(w, embedding_dim))
 
 
 def embedded_student(config: Config, teacher: LoadedPipeline, student: nn.Module) -> nn.Module:

@@ -17,6 +17,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import torch
 import yaml
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DiffusionPipeline
@@ -24,6 +25,7 @@ from diffusers.utils import logging as diffusers_logging
 from safetensors import SafetensorError
 
 from diffkd.errors import DiffkdError
+from diffkd.layouts import Layout, layout_of
 from diffkd.models import Denoiser
 from diffkd.paths import FlowPath, NoisePath, VPPath, flow_shift, is_flow_scheduler
 
@@ -32,15 +34,33 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LoadedPipeline:
-    """A diffusers pipeline and the Denoiser view of its UNet + scheduler."""
+    """A diffusers pipeline and the Denoiser view of its network + scheduler.
+
+    ``unet`` is the network whatever its kind: the pipeline component the layout names (``layout.component``, the
+    UNet or a transformer), which a student replaces. ``latent_side``: the side of the latents it is distilled at
+    (None: the pipeline's default).
+    """
 
     source: str
     pipeline: DiffusionPipeline
     denoiser: Denoiser
+    latent_side: int | None = None
+
+    @property
+    def latent_size(self) -> int:
+        return self.latent_side or self.layout.latent_size(self.pipeline)
+
+    @property
+    def layout(self) -> Layout:
+        return self.denoiser.layout
 
     @property
     def unet(self) -> torch.nn.Module:
-        return self.pipeline.unet
+        return self.layout.network(self.pipeline)
+
+    @property
+    def component(self) -> str:
+        return self.layout.component
 
     @property
     def scheduler(self):
@@ -53,9 +73,12 @@ class LoadedPipeline:
     @property
     def image_size(self) -> int:
         """Side of the images the pipeline makes (pixels, after the VAE for latent pipelines)."""
-        size = self.unet.config.sample_size
-        size = size[0] if isinstance(size, (list, tuple)) else size
-        return size * getattr(self.pipeline, "vae_scale_factor", 1) if self.latent else size
+        return self.latent_size * self.layout.vae_scale(self.pipeline)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the latents the Denoiser works on (unpacked, for a layout that packs them)."""
+        return self.layout.latent_channels(self.pipeline), self.latent_size, self.latent_size
 
     @property
     def image_channels(self) -> int:
@@ -72,8 +95,9 @@ def is_local_reference(source: str) -> bool:
 
 
 def load_pipeline(source: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                  trust_remote_code: bool = False) -> LoadedPipeline:
-    """Load a diffusers pipeline from a local folder or a hub id and check that diffkd can distil it."""
+                  trust_remote_code: bool = False, image_size: int | None = None) -> LoadedPipeline:
+    """Load a diffusers pipeline from a local folder or a hub id and check that diffkd can distil it, at
+    ``image_size`` pixels (None: the pipeline's default size)."""
     kwargs = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
@@ -88,7 +112,9 @@ def load_pipeline(source: str, device: str | torch.device = "cpu", dtype: torch.
         _check_model_index(folder / "model_index.json", source)
     pipeline = _from_pretrained(source, kwargs)
     pipeline.set_progress_bar_config(disable=True)
-    return LoadedPipeline(source, pipeline.to(device), denoiser_of(pipeline, source))
+    layout = layout_of(pipeline, source)
+    latent_size = layout.latent_size(pipeline, image_size)
+    return LoadedPipeline(source, pipeline.to(device), denoiser_of(pipeline, source, latent_size), latent_size)
 
 
 def _from_pretrained(source: str, kwargs: dict) -> DiffusionPipeline:
@@ -99,6 +125,8 @@ def _from_pretrained(source: str, kwargs: dict) -> DiffusionPipeline:
     libraries' warnings are held back while loading and shown only if it succeeds, so a failure is one line.
     """
     local = is_local_reference(source)
+    if local:
+        kwargs = {**_absent_components(Path(source).expanduser()), **kwargs}
     with _held_library_output() as held:
         try:
             pipeline = DiffusionPipeline.from_pretrained(source, **kwargs)
@@ -106,6 +134,22 @@ def _from_pretrained(source: str, kwargs: dict) -> DiffusionPipeline:
             held.clear()
             raise _load_error(source, local, kwargs, error) from None
     return pipeline
+
+
+def _absent_components(folder: Path) -> dict[str, None]:
+    """Components a pipeline was saved without (SD3 without its T5: ``text_encoder_3=None``), which
+    model_index.json records as [null, null] and ``from_pretrained`` then demands all the same: passed as None, as a
+    user loading that folder passes them."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    pipeline_class = getattr(diffusers, str(index.get("_class_name")), None) if isinstance(index, dict) else None
+    if pipeline_class is None or not hasattr(pipeline_class, "_get_signature_keys"):
+        return {}
+    expected, _ = pipeline_class._get_signature_keys(pipeline_class)
+    absent = {name for name, entry in index.items() if entry == [None, None]}
+    return {name: None for name in sorted(set(expected) & absent - set(pipeline_class._optional_components))}
 
 
 def _check_model_index(path: Path, source: str) -> None:
@@ -208,20 +252,20 @@ def _custom_code(folder: Path) -> bool:
     return isinstance(name, list) or (folder / "pipeline.py").exists()
 
 
-def denoiser_of(pipeline: DiffusionPipeline, source: str = "pipeline") -> Denoiser:
-    """The Denoiser view of a pipeline; refuses pipelines whose scheduler has no Gaussian noise path diffkd knows."""
-    unet = getattr(pipeline, "unet", None)
-    if unet is None:
-        raise DiffkdError(f"{source!r} has no 'unet' component; diffkd distils UNet-based pipelines "
-                          "(DDPM/DDIM, Stable Diffusion 1.x/2.x and alike)")
+def denoiser_of(pipeline: DiffusionPipeline, source: str = "pipeline", latent_size: int | None = None) -> Denoiser:
+    """The Denoiser view of a pipeline through its layout, at latents of side ``latent_size`` (default: the
+    pipeline's); refuses pipelines of no family diffkd knows and schedulers with no Gaussian noise path it knows."""
+    layout = layout_of(pipeline, source)
+    unet = layout.network(pipeline)
     scheduler = getattr(pipeline, "scheduler", None)
-    path = noise_path_of(scheduler, source, image_seq_len=_sequence_length(unet))
+    side = latent_size or layout.latent_size(pipeline)
+    path = noise_path_of(scheduler, source, image_seq_len=max(1, (side // 2) ** 2))  # packed 2x2, as Flux packs
     prediction_type = "flow" if isinstance(path, FlowPath) else scheduler.config.get("prediction_type", "epsilon")
     vae = getattr(pipeline, "vae", None)
     clip = None
     if vae is None and scheduler.config.get("clip_sample", False):
         clip = float(scheduler.config.get("clip_sample_range", 1.0))
-    return Denoiser(unet, path, prediction_type, clip_sample=clip, vae=vae)
+    return Denoiser(unet, path, prediction_type, clip_sample=clip, vae=vae, layout=layout)
 
 
 def noise_path_of(scheduler, source: str = "pipeline", image_seq_len: int | None = None) -> NoisePath:
@@ -240,13 +284,6 @@ def noise_path_of(scheduler, source: str = "pipeline", image_seq_len: int | None
                           "whose scheduler is DDPM, DDIM, PNDM, DPMSolver, UniPC or Euler (a VP schedule of "
                           "alphas_cumprod) or FlowMatchEulerDiscrete (rectified flow)")
     return VPPath(alphas.clone())
-
-
-def _sequence_length(unet: torch.nn.Module) -> int:
-    """Latent positions per image, what dynamic flow shifting is a function of (packed 2x2, as Flux packs)."""
-    size = unet.config.sample_size
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    return max(1, (height // 2) * (width // 2))
 
 
 def save_pipeline(folder: Path, teacher: LoadedPipeline, unet: torch.nn.Module, scheduler,

@@ -1,4 +1,5 @@
-"""LoRA students (LCM-LoRA, Luo et al. 2023): peft adapters on a frozen copy of the teacher's UNet.
+"""LoRA students (LCM-LoRA, Luo et al. 2023): peft adapters on a frozen copy of the teacher's network (its UNet or
+transformer, the layout's component).
 
 Only the adapters train, and what a user shares is a diffusers LoRA folder of a few megabytes: the adapters in
 diffusers' key format (``pytorch_lora_weights.safetensors``, what ``pipe.load_lora_weights(folder)`` reads onto the
@@ -18,7 +19,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 
-from diffkd.config import Config, LoraOptions
+from diffkd.config import LORA_TARGETS, Config, LoraOptions
 from diffkd.errors import DiffkdError
 from diffkd.io import LoadedPipeline, save_pipeline, write_model_card
 
@@ -40,19 +41,23 @@ def check_lora_run(config: Config, teacher: LoadedPipeline) -> None:
                           "or run_eval=false")
 
 
-def lora_student(teacher_unet: nn.Module, options: LoraOptions) -> nn.Module:
-    """A copy of the teacher's UNet, frozen, with trainable adapters on every layer ``target_modules`` names."""
+def lora_student(teacher_unet: nn.Module, options: LoraOptions, default_targets: tuple[str, ...] = LORA_TARGETS
+                 ) -> nn.Module:
+    """A copy of the teacher's network, frozen, with trainable adapters on every layer ``target_modules`` names
+    (by default those of ``default_targets``, its layout's, that it has: SD3's last block has no ``to_add_out``)."""
     names = [name for name, _ in teacher_unet.named_modules()]
-    unmatched = [target for target in options.target_modules if not any(matches(name, target) for name in names)]
+    targets = list(options.target_modules or [target for target in default_targets  # a small model may lack some
+                                              if any(matches(name, target) for name in names)])
+    unmatched = [target for target in targets if not any(matches(name, target) for name in names)]
     if unmatched:
         examples = sorted({_short_name(name) for name, module in teacher_unet.named_modules()
                            if isinstance(module, (nn.Linear, nn.Conv2d))})
-        raise DiffkdError(f"student.lora.target_modules {unmatched} match no layer of the teacher's UNet: use layer "
+        kind = "UNet" if "UNet" in type(teacher_unet).__name__ else "transformer"
+        raise DiffkdError(f"student.lora.target_modules {unmatched} match no layer of the teacher's {kind}: use layer "
                           f"names such as {', '.join(examples[:12])}")
     student = copy.deepcopy(teacher_unet).requires_grad_(False)
     try:
-        student.add_adapter(LoraConfig(r=options.rank, lora_alpha=options.alpha,
-                                       target_modules=list(options.target_modules)))
+        student.add_adapter(LoraConfig(r=options.rank, lora_alpha=options.alpha, target_modules=targets))
     except ValueError as error:
         raise DiffkdError(f"cannot put LoRA adapters on student.lora.target_modules ({_first_line(error)}): target "
                           "Linear or Conv2d layers only") from None
@@ -71,6 +76,7 @@ def matches(module_name: str, target: str) -> bool:
 
 
 def lora_report(student: nn.Module, options: LoraOptions) -> dict:
+    """The adapters' shape and size; what LCM-LoRA users compare (trainable parameters, and the file's bytes)."""
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
     return {"architecture": "copy", "lora": {"rank": options.rank, "alpha": options.alpha,
                                              "layers": sum(isinstance(m, LoraLayer) for m in student.modules()),
@@ -89,14 +95,18 @@ def save_lora_student(folder: Path, teacher: LoadedPipeline, student: nn.Module,
                       fuse: bool) -> Path:
     """The adapter folder (weights, scheduler, model card); with ``fuse`` also the full student beside it."""
     folder.mkdir(parents=True, exist_ok=True)
-    type(teacher.pipeline).save_lora_weights(folder, unet_lora_layers=adapter_state_dict(student),
-                                             unet_lora_adapter_metadata=student.peft_config["default"].to_dict(),
-                                             safe_serialization=True)
+    component = teacher.component  # save_lora_weights takes unet_lora_layers or transformer_lora_layers
+    type(teacher.pipeline).save_lora_weights(folder, safe_serialization=True, **{
+        f"{component}_lora_layers": adapter_state_dict(student),
+        f"{component}_lora_adapter_metadata": student.peft_config["default"].to_dict()})
     scheduler.save_pretrained(folder / "scheduler")
+    size = (folder / LORA_FILE).stat().st_size  # what a user downloads: LCM-LoRA's point
+    log.info("LoRA adapters: %s, %.2f MB", folder / LORA_FILE, size / 1e6)
+    card = {**card, "lora_file_bytes": size}
     write_model_card(folder / "README.md", card, usage=usage_lines(card, folder, type(scheduler).__name__))
     if fuse:
         save_pipeline(fused_folder(folder), teacher, fused_unet(teacher, folder), scheduler,
-                      {**card, "lora_folder": str(folder)})
+                      {**card, "lora_folder": str(folder)}, teacher.component)
     return folder
 
 
@@ -105,13 +115,14 @@ def fused_folder(folder: Path) -> Path:
 
 
 def fused_unet(teacher: LoadedPipeline, folder: Path) -> nn.Module:
-    """The teacher's UNet with the exported adapters folded in, made the way a user would make it (load, fuse,
+    """The teacher's network with the exported adapters folded in, made the way a user would make it (load, fuse,
     unload), so the fused student is exactly what the adapter folder gives."""
-    pipeline = type(teacher.pipeline)(**{**teacher.pipeline.components, "unet": copy.deepcopy(teacher.unet)})
+    component = teacher.component
+    pipeline = type(teacher.pipeline)(**{**teacher.pipeline.components, component: copy.deepcopy(teacher.unet)})
     pipeline.load_lora_weights(folder)
     pipeline.fuse_lora()
     pipeline.unload_lora_weights()
-    return pipeline.unet
+    return getattr(pipeline, component)
 
 
 def usage_lines(card: dict, folder: Path, scheduler_class: str) -> list[str]:

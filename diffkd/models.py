@@ -14,6 +14,7 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 from diffkd import schedule
+from diffkd.layouts.base import Layout
 from diffkd.paths import NoisePath, VPPath
 
 
@@ -25,7 +26,9 @@ class Conditioning:
     ``encoder_hidden_states``/``class_labels`` and their unconditional counterparts; a guidance-distilled student
     (Meng et al. 2023) is then trained to give the guided output in one conditional pass. ``guidance_scale`` may be
     a tensor, one w per sample; ``timestep_cond`` is a guidance-embedded UNet's embedding of its w (diffusers'
-    ``timestep_cond``, see ``diffkd.guidance_embedding``).
+    ``timestep_cond``, see ``diffkd.guidance_embedding``). ``added`` / ``uncond_added`` are a layout's further
+    per-sample inputs by name (SDXL's ``text_embeds`` and ``time_ids``, SD3's and Flux's ``pooled_projections``, a
+    guidance-distilled network's ``guidance``): methods pass them along untouched, the layout feeds them to the network.
     """
 
     encoder_hidden_states: torch.Tensor | None = None
@@ -34,6 +37,8 @@ class Conditioning:
     uncond_class_labels: torch.Tensor | None = None
     guidance_scale: float | torch.Tensor = 1.0
     timestep_cond: torch.Tensor | None = None
+    added: dict[str, torch.Tensor] | None = None
+    uncond_added: dict[str, torch.Tensor] | None = None
 
     @property
     def guided(self) -> bool:
@@ -43,37 +48,34 @@ class Conditioning:
 
     def unguided(self) -> Conditioning:
         """The same conditioning for a student that has guidance baked in: one conditional pass."""
-        return replace(self, guidance_scale=1.0, uncond_encoder_hidden_states=None, uncond_class_labels=None)
+        return replace(self, guidance_scale=1.0, uncond_encoder_hidden_states=None, uncond_class_labels=None,
+                       uncond_added=None)
 
     def select(self, index: torch.Tensor) -> Conditioning:
         """Rows ``index`` of every per-sample tensor (for splitting a batch)."""
-        pick = {k: (v[index] if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
-        return Conditioning(**pick)
+        return Conditioning(**{k: _rows(v, index) for k, v in self.__dict__.items()})
 
 
-def unet_forward(unet: nn.Module, z: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor | None,
-                 labels: torch.Tensor | None, timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
-    """One pass of a diffusers UNet (2D or 2D-condition), passing only the conditioning it was given."""
-    kwargs = {}
-    if hidden is not None:
-        kwargs["encoder_hidden_states"] = hidden
-    if labels is not None:
-        kwargs["class_labels"] = labels
-    if timestep_cond is not None:
-        kwargs["timestep_cond"] = timestep_cond
-    return unet(z, t, **kwargs).sample
+def _rows(value, index: torch.Tensor):
+    if isinstance(value, dict):
+        return {k: _rows(v, index) for k, v in value.items()}
+    return value[index] if isinstance(value, torch.Tensor) else value
 
 
 class Denoiser:
-    """A UNet with its noise path, parameterisation and (optional) VAE.
+    """A denoising network (a UNet, or a layout's transformer) with its noise path, parameterisation, (optional) VAE
+    and the layout that calls it.
 
-    ``unet`` may be swapped for a wrapped version (DDP) by the trainer; everything here only calls it. The network
-    is called at the path's timesteps as they are (integer t for a VP path, sigma * T for rectified flow).
+    ``unet`` may be swapped for a wrapped version (DDP) by the trainer; everything here only calls it, through
+    ``layout`` (``diffkd.layouts``: how this pipeline family feeds its network). The network is called at the path's
+    timesteps as they are (integer t for a VP path, sigma * T for rectified flow); latents are always (B, C, H, W),
+    a layout that packs them (Flux) packs and unpacks inside its call.
     """
 
     def __init__(self, unet: nn.Module, path: NoisePath | torch.Tensor, prediction_type: str,
-                 clip_sample: float | None = None, vae: nn.Module | None = None):
-        """``path`` may be a DDPM-family ``alphas_cumprod`` tensor, taken as its variance-preserving path."""
+                 clip_sample: float | None = None, vae: nn.Module | None = None, layout: Layout | None = None):
+        """``path`` may be a DDPM-family ``alphas_cumprod`` tensor, taken as its variance-preserving path; without
+        ``layout`` the network is called as a plain diffusers UNet."""
         if prediction_type not in schedule.PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {schedule.PREDICTION_TYPES}, got {prediction_type!r}")
         self.unet = unet
@@ -81,10 +83,12 @@ class Denoiser:
         self.prediction_type = prediction_type
         self.clip_sample = clip_sample
         self.vae = vae
+        self.layout = layout or Layout()
 
     def like(self, unet: nn.Module, prediction_type: str | None = None, clip: bool = True) -> Denoiser:
         """Another network on this model's path (a student, a fake score): same clip unless ``clip`` is False."""
-        return Denoiser(unet, self.path, prediction_type or self.prediction_type, self.clip_sample if clip else None)
+        return Denoiser(unet, self.path, prediction_type or self.prediction_type, self.clip_sample if clip else None,
+                        layout=self.layout)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -97,13 +101,17 @@ class Denoiser:
         """The raw network output in this model's parameterisation, guided when ``cond`` asks for it."""
         cond = cond or Conditioning()
         t = t.expand(z.shape[0]) if t.ndim == 0 else t
+        forward = self.layout.forward
         if not cond.guided:
-            return unet_forward(self.unet, z, t, cond.encoder_hidden_states, cond.class_labels, cond.timestep_cond)
+            return forward(self.unet, z, t, cond.encoder_hidden_states, cond.class_labels, cond.timestep_cond,
+                           cond.added)
         hidden = _cat_pair(cond.uncond_encoder_hidden_states, cond.encoder_hidden_states)
         labels = _cat_pair(cond.uncond_class_labels, cond.class_labels)
         extra = None if cond.timestep_cond is None else torch.cat([cond.timestep_cond, cond.timestep_cond])
-        uncond, conditional = unet_forward(self.unet, torch.cat([z, z]), torch.cat([t, t]), hidden, labels,
-                                           extra).chunk(2)
+        added = None if cond.added is None else {k: _cat_pair((cond.uncond_added or {}).get(k), v)
+                                                 for k, v in cond.added.items()}
+        uncond, conditional = forward(self.unet, torch.cat([z, z]), torch.cat([t, t]), hidden, labels, extra,
+                                      added).chunk(2)
         w = cond.guidance_scale
         w = schedule.broadcast(w.to(z.device), z) if isinstance(w, torch.Tensor) else w
         return uncond + w * (conditional - uncond)
@@ -124,17 +132,20 @@ class Denoiser:
         return schedule.ddim_step(x0, eps, alpha_s, sigma_s, self.clip_sample)
 
     # Latent teachers: images in [-1, 1] <-> the space the UNet works in.
+    # SD3's and Flux's VAEs also shift: z = (E(x) - shift) * scale, as their pipelines decode z / scale + shift.
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
             return images
-        scale = self.vae.config.scaling_factor
-        return self.vae.encode(images.to(self.vae.dtype)).latent_dist.mode().float() * scale
+        scale, shift = self.vae.config.scaling_factor, self.vae.config.get("shift_factor")
+        latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mode().float()
+        return (latents if shift is None else latents - shift) * scale
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
             return latents
-        scale = self.vae.config.scaling_factor
-        return self.vae.decode(latents.to(self.vae.dtype) / scale).sample.float()
+        scale, shift = self.vae.config.scaling_factor, self.vae.config.get("shift_factor")
+        latents = latents.to(self.vae.dtype) / scale
+        return self.vae.decode(latents if shift is None else latents + shift).sample.float()
 
 
 def _cat_pair(uncond: torch.Tensor | None, cond: torch.Tensor | None) -> torch.Tensor | None:

@@ -212,3 +212,14 @@ def flow_shift(config: dict, image_seq_len: int | None) -> float:
     length = image_seq_len or base_len
     mu = base + (top - base) * (length - base_len) / (max_len - base_len)
     return mu if config.get("time_shift_type", "exponential") == "linear" else math.exp(mu)
+
+
+def training_scheduler(prediction_type: str, num_train_timesteps: int, shift: float, beta_schedule: str,
+                       clip_sample: bool):
+    """The scheduler a new teacher of this parameterisation is trained and exported with: FlowMatch Euler (with
+    ``shift``) for rectified flow, else DDIM with the trailing grid on ``beta_schedule``."""
+    if prediction_type == "flow":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
+    return DDIMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
+                         prediction_type=prediction_type, clip_sample=clip_sample, timestep_spacing="trailing",
+                         set_alpha_to_one=True)

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from diffkd.conditioning import encode_rows, read_prompts
+from diffkd.conditioning import batch_conditioning, encode_rows, read_prompts
 from diffkd.errors import DiffkdError
 from diffkd.io import LoadedPipeline, check_device, load_pipeline
 from diffkd.models import Conditioning
@@ -67,10 +67,8 @@ def teacher_key(teacher: LoadedPipeline, sampler: str, steps: int, seed: int, gu
         raise DiffkdError(f"teacher steps must be in [1, {teacher.denoiser.num_train_timesteps}]; got {steps}")
     if teacher.text_conditioned and not prompts:
         raise DiffkdError("the teacher is text-conditioned: give prompts (data.prompts / --prompts-file)")
-    size = teacher.unet.config.sample_size
-    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
     return CacheKey(teacher.source, fingerprint(teacher.unet), sampler, steps, seed,
-                    (teacher.unet.config.in_channels, *size), float(guidance_scale) if prompts else 1.0,
+                    teacher.latent_shape, float(guidance_scale) if prompts else 1.0,
                     tuple(prompts))
 
 
@@ -179,9 +177,7 @@ class SampleCache:
         if not rows:
             return None
         index = torch.arange(first, first + size) % len(self.key.prompts)
-        return Conditioning(encoder_hidden_states=rows["encoder_hidden_states"][index].to(device),
-                            uncond_encoder_hidden_states=rows["uncond_encoder_hidden_states"][index].to(device),
-                            guidance_scale=self.key.guidance_scale)
+        return batch_conditioning({k: v[index].to(device) for k, v in rows.items()}, self.key.guidance_scale)
 
     def _write_manifest(self) -> None:
         data = {"format": FORMAT, "key": self.key.as_json(), "shard_size": self.shard_size,

@@ -31,11 +31,12 @@ SUPPORTED = (UNet2DModel, UNet2DConditionModel)
 _BLOCK_LAYER = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)$")
 
 
-def build_student(teacher_unet: nn.Module, config: StudentConfig) -> tuple[nn.Module, dict]:
-    """The student UNet and a report of how it was initialised from the teacher (a LoRA student: the teacher's
-    frozen UNet with adapters)."""
+def build_student(teacher_unet: nn.Module, config: StudentConfig, lora_targets: tuple[str, ...] | None = None
+                  ) -> tuple[nn.Module, dict]:
+    """The student network and a report of how it was initialised from the teacher (a LoRA student: the teacher's
+    frozen network with adapters, on ``lora_targets``, its layout's, unless the config names them)."""
     if config.lora is not None:
-        student = lora_student(teacher_unet, config.lora)
+        student = lora_student(teacher_unet, config.lora, *([lora_targets] if lora_targets else []))
         return student, lora_report(student, config.lora)
     if config.architecture == "copy":
         student = copy.deepcopy(teacher_unet).requires_grad_(True).train()

@@ -80,3 +80,24 @@ def make_tiny_sd_pipeline(folder) -> str:
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory) -> str:
     return make_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny-sd") / "pipeline")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> str:
+    from tests.tiny_layouts import make_tiny_sdxl_pipeline
+
+    return make_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl") / "pipeline")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> str:
+    from tests.tiny_layouts import make_tiny_sd3_pipeline
+
+    return make_tiny_sd3_pipeline(tmp_path_factory.mktemp("tiny-sd3") / "pipeline")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> str:
+    from tests.tiny_layouts import make_tiny_flux_pipeline
+
+    return make_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny-flux") / "pipeline")

@@ -190,8 +190,9 @@ def exported_weights(output: Path, method: str) -> Path:
     """The exported weights of a run (method "lora": a LoRA student's adapter file)."""
     if method == "lora":
         return output / "student" / "pytorch_lora_weights.safetensors"
-    folder = "pipeline" if method == "denoise" else "student"
-    return output / folder / "unet" / "diffusion_pytorch_model.safetensors"
+    folder = output / ("pipeline" if method == "denoise" else "student")
+    network = "transformer" if (folder / "transformer").is_dir() else "unet"  # the layout's component
+    return folder / network / "diffusion_pytorch_model.safetensors"
 
 
 def same_weights(a: Path, b: Path) -> bool:

@@ -149,3 +149,38 @@ def test_lcm_lora_recipe_loads_onto_the_teacher_with_its_lcm_scheduler(tiny_sd, 
     images = pipe("a cat", num_inference_steps=4, guidance_scale=1.0, height=8, width=8, output_type="np").images
     assert images.shape == (1, 8, 8, 3) and not (folder.parent / "student-fused").exists()
     assert "LCMScheduler.from_pretrained" in (folder / "README.md").read_text()
+
+
+def test_the_adapted_layer_is_w_plus_alpha_over_rank_b_a_by_hand(tiny_sd, tmp_path):
+    """alpha = 6, rank = 4: scale 1.5, in the trained student and in the weights diffusers' load_lora_weights +
+    fuse_lora make from the exported file (a LoRA whose scale silently became 1 fails here)."""
+    from diffusers import StableDiffusionPipeline
+
+    from diffkd.lora import save_lora_student
+
+    teacher = load_pipeline(tiny_sd)
+    options = LoraOptions(rank=4, alpha=6, target_modules=["to_q"])
+    student = lora_student(teacher.unet, options)
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    layer = student.get_submodule(name)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in student.modules():
+            for part in ("lora_A", "lora_B"):
+                if hasattr(module, part):
+                    weight = getattr(module, part)["default"].weight
+                    weight.copy_(torch.randn(weight.shape, generator=generator))
+    w = teacher.unet.get_submodule(name).weight
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    by_hand = w + (6 / 4) * b @ a
+    x = torch.randn(3, w.shape[1], generator=generator)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ by_hand.T)
+
+    folder = save_lora_student(tmp_path / "lora", teacher, student, DDIMScheduler(), {"teacher": tiny_sd}, False)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    pipe.load_lora_weights(folder)
+    pipe.fuse_lora()
+    torch.testing.assert_close(pipe.unet.get_submodule(name).weight, by_hand)
+    card = yaml.safe_load((folder / "README.md").read_text().split("---")[1])
+    assert card["lora_file_bytes"] == (folder / LORA_FILE).stat().st_size > 0

@@ -10,7 +10,7 @@ import yaml
 from PIL import Image
 
 from diffkd.api import distill
-from diffkd.config import load_config
+from diffkd.config import dump_config, load_config
 from tests.bad_inputs import rgb_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,3 +63,38 @@ def test_sd15_recipe_on_a_tiny_pipeline_of_its_layout(tiny_sd, tmp_path):
     assert not any("vae" in name or "text" in name for name in checkpoint_files)
     front = yaml.safe_load((folder / "README.md").read_text().split("---")[1])
     assert front["guidance_scale"] == 7.5 and front["num_inference_steps"] == 4
+
+
+LAYOUT_RECIPES = [("sdxl-lcm-lora", "teachers/sdxl-base", "tiny_sdxl"),
+                  ("sd3-consistency", "teachers/sd3.5-medium", "tiny_sd3"),
+                  ("flux-dmd", "teachers/flux1-dev", "tiny_flux")]
+
+
+@pytest.mark.parametrize("name, teacher, tiny", LAYOUT_RECIPES)
+def test_layout_recipe_resolves_as_dry_run_prints_it(name, teacher, tiny):
+    """What ``diffkd distill --dry-run`` prints (load_config, then dump_config), in process: a subprocess per recipe
+    costs ~25 s on the shared CI cores, and the CLI path itself is covered by the recipes above."""
+    resolved = yaml.safe_load(dump_config(load_config(ROOT / "configs" / f"{name}.yaml")))
+    assert resolved["teacher"]["source"] == teacher and resolved["teacher"]["image_size"] == 1024
+    assert "hf download" in (ROOT / "configs" / f"{name}.yaml").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, teacher, tiny", LAYOUT_RECIPES)
+def test_layout_recipe_on_a_tiny_pipeline_of_its_layout(name, teacher, tiny, request, tmp_path):
+    """Each recipe as shipped but for its size (1 step, 8 px, batch 2, CPU) on a tiny random pipeline of its layout:
+    the export is the layout's (a LoRA folder of transformer or UNet adapters, or a transformer student)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    config = load_config(ROOT / f"configs/{name}.yaml",
+                         [f"teacher.source={request.getfixturevalue(tiny)}", "teacher.image_size=8",
+                          f"data.source={_images(tmp_path / 'images', 8)}", f"data.prompts_file={prompts}",
+                          "method.num_steps=1", "train.batch_size=2", "train.mixed_precision='no'",
+                          "train.device=cpu", "train.warmup_steps=0",
+                          *(["method.fake_updates=1"] if name == "flux-dmd" else [])])
+    folder = distill(config, tmp_path / "run")
+    if config.student.lora is not None:
+        weights = (folder / "pytorch_lora_weights.safetensors").read_bytes()
+        assert (b"transformer." if tiny != "tiny_sdxl" else b"unet.") in weights[:4096]
+    else:
+        assert (folder / "transformer" / "diffusion_pytorch_model.safetensors").is_file()

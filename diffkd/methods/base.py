@@ -64,13 +64,14 @@ class Phase:
 @dataclass
 class ExportSpec:
     """How the trained student is saved: its scheduler, its step count, model-card facts and the pipeline component
-    it becomes (the UNet, or the VAE for a stage that trains a pipeline's autoencoder)."""
+    it becomes (None: the teacher's network, a UNet or a transformer; "vae" for a stage that trains a pipeline's
+    autoencoder)."""
 
     scheduler: object
     num_inference_steps: int
     prediction_type: str
     card: dict = field(default_factory=dict)
-    component: str = "unet"
+    component: str | None = None
     # Scheduler classes besides the exported one that were measured to sample this kind of student well when built
     # with ``from_config`` of its scheduler (eval/RESULTS.md, "Scheduler swaps"); the model card names them and
     # warns off the rest, since a swap that looks harmless can give noise (Euler on a consistency student).
@@ -98,7 +99,7 @@ class Method:
     def prediction_type(self) -> str:
         """The student's parameterisation: the method's ``student_prediction_type``; 'teacher' (or a method
         without that option) keeps the teacher's. On a rectified-flow path 'v_prediction' is the path's velocity
-        (flow): the FlowMatch schedulers a flow student exports with sample nothing else."""
+        (flow): the rectified-flow schedulers a flow student exports with sample nothing else."""
         chosen = getattr(self.options, "student_prediction_type", "teacher")
         teacher = self.teacher.denoiser
         if chosen == "teacher":

@@ -15,7 +15,7 @@ same input and w (Meng et al. 2023, stage 1), and the target network restarts fr
 
 The export is the plain F with the path's consistency scheduler: diffusers' ``LCMScheduler`` on the same grid
 (``original_inference_steps`` = N, the same timestep scaling and x0 clip), which applies c_skip and c_out itself, or
-``FlowMatchLCMScheduler`` for a flow teacher: ``from_pretrained(student)(num_inference_steps=k)`` samples for any k
+its rectified-flow counterpart for a flow teacher: ``from_pretrained(student)(num_inference_steps=k)`` samples for any k
 up to N with one network.
 """
 
@@ -49,7 +49,7 @@ def pseudo_huber(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def consistency_function(model: Denoiser, z: torch.Tensor, t: torch.Tensor, cond: Conditioning | None,
                          timestep_scaling: float) -> torch.Tensor:
     """f(z, t) = c_skip z + c_out x0(F(z, t)) with the path's scalings, x0 clipped as the exported scheduler clips
-    it (LCMScheduler's c_skip, c_out on a VP path; FlowMatchLCMScheduler's x0 = z - sigma v as it is on a flow path)."""
+    it (LCMScheduler's c_skip, c_out on a VP path; x0 = z - sigma v as it is on a flow path, as the flow LCM scheduler takes it)."""
     x0, _ = model.x0_eps(z, t, cond)
     if model.clip_sample is not None:
         x0 = x0.clamp(-model.clip_sample, model.clip_sample)

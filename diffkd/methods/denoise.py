@@ -8,7 +8,7 @@ with the project is reproducible with ``diffkd train-teacher configs/digits-teac
 from __future__ import annotations
 
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, FlowMatchEulerDiscreteScheduler, UNet2DModel
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, UNet2DModel
 
 from diffkd import schedule
 from diffkd.config import Config
@@ -17,6 +17,7 @@ from diffkd.io import LoadedPipeline, denoiser_of
 from diffkd.losses.terms import LossTerms
 from diffkd.method_options import DenoiseConfig
 from diffkd.methods.base import ExportSpec, Method, Round
+from diffkd.paths import training_scheduler
 
 
 class DenoisingTraining(Method):
@@ -38,14 +39,10 @@ class DenoisingTraining(Method):
                            block_out_channels=tuple(o.block_out_channels), layers_per_block=o.layers_per_block,
                            down_block_types=tuple(down), up_block_types=tuple(up),
                            norm_num_groups=min(32, min(o.block_out_channels)))
-        if o.prediction_type == "flow":  # rectified flow; DDPMPipeline's loop runs the FlowMatch scheduler's steps
-            pipeline = DDPMPipeline(unet, FlowMatchEulerDiscreteScheduler(num_train_timesteps=o.num_train_timesteps,
-                                                                          shift=o.shift))
-        else:
-            pipeline = DDIMPipeline(unet, DDIMScheduler(
-                num_train_timesteps=o.num_train_timesteps, beta_schedule=o.beta_schedule,
-                prediction_type=o.prediction_type, clip_sample=o.clip_sample, timestep_spacing="trailing",
-                set_alpha_to_one=True))
+        scheduler = training_scheduler(o.prediction_type, o.num_train_timesteps, o.shift, o.beta_schedule,
+                                       o.clip_sample)
+        # DDIMPipeline turns any scheduler into DDIM; DDPMPipeline's loop runs a flow scheduler's own steps
+        pipeline = (DDIMPipeline if isinstance(scheduler, DDIMScheduler) else DDPMPipeline)(unet, scheduler)
         return LoadedPipeline("new", pipeline, denoiser_of(pipeline))
 
     def rounds(self) -> list[Round]:

@@ -1,0 +1,89 @@
+"""The layout adapter of UNet pipelines, and the interface every layout fills in.
+
+A layout is how one pipeline family calls its network and conditions it: which pipeline component is the network,
+how a text prompt becomes its conditioning (always the pipeline's own ``encode_prompt``), which further inputs the
+network takes beside (z, t) and how latents are shaped for it. The Denoiser calls its network only through a layout,
+so methods never ask which family a teacher is; adding a family is one more module in this package.
+
+This base class is Stable Diffusion 1.x/2.x and the unconditional DDPM/DDIM UNets: a UNet2D(Condition)Model called
+with ``encoder_hidden_states`` (and ``class_labels``, ``timestep_cond`` when given), the empty prompt as the
+unconditional branch of classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from diffkd.config import LORA_TARGETS
+
+Columns = dict[str, torch.Tensor]
+ADDED = "added_"  # row columns the network takes by name (Conditioning.added); "uncond_" + ADDED: their CFG pair
+
+
+def unet_forward(unet: nn.Module, z: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor | None,
+                 labels: torch.Tensor | None, timestep_cond: torch.Tensor | None = None,
+                 added: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """One pass of a diffusers UNet (2D or 2D-condition), passing only the conditioning it was given (``added``:
+    SDXL's ``added_cond_kwargs``)."""
+    kwargs = {}
+    if hidden is not None:
+        kwargs["encoder_hidden_states"] = hidden
+    if labels is not None:
+        kwargs["class_labels"] = labels
+    if timestep_cond is not None:
+        kwargs["timestep_cond"] = timestep_cond
+    if added:
+        kwargs["added_cond_kwargs"] = added
+    return unet(z, t, **kwargs).sample
+
+
+class Layout:
+    """Stable Diffusion 1.x/2.x (and unconditional UNet pipelines); subclasses override what their family does
+    differently."""
+
+    name = "sd"
+    component = "unet"  # the pipeline component that is the network (and that a student replaces)
+    lora_targets: tuple[str, ...] = tuple(LORA_TARGETS)  # LCM-LoRA's layers of this family's network
+    evaluated = True  # whether diffkd's evaluation sweep samples this family's pipelines (SD's encode_prompt call)
+
+    @classmethod
+    def matches(cls, pipeline) -> bool:
+        return getattr(pipeline, "unet", None) is not None
+
+    def network(self, pipeline) -> nn.Module:
+        return getattr(pipeline, self.component)
+
+    def latent_channels(self, pipeline) -> int:
+        return self.network(pipeline).config.in_channels
+
+    def latent_size(self, pipeline, image_size: int | None = None) -> int:
+        """Side of the network's (unpacked) latents: ``image_size`` pixels through the VAE, or by default the
+        network's own ``sample_size``, what the pipeline samples when no height is given."""
+        if image_size is not None:
+            return image_size // self.vae_scale(pipeline)
+        size = self.network(pipeline).config.sample_size
+        return size[0] if isinstance(size, (list, tuple)) else size
+
+    @staticmethod
+    def vae_scale(pipeline) -> int:
+        return getattr(pipeline, "vae_scale_factor", 1) if getattr(pipeline, "vae", None) is not None else 1
+
+    def forward(self, network: nn.Module, z: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor | None,
+                labels: torch.Tensor | None, timestep_cond: torch.Tensor | None,
+                added: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        """The network's output at (z, t) in the path's parameterisation, latents (B, C, H, W) in and out."""
+        return unet_forward(network, z, t, hidden, labels, timestep_cond, added)
+
+    def encode(self, pipeline, prompts: Sequence[str], device: torch.device, latent_size: int
+               ) -> tuple[Columns, Columns]:
+        """(one row per prompt, one shared row for the unconditional branch) of conditioning columns, made by the
+        pipeline's own ``encode_prompt``; the empty prompt is SD's unconditional branch."""
+        encode = pipeline.encode_prompt
+        return ({"encoder_hidden_states": encode(list(prompts), device, 1, False)[0]},
+                {"uncond_encoder_hidden_states": encode([""], device, 1, False)[0]})
+
+    def check_guidance(self, network: nn.Module, guidance_scale: float, guidance_range: object | None) -> None:
+        """Refuse a guidance setting this family does not have (raise DiffkdError); CFG families take any."""

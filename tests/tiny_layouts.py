@@ -1,0 +1,130 @@
+"""Tiny random pipelines of each layout, built in code as diffusers' own pipeline tests build them (nothing is
+downloaded): CLIP tokenizers over a 54-token vocabulary, one-layer encoders, 8 px images through a 2x VAE."""
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def clip_tokenizer(folder: Path) -> CLIPTokenizer:
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{c: 2 + i for i, c in enumerate(LETTERS)},
+             **{c + "</w>": 28 + i for i, c in enumerate(LETTERS)}}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=8)
+
+
+def clip_config(hidden: int, projection: int | None = None) -> CLIPTextConfig:
+    return CLIPTextConfig(vocab_size=54, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+                          num_attention_heads=2, max_position_embeddings=8, bos_token_id=0, eos_token_id=1,
+                          pad_token_id=1, projection_dim=projection or hidden)
+
+
+def tiny_vae(latent_channels: int = 4, shift_factor: float | None = None) -> AutoencoderKL:
+    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 8), latent_channels=latent_channels,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         norm_num_groups=4, sample_size=8, shift_factor=shift_factor)
+
+
+def make_tiny_sdxl_pipeline(folder) -> str:
+    """SDXL's layout: two CLIP encoders (the second with a projection, whose pooled output is ``text_embeds``), a
+    UNet with ``addition_embed_type='text_time'`` (6 time ids x 4 features + 16 pooled = 40), Euler on SDXL's
+    scaled-linear schedule."""
+    folder = Path(folder)
+    torch.manual_seed(0)
+    tokenizer = clip_tokenizer(folder.parent / f"{folder.name}-vocab")
+    unet = UNet2DConditionModel(sample_size=4, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                norm_num_groups=4, attention_head_dim=2, use_linear_projection=True,
+                                addition_embed_type="text_time", addition_time_embed_dim=4,
+                                projection_class_embeddings_input_dim=40)
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=CLIPTextModel(clip_config(16)),
+                                     text_encoder_2=CLIPTextModelWithProjection(clip_config(16)), tokenizer=tokenizer,
+                                     tokenizer_2=tokenizer, unet=unet, scheduler=scheduler, add_watermarker=False)
+    pipe.save_pretrained(folder)
+    return str(folder)
+
+
+def make_tiny_sd3_pipeline(folder) -> str:
+    """SD3's layout: an MMDiT over 4x4 latents, two CLIP encoders with projections (pooled 8 + 8 = 16), no T5
+    (``text_encoder_3=None``: the pipeline pads with zeros), FlowMatch Euler with SD3's shift 3, a shifted VAE."""
+    folder = Path(folder)
+    torch.manual_seed(0)
+    tokenizer = clip_tokenizer(folder.parent / f"{folder.name}-vocab")
+    transformer = SD3Transformer2DModel(sample_size=4, patch_size=1, in_channels=4, out_channels=4, num_layers=1,
+                                        attention_head_dim=4, num_attention_heads=2, joint_attention_dim=16,
+                                        caption_projection_dim=8, pooled_projection_dim=16, pos_embed_max_size=8)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=tiny_vae(shift_factor=0.1), text_encoder=CLIPTextModelWithProjection(clip_config(8)),
+        text_encoder_2=CLIPTextModelWithProjection(clip_config(8)), tokenizer=tokenizer, tokenizer_2=tokenizer,
+        text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(folder)
+    return str(folder)
+
+
+def t5_tokenizer(max_length: int = 16):
+    """A T5 tokenizer over single letters, built in code (a Unigram model; what T5's sentencepiece file holds)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in LETTERS + "\u2581"]
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    return T5TokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=max_length)
+
+
+def make_tiny_flux_pipeline(folder, guidance_embeds: bool = True) -> str:
+    """Flux's layout: an MMDiT over 2x2-packed latents (4 channels -> 16 packed) with rotary ids, CLIP's pooled
+    embedding and a one-layer T5, a guidance embedding (Flux-dev; ``guidance_embeds=False`` is schnell-like), a
+    shifted VAE and FlowMatch Euler with Flux's dynamic shifting. Sample it at 8 px (``height=width=8``)."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    folder = Path(folder)
+    torch.manual_seed(0)
+    tokenizer = clip_tokenizer(folder.parent / f"{folder.name}-vocab")
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                         pooled_projection_dim=16, guidance_embeds=guidance_embeds,
+                                         axes_dims_rope=(2, 2, 4))
+    t5 = T5EncoderModel(T5Config(vocab_size=32, d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2,
+                                 relative_attention_num_buckets=8, decoder_start_token_id=0))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=tiny_vae(shift_factor=0.1), text_encoder=CLIPTextModel(clip_config(16)),
+                        tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=t5_tokenizer(), transformer=transformer)
+    pipe.save_pretrained(folder)
+    return str(folder)
+
+
+def make_tiny_dit_pipeline(folder) -> str:
+    """A class-conditional DiT pipeline: a transformer of a family diffkd has no layout for."""
+    from diffusers import DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=4,
+                                        num_layers=1, sample_size=4, patch_size=2, num_embeds_ada_norm=10,
+                                        norm_num_groups=4)
+    pipe = DiTPipeline(transformer=transformer, vae=tiny_vae(), scheduler=DDIMScheduler())
+    pipe.save_pretrained(folder)
+    return str(folder)
