@@ -45,6 +45,8 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1,2,3")
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--output", default=str(Path(__file__).parent / "out" / "methods-table"))
+    parser.add_argument("--reuse", action="store_true",
+                        help="read each seed's results.json from --output where it exists instead of sampling again")
     parser.add_argument("--section", default="methods-table", help="the eval/RESULTS.md section to write")
     parser.add_argument("--title", default="Methods table on digits-16 (issue 18)")
     parser.add_argument("--write-results", action="store_true", help="rewrite this benchmark's eval/RESULTS.md section")
@@ -53,11 +55,7 @@ def main() -> int:
     students = dict(named_run(s) for s in args.student)
 
     started = time.perf_counter()
-    sweeps = {seed: evaluate(EvalConfig(
-        pipelines=[args.teacher, *[str(Path(run) / "student") for run in students.values()]], teacher=args.teacher,
-        steps=STEPS, samplers=SAMPLERS, reference_steps=64, reference="digits", feature="digits-classifier",
-        num_samples=args.num_samples, batch_size=250, seed=seed, lpips=False, output=f"{args.output}/seed{seed}"
-    )).to_dict() for seed in [int(s) for s in args.seeds.split(",")]}
+    sweeps = {seed: sweep(args, students, seed) for seed in [int(s) for s in args.seeds.split(",")]}
     costs = {name: step_cost(Path(run) / "config.yaml") for name, run in students.items()}
     costs["baseline"] = step_cost(Path(args.baseline))
     text = section(sweeps, students, costs, args, time.perf_counter() - started)
@@ -65,6 +63,17 @@ def main() -> int:
     if args.write_results:
         write_section(args.section, text)
     return 0
+
+
+def sweep(args: argparse.Namespace, students: dict[str, str], seed: int) -> dict:
+    """One seed's evaluation of the teacher's samplers and every student (or, with --reuse, its saved results)."""
+    saved = Path(args.output) / f"seed{seed}" / "results.json"
+    if args.reuse and saved.is_file():
+        return json.loads(saved.read_text())
+    return evaluate(EvalConfig(
+        pipelines=[args.teacher, *[str(Path(run) / "student") for run in students.values()]], teacher=args.teacher,
+        steps=STEPS, samplers=SAMPLERS, reference_steps=64, reference="digits", feature="digits-classifier",
+        num_samples=args.num_samples, batch_size=250, seed=seed, lpips=False, output=str(saved.parent))).to_dict()
 
 
 def named_run(value: str) -> tuple[str, str]:
@@ -173,7 +182,8 @@ def section(sweeps: dict[int, dict], students: dict[str, str], costs: dict[str, 
     command = "python eval/methods_table.py " + " ".join(
         [f"--teacher {shlex.quote(args.teacher)}", *[f"--student {shlex.quote(f'{n}={r}')}" for n, r in students.items()],
          f"--baseline {shlex.quote(args.baseline)}", f"--seeds {args.seeds}", f"--num-samples {args.num_samples}",
-         f"--section {args.section}", f"--title {shlex.quote(args.title)}", "--write-results"])
+         f"--section {args.section}", f"--title {shlex.quote(args.title)}", *(["--reuse"] if args.reuse else []),
+         "--write-results"])
     return "\n".join([
         f"## {args.title}", "",
         f"- command: `{command}` ({seconds:.0f} s wall)",
