@@ -105,14 +105,8 @@ def sampler_settings(name: str, teacher_scheduler, latent: bool) -> dict:
                 "the last to the clean sample", "clip_sample": clip, "clip_sample_range": clip_range}
     if name == "heun":
         return {"class": "HeunDiscreteScheduler", **common}
-    solver = {**common, "thresholding": clip, "sample_max_value": clip_range, "dynamic_thresholding_ratio": 0.995,
-              "solver_order": 2, "lower_order_final": True, "final_sigmas_type": "zero"}
-    if name == "dpmsolver++":
-        return {"class": "DPMSolverMultistepScheduler", **solver, "algorithm_type": "dpmsolver++",
-                "solver_type": "midpoint"}
-    if name == "unipc":
-        return {"class": "UniPCMultistepScheduler", **solver, "predict_x0": True, "solver_type": "bh2"}
-    raise ValueError(f"unknown sampler {name!r}")
+    return _second_order(name, {**common, "thresholding": clip, "sample_max_value": clip_range,
+                                "dynamic_thresholding_ratio": 0.995})
 
 
 def _flow_sampler_settings(name: str, teacher_config: dict) -> dict:
@@ -125,8 +119,13 @@ def _flow_sampler_settings(name: str, teacher_config: dict) -> dict:
                 "prediction_type": "flow"}
     if name == "heun":
         return {"class": "FlowMatchHeunDiscreteScheduler", "shift": shift}
-    solver = {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": shift, "solver_order": 2,
-              "lower_order_final": True, "final_sigmas_type": "zero"}
+    return _second_order(name, {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": shift})
+
+
+def _second_order(name: str, settings: dict) -> dict:
+    """DPM-Solver++(2M) or UniPC (bh2) with ``settings``: second order, first order on the last step, ending on
+    sigma = 0."""
+    solver = {**settings, "solver_order": 2, "lower_order_final": True, "final_sigmas_type": "zero"}
     if name == "dpmsolver++":
         return {"class": "DPMSolverMultistepScheduler", **solver, "algorithm_type": "dpmsolver++",
                 "solver_type": "midpoint"}
