@@ -167,3 +167,7 @@ def check_scheduler_steps(scheduler, steps, option: str) -> None:
             reason = " ".join(str(error).split())
             raise DiffkdError(f"{option} has {k}, which the pipeline's {name} cannot sample ({reason[:160]}): "
                               "drop that step count") from None
+        if not torch.isfinite(torch.as_tensor(trial.timesteps, dtype=torch.float64)).all():
+            # FlowMatch's shift_terminal stretch divides by zero at k = 1
+            raise DiffkdError(f"{option} has {k}, which the pipeline's {name} cannot sample (its timesteps at that "
+                              "k are not finite): drop that step count")

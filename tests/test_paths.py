@@ -143,3 +143,13 @@ def test_schedulers_without_a_gaussian_path_diffkd_takes_are_refused():
         noise_path_of(EDMEulerScheduler(), "edm-teacher")
     with pytest.raises(DiffkdError, match="invert_sigmas"):
         noise_path_of(FlowMatchEulerDiscreteScheduler(invert_sigmas=True), "mochi-like")
+
+
+def test_a_flow_students_step_counts_its_scheduler_cannot_sample_are_refused():
+    """A 4-step flow student's FlowMatchEuler (shift_terminal 1/4) gives NaN timesteps at k = 1: refused up front."""
+    from diffkd.sampling import check_scheduler_steps
+
+    scheduler = FlowPath(1000).multistep_scheduler(None, 4, "flow", None)
+    check_scheduler_steps(scheduler, [2, 4, 8], "eval.steps")
+    with pytest.raises(DiffkdError, match="eval.steps has 1, .* not finite"):
+        check_scheduler_steps(scheduler, [1, 4], "eval.steps")
