@@ -155,6 +155,7 @@ class FlowPath(NoisePath):
     def __init__(self, num_train_timesteps: int, shift: float = 1.0):
         super().__init__(num_train_timesteps)
         self.shift = float(shift)
+        self._grids: dict[int, list[float]] = {}
 
     def alpha_sigma(self, t):
         sigma = (torch.as_tensor(t).float() / self.num_train_timesteps).clamp(0, 1)
@@ -176,9 +177,12 @@ class FlowPath(NoisePath):
                                                use_dynamic_shifting=False, shift_terminal=1.0 / k if k > 1 else None)
 
     def grid(self, k):
-        scheduler = self.multistep_scheduler(None, k, "flow", None)
-        scheduler.set_timesteps(k)
-        return [*scheduler.timesteps.tolist(), self.clean]
+        """Read off the exported scheduler once per k (progressive asks for two grids in every loss)."""
+        if k not in self._grids:
+            scheduler = self.multistep_scheduler(None, k, "flow", None)
+            scheduler.set_timesteps(k)
+            self._grids[k] = [*scheduler.timesteps.tolist(), self.clean]
+        return list(self._grids[k])
 
     def consistency_grid(self, points):
         """The boundary t = 1 (sigma = 1/T, the last point FlowMatchLCMScheduler samples), then sigma = j / N."""
@@ -190,8 +194,8 @@ class FlowPath(NoisePath):
 
     def consistency_scalings(self, t, timestep_scaling):
         """FlowMatchLCMScheduler takes x0 = z - sigma v as it is: f(z, sigma -> 0) = z holds by the parameterisation."""
-        t = torch.as_tensor(t)
-        return torch.zeros(t.shape), torch.ones(t.shape)
+        t = torch.as_tensor(t)  # on t's device, as the VP scalings are
+        return torch.zeros_like(t, dtype=torch.float32), torch.ones_like(t, dtype=torch.float32)
 
     def card(self):
         return {**super().card(), "shift": self.shift}

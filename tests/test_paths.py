@@ -153,3 +153,26 @@ def test_a_flow_students_step_counts_its_scheduler_cannot_sample_are_refused():
     check_scheduler_steps(scheduler, [2, 4, 8], "eval.steps")
     with pytest.raises(DiffkdError, match="eval.steps has 1, .* not finite"):
         check_scheduler_steps(scheduler, [1, 4], "eval.steps")
+
+
+def test_flow_consistency_scalings_follow_t_device_and_dtype():
+    c_skip, c_out = FlowPath(1000).consistency_scalings(torch.tensor([1.0, 500.0], dtype=torch.float64), 10.0)
+    assert c_skip.dtype == torch.float32 and c_skip.device == torch.device("cpu") and c_out.tolist() == [1.0, 1.0]
+
+
+def test_dmd_steps_its_export_would_sample_off_grid_are_refused(tmp_path):
+    """A 2-step DMD2 generator with consistency steps on a flow teacher: FlowMatchLCM samples sigma = 1, 1/T where the
+    generator trains on 1, 1/2, so the run is refused before any work; DDIM steps (FlowMatch Euler) are taken."""
+    from diffkd.api import prepare
+    from diffkd.config import parse_config
+
+    DDPMPipeline(make_tiny_unet(), FlowMatchEulerDiscreteScheduler()).save_pretrained(tmp_path / "flow")
+
+    def config(multistep):
+        return parse_config({"method": {"name": "dmd", "student_steps": 2, "multistep": multistep, "num_steps": 1},
+                             "teacher": {"source": str(tmp_path / "flow")}, "data": {"source": "digits"},
+                             "train": {"device": "cpu"}, "run_eval": False})
+
+    prepare(config("ddim"))[1].check()
+    with pytest.raises(DiffkdError, match="exported FlowMatchLCMScheduler samples timesteps"):
+        prepare(config("consistency"))[1].check()

@@ -107,6 +107,13 @@ class DistributionMatching(Method):
         if self.options.uses_cache and self.options.teacher_steps > total:
             raise DiffkdError(f"method.teacher_steps={self.options.teacher_steps} exceeds the teacher's {total} "
                               "training timesteps")
+        scheduler = self.export_spec().scheduler
+        scheduler.set_timesteps(k)
+        if not torch.allclose(torch.as_tensor(scheduler.timesteps, dtype=torch.float64),
+                              torch.tensor(self.grid[:-1], dtype=torch.float64), atol=1e-3):
+            raise DiffkdError(f"method.multistep={self.options.multistep} at method.student_steps={k}: the exported "
+                              f"{type(scheduler).__name__} samples timesteps {scheduler.timesteps.tolist()}, not the "
+                              f"grid the generator would train on ({self.grid[:-1]}); use method.multistep=ddim")
         if self.options.gan > 0 and getattr(self.fake_unet, "mid_block", None) is None:
             raise DiffkdError("method.gan > 0 needs the teacher UNet's mid block for the classifier head; this "
                               "teacher has none: set method.gan=0")
