@@ -41,6 +41,7 @@ class NoisePath:
         raise NotImplementedError
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """Signal-to-noise ratio alpha_t^2 / sigma_t^2 (progressive's loss weighting)."""
         alpha, sigma = self.alpha_sigma(t)
         return alpha**2 / sigma**2
 

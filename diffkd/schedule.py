@@ -35,12 +35,6 @@ def alpha_sigma(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> tuple[torch.Te
     return abar.sqrt(), (1 - abar).sqrt()
 
 
-def snr(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Signal-to-noise ratio alpha_t^2 / sigma_t^2."""
-    alpha, sigma = alpha_sigma(alphas_cumprod, t)
-    return alpha**2 / sigma**2
-
-
 def broadcast(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Per-sample coefficients of shape (B,) or () shaped to multiply an image batch."""
     coef = coef.to(like.dtype)

@@ -60,7 +60,7 @@ MUTATIONS = [
     Mutation("clean-end-not-clean", "diffkd/schedule.py", "torch.ones((), dtype=alphas_cumprod.dtype",
              "alphas_cumprod[0] * torch.ones((), dtype=alphas_cumprod.dtype",
              "t = -1 gives abar_0 instead of the clean sample (set_alpha_to_one)"),
-    Mutation("snr-not-squared", "diffkd/schedule.py", "return alpha**2 / sigma**2", "return alpha / sigma",
+    Mutation("snr-not-squared", "diffkd/paths.py", "return alpha**2 / sigma**2", "return alpha / sigma",
              "SNR = alpha / sigma"),
     Mutation("eps-to-x0", "diffkd/schedule.py", "return (z - s * output) / a, output",
              "return (z - a * output) / s, output", "x0 from an eps prediction with alpha and sigma swapped"),
