@@ -31,6 +31,7 @@ class NoisePath:
 
     family: str = ""
     clean: float = 0.0
+    timestep_type: type = float  # what the network's timesteps are on this axis
     prediction_types: tuple[str, ...] = ()
     consistency_swaps: tuple[str, ...] = ()  # schedulers measured to sample a consistency student as well as its own
 
@@ -69,6 +70,12 @@ class NoisePath:
         """The deterministic scheduler a k-step student is exported with."""
         raise NotImplementedError
 
+    def sampled_grid(self, scheduler, k: int) -> list[float]:
+        """The timesteps ``scheduler`` samples at k, then the clean end: the grid a student exported with that
+        scheduler must be trained on (a FlowMatchLCM student's 1, 1/T is not the Euler grid 1, 1/2)."""
+        scheduler.set_timesteps(k)
+        return [*(self.timestep_type(t) for t in scheduler.timesteps.tolist()), self.clean]
+
     def consistency_grid(self, points: int) -> list[float]:
         """The boundary, then ``points`` training timesteps of consistency distillation, least noisy first."""
         raise NotImplementedError
@@ -90,6 +97,7 @@ class NoisePath:
 class VPPath(NoisePath):
     family = "variance-preserving"
     clean = schedule.CLEAN
+    timestep_type = int
     prediction_types = ("epsilon", "v_prediction", "sample")
     # from_config of the exported LCMScheduler, FD within 1.4x of LCM's at k = 2, 4, 8 on the digits student
     # (eval/RESULTS.md, "Scheduler swaps"): both jump to F's x0 and re-noise. DDIM and DPM-Solver drift from k = 4 on

@@ -17,7 +17,7 @@ from diffkd import schedule
 from diffkd.errors import DiffkdError
 from diffkd.io import denoiser_of, noise_path_of
 from diffkd.methods.consistency import consistency_function, dpm_solver_2s_step
-from diffkd.models import Denoiser
+from diffkd.models import Conditioning, Denoiser
 from diffkd.paths import FlowPath, VPPath, flow_shift
 from tests.conftest import make_scheduler, make_tiny_unet
 
@@ -160,19 +160,31 @@ def test_flow_consistency_scalings_follow_t_device_and_dtype():
     assert c_skip.dtype == torch.float32 and c_skip.device == torch.device("cpu") and c_out.tolist() == [1.0, 1.0]
 
 
-def test_dmd_steps_its_export_would_sample_off_grid_are_refused(tmp_path):
-    """A 2-step DMD2 generator with consistency steps on a flow teacher: FlowMatchLCM samples sigma = 1, 1/T where the
-    generator trains on 1, 1/2, so the run is refused before any work; DDIM steps (FlowMatch Euler) are taken."""
+def test_dmd_trains_on_the_timesteps_its_exported_scheduler_samples(tmp_path):
+    """A 2-step DMD2 generator on a flow teacher: with DDIM steps (FlowMatch Euler) it trains on sigma = 1, 1/2; with
+    consistency steps FlowMatchLCM samples sigma = 1, 1/T, so that is its grid, and the exported pipeline's sample
+    (fresh noise between steps included) is the training-time rollout."""
     from diffkd.api import prepare
     from diffkd.config import parse_config
 
     DDPMPipeline(make_tiny_unet(), FlowMatchEulerDiscreteScheduler()).save_pretrained(tmp_path / "flow")
 
-    def config(multistep):
-        return parse_config({"method": {"name": "dmd", "student_steps": 2, "multistep": multistep, "num_steps": 1},
-                             "teacher": {"source": str(tmp_path / "flow")}, "data": {"source": "digits"},
-                             "train": {"device": "cpu"}, "run_eval": False})
+    def method(multistep):
+        config = parse_config({"method": {"name": "dmd", "student_steps": 2, "multistep": multistep, "num_steps": 1},
+                               "teacher": {"source": str(tmp_path / "flow")}, "data": {"source": "digits"},
+                               "train": {"device": "cpu"}, "run_eval": False})
+        built = prepare(config)[1]
+        built.check()
+        return built
 
-    prepare(config("ddim"))[1].check()
-    with pytest.raises(DiffkdError, match="exported FlowMatchLCMScheduler samples timesteps"):
-        prepare(config("consistency"))[1].check()
+    assert method("ddim").grid == [1000.0, 500.0, 0.0]
+    consistency = method("consistency")
+    assert consistency.grid == [1000.0, 1.0, 0.0]
+    pipe = DDPMPipeline(consistency.student, consistency.export_scheduler())
+    images = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(5), output_type="np")
+    draws = torch.Generator().manual_seed(5)
+    noise = torch.randn((2, 1, 8, 8), generator=draws)
+    with torch.no_grad():
+        x0 = consistency.rollout(noise, 1, Conditioning(), draws)
+    expected = (x0.clamp(-1, 1) / 2 + 0.5).permute(0, 2, 3, 1).numpy()
+    assert abs(images.images - expected).max() < 1e-5
