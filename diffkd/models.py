@@ -137,7 +137,9 @@ class Denoiser:
         if self.vae is None:
             return images
         scale, shift = self.vae.config.scaling_factor, self.vae.config.get("shift_factor")
-        latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mode().float()
+        encoded = self.vae.encode(images.to(self.vae.dtype))
+        # a Gaussian posterior's mode (AutoencoderKL), or a deterministic latent (SANA's AutoencoderDC)
+        latents = (encoded.latent_dist.mode() if hasattr(encoded, "latent_dist") else encoded.latent).float()
         return (latents if shift is None else latents - shift) * scale
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -211,15 +211,18 @@ class FlowPath(NoisePath):
 
 
 def is_flow_scheduler(scheduler) -> bool:
-    """Whether a scheduler is one of diffusers' rectified-flow FlowMatch schedulers."""
-    return type(scheduler).__name__.startswith("FlowMatch")
+    """Whether a scheduler runs rectified flow: diffusers' FlowMatch schedulers, or a DPM-Solver / UniPC on flow
+    sigmas (``use_flow_sigmas``, as SANA ships; such a scheduler also carries VP ``alphas_cumprod`` it never uses)."""
+    config = getattr(scheduler, "config", {})
+    return type(scheduler).__name__.startswith("FlowMatch") or bool(config.get("use_flow_sigmas", False))
 
 
 def flow_shift(config: dict, image_seq_len: int | None) -> float:
-    """The static shift of a FlowMatch scheduler config: ``shift``, or for dynamic shifting (Flux) exp(mu) (or mu,
-    for linear time shifts) at the teacher's image sequence length, mu interpolated as FluxPipeline does."""
+    """The static shift of a flow scheduler config: ``shift`` (``flow_shift`` on a DPM-Solver / UniPC), or for
+    dynamic shifting (Flux) exp(mu) (or mu, for linear time shifts) at the teacher's image sequence length, mu
+    interpolated as FluxPipeline does."""
     if not config.get("use_dynamic_shifting", False):
-        return float(config.get("shift", 1.0))
+        return float(config.get("shift", config.get("flow_shift", 1.0)))
     base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
     base, top = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
     length = image_seq_len or base_len

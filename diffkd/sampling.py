@@ -39,7 +39,7 @@ from diffusers import (
 from diffkd.errors import DiffkdError
 from diffkd.io import LoadedPipeline
 from diffkd.models import Conditioning, Denoiser
-from diffkd.paths import is_flow_scheduler
+from diffkd.paths import flow_shift, is_flow_scheduler
 from diffkd.validation import SAMPLERS
 
 __all__ = ["SAMPLERS", "ddim_sample", "make_scheduler", "noise_generator", "sampler_settings", "scheduler_sample", "teacher_sample"]
@@ -113,7 +113,7 @@ def _flow_sampler_settings(name: str, teacher_config: dict) -> dict:
     """A rectified-flow teacher's samplers as SD3/Flux users run them: the Euler step on sigma = 1, 1 - 1/k, ...,
     1/k (FluxPipeline's grid; ``ddim`` is that step on this path), FlowMatch Heun with the teacher's shift, and
     DPM-Solver++ / UniPC on flow sigmas (``use_flow_sigmas``, ``flow_shift`` = the teacher's shift)."""
-    shift = float(teacher_config.get("shift", 1.0))
+    shift = flow_shift({**teacher_config, "use_dynamic_shifting": False}, None)
     if name == "ddim":
         return {"class": "diffkd.sampling.ddim_sample", "grid": "exact Euler on sigma = 1, 1 - 1/k, ..., 1/k, 0",
                 "prediction_type": "flow"}

@@ -97,6 +97,13 @@ def tiny_sd3(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_sana(tmp_path_factory) -> str:
+    from tests.tiny_layouts import make_tiny_sana_pipeline
+
+    return make_tiny_sana_pipeline(tmp_path_factory.mktemp("tiny-sana") / "pipeline")
+
+
+@pytest.fixture(scope="session")
 def tiny_flux(tmp_path_factory) -> str:
     from tests.tiny_layouts import make_tiny_flux_pipeline
 

@@ -2,12 +2,16 @@
 ``encode_prompt``, samples exactly what its own pipeline class samples; the student of each family is distilled a
 few steps on CPU and its export loads and samples in that pipeline class."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers import (
     DiffusionPipeline,
     FluxPipeline,
     LCMScheduler,
+    SanaPipeline,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
@@ -20,31 +24,40 @@ from diffkd.errors import DiffkdError
 from diffkd.io import load_pipeline
 from diffkd.layouts import Layout
 from diffkd.layouts.flux import FluxLayout
+from diffkd.layouts.sana import SanaLayout
 from diffkd.layouts.sd3 import SD3Layout
 from diffkd.layouts.sdxl import SDXLLayout
 from diffkd.lora import LORA_FILE
 from diffkd.methods.consistency import consistency_function
+from diffkd.paths import FlowPath
 from diffkd.sampling import ddim_sample
 from tests import faults
 
 PROMPTS = ["a cat", "a red dog", "a cat"]
 PIPELINE_CLASSES = {"tiny_sd": StableDiffusionPipeline, "tiny_sdxl": StableDiffusionXLPipeline, "tiny_sd3": StableDiffusion3Pipeline,
-                    "tiny_flux": FluxPipeline}
+                    "tiny_flux": FluxPipeline, "tiny_sana": SanaPipeline}
 LAYOUTS = list(PIPELINE_CLASSES)
-SIZE = 8  # pixels; Flux's default would be 1024
+SIZE = 8  # pixels (4x4 latents); Flux's default would be 1024
+
+
+def _pixels(source) -> int:
+    """The tiny pipeline's side in pixels: SANA's 8x autoencoder gives 4x4 latents at 32 px, the least it takes."""
+    return 32 if json.loads((Path(source) / "model_index.json").read_text())["_class_name"] == "SanaPipeline" else SIZE
 
 
 def _pipeline_latents(pipe, noise: torch.Tensor, k: int, guidance_scale: float) -> torch.Tensor:
     """The pipeline's own k-step latents from ``noise`` (packed in and unpacked out for Flux, as Flux takes them)."""
     flux = isinstance(pipe, FluxPipeline)
     latents = FluxPipeline._pack_latents(noise, *noise.shape) if flux else noise
+    extra = {"use_resolution_binning": False} if isinstance(pipe, SanaPipeline) else {}  # 32 px is no SANA bin
+    side = noise.shape[-1] * pipe.vae_scale_factor
     out = pipe(PROMPTS[:len(noise)], num_inference_steps=k, guidance_scale=guidance_scale, latents=latents,
-               height=SIZE, width=SIZE, output_type="latent").images
-    return FluxPipeline._unpack_latents(out, SIZE, SIZE, pipe.vae_scale_factor) if flux else out
+               height=side, width=side, output_type="latent", **extra).images
+    return FluxPipeline._unpack_latents(out, side, side, pipe.vae_scale_factor) if flux else out
 
 
 def _load(source: str):
-    return load_pipeline(source, image_size=SIZE)
+    return load_pipeline(source, image_size=_pixels(source))
 
 
 def test_each_pipeline_gets_its_layout(tiny_sd, tiny_sdxl, tiny_sd3, tiny_flux):
@@ -56,6 +69,16 @@ def test_each_pipeline_gets_its_layout(tiny_sd, tiny_sdxl, tiny_sd3, tiny_flux):
     assert sd3.latent_shape == sdxl.latent_shape == (4, 4, 4) and sd3.image_size == 8
     assert isinstance(flux.layout, FluxLayout) and flux.latent_shape == (4, 4, 4)  # unpacked; 16 channels packed
     assert load_pipeline(tiny_flux).latent_shape == (4, 128, 128)  # FluxPipeline's default, 1024 px at 8x
+
+
+def test_sana_reads_as_rectified_flow_through_its_dpm_solver_on_flow_sigmas(tiny_sana):
+    """SANA ships DPMSolverMultistepScheduler(use_flow_sigmas, flow_prediction, flow_shift=3): that scheduler also
+    carries VP alphas_cumprod, which must not be taken for its path; its shift is flow_shift."""
+    sana = _load(tiny_sana)
+    assert isinstance(sana.layout, SanaLayout) and sana.component == "transformer"
+    assert type(sana.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert isinstance(sana.denoiser.path, FlowPath) and sana.denoiser.path.shift == 3.0
+    assert sana.denoiser.prediction_type == "flow" and sana.latent_shape == (4, 4, 4)
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
@@ -77,7 +100,8 @@ def test_the_teacher_through_its_layout_samples_what_its_pipeline_samples(name, 
 
 
 def _run(teacher: str, method: dict, folder, learning_rate: float = 1e-4, **student) -> DiffusionPipeline:
-    config = parse_config({"method": method, "teacher": {"source": teacher, "image_size": SIZE}, "student": student,
+    config = parse_config({"method": method, "teacher": {"source": teacher, "image_size": _pixels(teacher)},
+                           "student": student,
                            "data": {"source": "digits", "convert": True, "resize": True, "prompts": PROMPTS[:2]},
                            "train": {"batch_size": 2, "device": "cpu", "learning_rate": learning_rate}, "run_eval": False})
     return distill(config, folder)
@@ -101,8 +125,11 @@ def test_consistency_student_loads_in_its_pipeline_class_and_samples_at_any_k(na
     with torch.no_grad():
         ours = consistency_function(student.denoiser, noise, torch.full((2,), top), cond, 10.0)
     torch.testing.assert_close(_pipeline_latents(pipe, noise, 1, w), ours, atol=1e-5, rtol=1e-4)
-    images = pipe(PROMPTS[:2], num_inference_steps=4, guidance_scale=w, height=8, width=8, output_type="np").images
-    assert images.shape == (2, 8, 8, 3)
+    extra = {"use_resolution_binning": False} if name == "tiny_sana" else {}
+    side = _pixels(folder)
+    images = pipe(PROMPTS[:2], num_inference_steps=4, guidance_scale=w, height=side, width=side, output_type="np",
+                  **extra).images
+    assert images.shape == (2, side, side, 3)
 
 
 @pytest.mark.slow
@@ -121,6 +148,30 @@ def test_dmd_generator_loads_in_its_pipeline_class_and_samples_its_grid(name, re
     teacher = _load(source)
     assert any(not torch.equal(a, b) for a, b in zip(student.unet.state_dict().values(),
                                                        teacher.unet.state_dict().values()))
+
+
+OTHER_METHODS = {"progressive": {"name": "progressive", "start_steps": 4, "final_steps": 2, "steps_per_round": 1,
+                                  "guidance_scale": 3.0},
+                 "generator": {"name": "generator", "num_steps": 2, "student_steps": 2, "num_samples": 4,
+                               "teacher_steps": 4, "cache_batch_size": 4, "guidance_scale": 3.0}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", OTHER_METHODS)
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_progressive_and_generator_students_load_in_their_pipeline_class_and_sample_their_grid(name, method, request,
+                                                                                             tmp_path):
+    """Progressive (4 -> 2, guided teacher) and the generator (teacher-sample pairs) on each layout: the export
+    loads in the layout's pipeline class, whose 2-step sample is the training-time sampler's."""
+    source = request.getfixturevalue(name)
+    folder = _run(source, OTHER_METHODS[method], tmp_path / "run")
+    pipe = PIPELINE_CLASSES[name].from_pretrained(folder, **({"text_encoder_3": None, "tokenizer_3": None}
+                                                             if name == "tiny_sd3" else {}))
+    student = _load(str(folder))
+    noise = torch.randn(2, *student.latent_shape, generator=torch.Generator().manual_seed(0))
+    w = 3.0 if name == "tiny_flux" else 1.0
+    ours = ddim_sample(student.denoiser, noise, 2, batch_conditioning(encode_captions(student, PROMPTS[:2]), w))
+    torch.testing.assert_close(_pipeline_latents(pipe, noise, 2, w), ours, atol=1e-5, rtol=1e-4)
 
 
 def _refused(source: str, folder, method: dict | None = None, **student) -> str:

@@ -67,7 +67,8 @@ def test_sd15_recipe_on_a_tiny_pipeline_of_its_layout(tiny_sd, tmp_path):
 
 LAYOUT_RECIPES = [("sdxl-lcm-lora", "teachers/sdxl-base", "tiny_sdxl"),
                   ("sd3-consistency", "teachers/sd3.5-medium", "tiny_sd3"),
-                  ("flux-dmd", "teachers/flux1-dev", "tiny_flux")]
+                  ("flux-dmd", "teachers/flux1-dev", "tiny_flux"),
+                  ("sana-lcm-lora", "teachers/sana-1600m", "tiny_sana")]
 
 
 @pytest.mark.parametrize("name, teacher, tiny", LAYOUT_RECIPES)
@@ -82,13 +83,14 @@ def test_layout_recipe_resolves_as_dry_run_prints_it(name, teacher, tiny):
 @pytest.mark.slow
 @pytest.mark.parametrize("name, teacher, tiny", LAYOUT_RECIPES)
 def test_layout_recipe_on_a_tiny_pipeline_of_its_layout(name, teacher, tiny, request, tmp_path):
-    """Each recipe as shipped but for its size (1 step, 8 px, batch 2, CPU) on a tiny random pipeline of its layout:
-    the export is the layout's (a LoRA folder of transformer or UNet adapters, or a transformer student)."""
+    """Each recipe as shipped but for its size (1 step, 8 px (SANA: 32), batch 2, CPU) on a tiny random pipeline of
+    its layout: the export is the layout's (a LoRA folder of transformer or UNet adapters, or a transformer student)."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\na dog\n")
+    side = 32 if tiny == "tiny_sana" else 8  # 4x4 latents through each tiny autoencoder
     config = load_config(ROOT / f"configs/{name}.yaml",
-                         [f"teacher.source={request.getfixturevalue(tiny)}", "teacher.image_size=8",
-                          f"data.source={_images(tmp_path / 'images', 8)}", f"data.prompts_file={prompts}",
+                         [f"teacher.source={request.getfixturevalue(tiny)}", f"teacher.image_size={side}",
+                          f"data.source={_images(tmp_path / 'images', side)}", f"data.prompts_file={prompts}",
                           "method.num_steps=1", "train.batch_size=2", "train.mixed_precision='no'",
                           "train.device=cpu", "train.warmup_steps=0",
                           *(["method.fake_updates=1"] if name == "flux-dmd" else [])])

@@ -128,3 +128,48 @@ def make_tiny_dit_pipeline(folder) -> str:
     pipe = DiTPipeline(transformer=transformer, vae=tiny_vae(), scheduler=DDIMScheduler())
     pipe.save_pretrained(folder)
     return str(folder)
+
+
+def gemma_tokenizer():
+    """A Gemma tokenizer over single letters, built in code (Gemma's is a sentencepiece Unigram model too)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import GemmaTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    vocab = [(token, 0.0) for token in specials] + [(c, -1.0) for c in LETTERS + "\u2581"]
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=3, byte_fallback=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    return GemmaTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+                              unk_token="<unk>")
+
+
+def make_tiny_sana_pipeline(folder) -> str:
+    """SANA's layout: a linear-attention DiT with a learned variance (8 output channels over 4 latent ones), a
+    one-layer Gemma-2 encoder, a four-stage deep-compression autoencoder (8x) and the DPM-Solver on flow sigmas
+    SANA ships (flow_shift 3). SanaPipeline takes sides divisible by 32: sample it at 32 px (4x4 latents, as the
+    other tiny layouts' 8 px) with ``use_resolution_binning=False``."""
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(0)
+    transformer = SanaTransformer2DModel(patch_size=1, in_channels=4, out_channels=8, num_layers=1,
+                                         num_attention_heads=2, attention_head_dim=4, num_cross_attention_heads=2,
+                                         cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
+                                         sample_size=4)
+    stages = ("ResBlock",) * 3 + ("EfficientViTBlock",)
+    vae = AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=stages,
+                        decoder_block_types=stages, encoder_block_out_channels=(8,) * 4,
+                        decoder_block_out_channels=(8,) * 4, encoder_qkv_multiscales=((), (), (), (5,)),
+                        decoder_qkv_multiscales=((), (), (), (5,)), encoder_layers_per_block=(1,) * 4,
+                        decoder_layers_per_block=(1,) * 4, downsample_block_type="conv",
+                        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+                        scaling_factor=0.41407)
+    encoder = Gemma2Model(Gemma2Config(head_dim=4, hidden_size=8, intermediate_size=16, num_attention_heads=2,
+                                       num_hidden_layers=1, num_key_value_heads=2, vocab_size=40,
+                                       max_position_embeddings=4096, attn_implementation="eager"))
+    scheduler = DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True, prediction_type="flow_prediction")
+    pipe = SanaPipeline(tokenizer=gemma_tokenizer(), text_encoder=encoder, vae=vae, transformer=transformer,
+                        scheduler=scheduler)
+    pipe.save_pretrained(folder)
+    return str(folder)
