@@ -91,7 +91,7 @@ def test_layout_recipe_on_a_tiny_pipeline_of_its_layout(name, teacher, tiny, req
     config = load_config(ROOT / f"configs/{name}.yaml",
                          [f"teacher.source={request.getfixturevalue(tiny)}", f"teacher.image_size={side}",
                           f"data.source={_images(tmp_path / 'images', side)}", f"data.prompts_file={prompts}",
-                          "method.num_steps=1", "train.batch_size=2", "train.mixed_precision='no'",
+                          "method.num_steps=1", "train.batch_size=2", "train.mixed_precision='no'", "train.frozen_dtype='no'",
                           "train.device=cpu", "train.warmup_steps=0",
                           *(["method.fake_updates=1"] if name == "flux-dmd" else [])])
     folder = distill(config, tmp_path / "run")
