@@ -91,11 +91,7 @@ def _load(datasets, kind: str, source: str):
         table = datasets.load_from_disk(str(Path(source).expanduser()))
         return table["train"] if isinstance(table, datasets.DatasetDict) else table
     if kind == "metadata":
-        try:
-            return datasets.load_dataset("imagefolder", data_dir=str(Path(source).expanduser()), split="train")
-        except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as error:
-            raise DiffkdError(f"cannot read {source!r}/metadata.jsonl ({str(error).splitlines()[0]}): give one JSON "
-                              "object a line with file_name and a caption column") from None
+        return _metadata_table(datasets, source)
     if kind == "webdataset":
         shards = shard_list(source)
         for shard in shards:
@@ -110,6 +106,25 @@ def _load(datasets, kind: str, source: str):
             f"cannot load Hugging Face dataset {source!r} from the hub ({type(error).__name__}): on a machine with "
             f"internet run `python -c \"import datasets; datasets.load_dataset('{source}', split='train')"
             f".save_to_disk('DIR')\"`, copy DIR here and set data.source=DIR") from None
+
+
+def _metadata_table(datasets, source: str):
+    """diffusers' metadata.jsonl convention, read as the rows it lists: the json builder over the one file, and each
+    ``file_name`` joined to the folder as the image's path. ``imagefolder`` would list every file of the folder
+    first: at 200,000 images that took 145 s and 0.6 GB on every start, cached or not."""
+    folder = Path(source).expanduser().resolve()
+    try:
+        table = datasets.load_dataset("json", data_files=str(folder / "metadata.jsonl"), split="train")
+    except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as error:
+        raise DiffkdError(f"cannot read {source!r}/metadata.jsonl ({str(error).splitlines()[0]}): give one JSON "
+                          "object a line with file_name and a caption column") from None
+    if "file_name" not in table.column_names:
+        raise DiffkdError(f"{source!r}/metadata.jsonl has no file_name field (its fields: "
+                          f"{', '.join(table.column_names)}): give each line the image's path in the folder as "
+                          "file_name")
+    root = str(folder)
+    return table.map(lambda batch: {"image": [os.path.join(root, name) for name in batch["file_name"]]},
+                     batched=True, remove_columns=["file_name"])
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

@@ -193,6 +193,14 @@ def _empty_shard(tmp: Path) -> str:
     return pattern.replace("00001}", "00002}")
 
 
+def _metadata_without_file_names(tmp: Path) -> str:
+    """A metadata.jsonl whose lines name their images under another key than diffusers' file_name."""
+    folder = Path(_captioned("metadata", count=2)(tmp))
+    metadata = folder / "metadata.jsonl"
+    metadata.write_text(metadata.read_text().replace('"file_name"', '"path"'))
+    return str(folder)
+
+
 def _captioned_case(fragment: str, prepare: Callable[[Path], str], *sets: str) -> Callable:
     def make(tmp: Path, teacher: str):
         argv, output = _distill(tmp, teacher, f"data.source={prepare(tmp)}", "data.num_workers=0", *sets)
@@ -638,6 +646,8 @@ CASES = [
     Case("captioned set: caption column missing", _captioned_case("has no column 'prompt'", _captioned("saved"),
                                                                  "data.caption_column=prompt")),
     Case("WebDataset shard empty", _captioned_case("is empty", _empty_shard)),
+    Case("captioned folder: metadata.jsonl without file_name", _captioned_case(
+        "metadata.jsonl has no file_name field", _metadata_without_file_names)),
     Case("captioned images of mixed sizes without data.resize", _captioned_case("set data.resize=true", _captioned(
         "webdataset", damage=lambda i: (_grey(12, 10) if i == 4 else None, None)))),
     Case("hub data set offline", _captioned_case("save_to_disk", lambda tmp: "nobody/no-such-dataset")),
