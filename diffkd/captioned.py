@@ -1,9 +1,9 @@
 """Captioned image sets on disk, opened with Hugging Face ``datasets``: a folder with diffusers' ``metadata.jsonl``,
 a dataset saved with ``save_to_disk`` (or a hub name), or WebDataset tar shards.
 
-``datasets`` reads all three with its own builders (imagefolder, webdataset, load_from_disk) into memory-mapped
-Arrow tables, so a row is random access without holding the set in memory: that is what lets the batch order stay
-a pure function of (seed, step) for every format (a tar read front to back, as ``webdataset`` streams it, has no
+``datasets`` reads all three with its own builders (json over metadata.jsonl, webdataset, load_from_disk) into
+memory-mapped Arrow tables, so a row is random access without holding the set in memory: that is what lets the
+batch order stay a pure function of (seed, step) for every format (a tar read front to back, as ``webdataset`` streams it, has no
 random access). Images are kept undecoded here (``Image(decode=False)``); diffkd.streaming decodes them in
 DataLoader workers.
 """

@@ -209,7 +209,7 @@ def main() -> None:
         formats = "" if args.benchmark != "flat" or args.formats == FORMATS else "-" + args.formats.replace(",", "-")
         write_section(f"data-scale-{args.benchmark}{formats}", "\n".join([
             f"## Data at scale ({args.benchmark}): captioned sets streamed from disk", "",
-            f"Machine: {machine('cpu')} (2 cores shared with other jobs). Command: `{command}`.", "",
+            f"Machine: {machine('cpu')}, 2 cores (time it with no other job on them). Command: `{command}`.", "",
             *lines, "", *(f"- {v}" for v in verdicts)]))
 
 if __name__ == "__main__":
