@@ -104,6 +104,13 @@ def tiny_sana(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_pixart(tmp_path_factory) -> str:
+    from tests.tiny_layouts import make_tiny_pixart_pipeline
+
+    return make_tiny_pixart_pipeline(tmp_path_factory.mktemp("tiny-pixart") / "pipeline")
+
+
+@pytest.fixture(scope="session")
 def tiny_flux(tmp_path_factory) -> str:
     from tests.tiny_layouts import make_tiny_flux_pipeline
 

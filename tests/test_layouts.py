@@ -11,6 +11,7 @@ from diffusers import (
     DiffusionPipeline,
     FluxPipeline,
     LCMScheduler,
+    PixArtSigmaPipeline,
     SanaPipeline,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -35,8 +36,9 @@ from tests import faults
 
 PROMPTS = ["a cat", "a red dog", "a cat"]
 PIPELINE_CLASSES = {"tiny_sd": StableDiffusionPipeline, "tiny_sdxl": StableDiffusionXLPipeline, "tiny_sd3": StableDiffusion3Pipeline,
-                    "tiny_flux": FluxPipeline, "tiny_sana": SanaPipeline}
+                    "tiny_flux": FluxPipeline, "tiny_sana": SanaPipeline, "tiny_pixart": PixArtSigmaPipeline}
 LAYOUTS = list(PIPELINE_CLASSES)
+LORA_LAYOUTS = [name for name in LAYOUTS if hasattr(PIPELINE_CLASSES[name], "load_lora_weights")]  # not PixArt
 SIZE = 8  # pixels (4x4 latents); Flux's default would be 1024
 
 
@@ -49,7 +51,8 @@ def _pipeline_latents(pipe, noise: torch.Tensor, k: int, guidance_scale: float) 
     """The pipeline's own k-step latents from ``noise`` (packed in and unpacked out for Flux, as Flux takes them)."""
     flux = isinstance(pipe, FluxPipeline)
     latents = FluxPipeline._pack_latents(noise, *noise.shape) if flux else noise
-    extra = {"use_resolution_binning": False} if isinstance(pipe, SanaPipeline) else {}  # 32 px is no SANA bin
+    binned = isinstance(pipe, (SanaPipeline, PixArtSigmaPipeline))
+    extra = {"use_resolution_binning": False} if binned else {}  # the tiny sizes are in no aspect-ratio bin
     side = noise.shape[-1] * pipe.vae_scale_factor
     out = pipe(PROMPTS[:len(noise)], num_inference_steps=k, guidance_scale=guidance_scale, latents=latents,
                height=side, width=side, output_type="latent", **extra).images
@@ -117,7 +120,7 @@ def test_consistency_student_loads_in_its_pipeline_class_and_samples_at_any_k(na
                                                              if name == "tiny_sd3" else {}))
     student = _load(str(folder))
     assert student.component == load_pipeline(source).component
-    assert isinstance(pipe.scheduler, LCMScheduler) == (name in ("tiny_sd", "tiny_sdxl"))  # VP; else flow LCM
+    assert isinstance(pipe.scheduler, LCMScheduler) == (name in ("tiny_sd", "tiny_sdxl", "tiny_pixart"))  # VP; else flow LCM
     noise = torch.randn(2, *student.latent_shape, generator=torch.Generator().manual_seed(0))
     w = 3.0 if name == "tiny_flux" else 1.0  # Flux's student keeps its guidance input; a CFG student has w in it
     cond = batch_conditioning(encode_captions(student, PROMPTS[:2]), w).unguided()
@@ -125,7 +128,7 @@ def test_consistency_student_loads_in_its_pipeline_class_and_samples_at_any_k(na
     with torch.no_grad():
         ours = consistency_function(student.denoiser, noise, torch.full((2,), top), cond, 10.0)
     torch.testing.assert_close(_pipeline_latents(pipe, noise, 1, w), ours, atol=1e-5, rtol=1e-4)
-    extra = {"use_resolution_binning": False} if name == "tiny_sana" else {}
+    extra = {"use_resolution_binning": False} if name in ("tiny_sana", "tiny_pixart") else {}
     side = _pixels(folder)
     images = pipe(PROMPTS[:2], num_inference_steps=4, guidance_scale=w, height=side, width=side, output_type="np",
                   **extra).images
@@ -189,6 +192,10 @@ def test_a_pipeline_of_no_known_layout_is_refused_in_one_line(tmp_path):
                               "is a DiTTransformer2DModel)") and "\n" not in message
 
 
+def test_a_lora_student_of_pixart_is_refused_since_its_pipeline_cannot_load_adapters(tiny_pixart, tmp_path):
+    assert "needs a pipeline that loads LoRA weights" in _refused(tiny_pixart, tmp_path / "run", lora={"rank": 2})
+
+
 def test_a_lora_target_absent_from_the_layout_is_named(tiny_sd3, tmp_path):
     message = _refused(tiny_sd3, tmp_path / "run", lora={"target_modules": ["to_q", "conv1"]})
     assert message.startswith("student.lora.target_modules ['conv1'] match no layer of the teacher's transformer")
@@ -211,7 +218,7 @@ LORA_METHODS = {"consistency": {"name": "consistency", "num_steps": 2, "teacher_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", LORA_METHODS)
-@pytest.mark.parametrize("name", LAYOUTS)
+@pytest.mark.parametrize("name", LORA_LAYOUTS)
 def test_lora_student_loads_onto_the_teacher_and_fuses_to_the_fused_export(name, method, request, tmp_path):
     """LCM-LoRA (and a DMD2 LoRA generator) on each layout, its default targets: the adapter folder on the teacher's
     own pipeline (load_lora_weights + the exported scheduler) samples what the fused export samples, before and after

@@ -173,3 +173,25 @@ def make_tiny_sana_pipeline(folder) -> str:
                         scheduler=scheduler)
     pipe.save_pretrained(folder)
     return str(folder)
+
+
+def make_tiny_pixart_pipeline(folder) -> str:
+    """PixArt-Sigma's layout: a DiT with a learned variance (8 output channels over 4 latent ones) on 4x4 latents,
+    a one-layer T5 under its attention mask, a 2x VAE and the DPM-Solver++ on a VP schedule it ships. Sample it at
+    8 px with ``use_resolution_binning=False``."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(sample_size=4, num_layers=1, patch_size=2, attention_head_dim=4,
+                                           num_attention_heads=2, caption_channels=16, in_channels=4,
+                                           cross_attention_dim=8, out_channels=8, attention_bias=True,
+                                           activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+                                           norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6)
+    encoder = T5EncoderModel(T5Config(vocab_size=32, d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2,
+                                      relative_attention_num_buckets=8, decoder_start_token_id=0))
+    scheduler = DPMSolverMultistepScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
+    pipe = PixArtSigmaPipeline(tokenizer=t5_tokenizer(), text_encoder=encoder, vae=tiny_vae(),
+                               transformer=transformer, scheduler=scheduler)
+    pipe.save_pretrained(folder)
+    return str(folder)

@@ -12,6 +12,7 @@ unconditional branch of classifier-free guidance.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -38,6 +39,17 @@ def unet_forward(unet: nn.Module, z: torch.Tensor, t: torch.Tensor, hidden: torc
     if added:
         kwargs["added_cond_kwargs"] = added
     return unet(z, t, **kwargs).sample
+
+
+def call_default(pipeline, name: str):
+    """The default of ``name`` in the pipeline's ``__call__``: what a plain ``pipe(prompt)`` call encodes with."""
+    return inspect.signature(type(pipeline).__call__).parameters[name].default
+
+
+def prediction_half(out: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """A DiT with a learned variance (PixArt, SANA) outputs twice the latent channels; its pipelines read the
+    prediction from the first half, and so does diffkd."""
+    return out.chunk(2, dim=1)[0] if out.shape[1] == 2 * z.shape[1] else out
 
 
 class Layout:

@@ -12,13 +12,12 @@ rectified-flow path it is.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from diffkd.layouts.base import ADDED, Columns, Layout
+from diffkd.layouts.base import ADDED, Columns, Layout, call_default, prediction_half
 
 # The linear self-attention, the cross-attention and the projections of SANA's blocks (diffusers' SANA LoRA targets).
 SANA_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -39,12 +38,12 @@ class SanaLayout(Layout):
                 added: dict[str, torch.Tensor] | None) -> torch.Tensor:
         out = network(z, encoder_hidden_states=hidden, encoder_attention_mask=added["encoder_attention_mask"],
                       timestep=t * network.config.timestep_scale, return_dict=False)[0]
-        return out.chunk(2, dim=1)[0] if out.shape[1] == 2 * z.shape[1] else out
+        return prediction_half(out, z)
 
     def encode(self, pipeline, prompts: Sequence[str], device: torch.device, latent_size: int
                ) -> tuple[Columns, Columns]:
-        instruction = inspect.signature(type(pipeline).__call__).parameters["complex_human_instruction"].default
         embeds, mask, negative, negative_mask = pipeline.encode_prompt(
-            list(prompts), do_classifier_free_guidance=True, device=device, complex_human_instruction=instruction)
+            list(prompts), do_classifier_free_guidance=True, device=device,
+            complex_human_instruction=call_default(pipeline, "complex_human_instruction"))
         return ({"encoder_hidden_states": embeds, f"{ADDED}encoder_attention_mask": mask},
                 {"uncond_encoder_hidden_states": negative[:1], f"uncond_{ADDED}encoder_attention_mask": negative_mask[:1]})
