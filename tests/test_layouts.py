@@ -135,12 +135,23 @@ def test_consistency_student_loads_in_its_pipeline_class_and_samples_at_any_k(na
     assert images.shape == (2, side, side, 3)
 
 
+MULTISTEP_METHODS = {
+    "dmd": {"name": "dmd", "num_steps": 2, "student_steps": 2, "fake_updates": 1, "guidance_scale": 3.0},
+    "progressive": {"name": "progressive", "start_steps": 4, "final_steps": 2, "steps_per_round": 1,
+                    "guidance_scale": 3.0},
+    "generator": {"name": "generator", "num_steps": 2, "student_steps": 2, "num_samples": 4, "teacher_steps": 4,
+                  "cache_batch_size": 4, "guidance_scale": 3.0}}
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("method", MULTISTEP_METHODS)
 @pytest.mark.parametrize("name", LAYOUTS)
-def test_dmd_generator_loads_in_its_pipeline_class_and_samples_its_grid(name, request, tmp_path):
+def test_multistep_students_load_in_their_pipeline_class_and_sample_their_grid(name, method, request, tmp_path):
+    """DMD2's generator, progressive (4 -> 2, guided teacher) and the generator method (teacher-sample pairs) on each
+    layout: the export loads in the layout's pipeline class, whose 2-step sample is the training-time sampler's, and
+    its network has moved off the teacher's."""
     source = request.getfixturevalue(name)
-    folder = _run(source, {"name": "dmd", "num_steps": 2, "student_steps": 2, "fake_updates": 1,
-                           "guidance_scale": 3.0}, tmp_path / "run")
+    folder = _run(source, MULTISTEP_METHODS[method], tmp_path / "run")
     pipe = PIPELINE_CLASSES[name].from_pretrained(folder, **({"text_encoder_3": None, "tokenizer_3": None}
                                                              if name == "tiny_sd3" else {}))
     student = _load(str(folder))
@@ -151,30 +162,6 @@ def test_dmd_generator_loads_in_its_pipeline_class_and_samples_its_grid(name, re
     teacher = _load(source)
     assert any(not torch.equal(a, b) for a, b in zip(student.unet.state_dict().values(),
                                                        teacher.unet.state_dict().values()))
-
-
-OTHER_METHODS = {"progressive": {"name": "progressive", "start_steps": 4, "final_steps": 2, "steps_per_round": 1,
-                                  "guidance_scale": 3.0},
-                 "generator": {"name": "generator", "num_steps": 2, "student_steps": 2, "num_samples": 4,
-                               "teacher_steps": 4, "cache_batch_size": 4, "guidance_scale": 3.0}}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("method", OTHER_METHODS)
-@pytest.mark.parametrize("name", LAYOUTS)
-def test_progressive_and_generator_students_load_in_their_pipeline_class_and_sample_their_grid(name, method, request,
-                                                                                             tmp_path):
-    """Progressive (4 -> 2, guided teacher) and the generator (teacher-sample pairs) on each layout: the export
-    loads in the layout's pipeline class, whose 2-step sample is the training-time sampler's."""
-    source = request.getfixturevalue(name)
-    folder = _run(source, OTHER_METHODS[method], tmp_path / "run")
-    pipe = PIPELINE_CLASSES[name].from_pretrained(folder, **({"text_encoder_3": None, "tokenizer_3": None}
-                                                             if name == "tiny_sd3" else {}))
-    student = _load(str(folder))
-    noise = torch.randn(2, *student.latent_shape, generator=torch.Generator().manual_seed(0))
-    w = 3.0 if name == "tiny_flux" else 1.0
-    ours = ddim_sample(student.denoiser, noise, 2, batch_conditioning(encode_captions(student, PROMPTS[:2]), w))
-    torch.testing.assert_close(_pipeline_latents(pipe, noise, 2, w), ours, atol=1e-5, rtol=1e-4)
 
 
 def _refused(source: str, folder, method: dict | None = None, **student) -> str:
