@@ -647,7 +647,7 @@ CASES = [
                                                                  "data.caption_column=prompt")),
     Case("WebDataset shard empty", _captioned_case("is empty", _empty_shard)),
     Case("captioned folder: metadata.jsonl without file_name", _captioned_case(
-        "metadata.jsonl has no file_name field", _metadata_without_file_names)),
+        "metadata.jsonl' has no file_name field", _metadata_without_file_names)),
     Case("captioned images of mixed sizes without data.resize", _captioned_case("set data.resize=true", _captioned(
         "webdataset", damage=lambda i: (_grey(12, 10) if i == 4 else None, None)))),
     Case("hub data set offline", _captioned_case("save_to_disk", lambda tmp: "nobody/no-such-dataset")),
