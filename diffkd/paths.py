@@ -188,9 +188,7 @@ class FlowPath(NoisePath):
     def grid(self, k):
         """Read off the exported scheduler once per k (progressive asks for two grids in every loss)."""
         if k not in self._grids:
-            scheduler = self.multistep_scheduler(None, k, "flow", None)
-            scheduler.set_timesteps(k)
-            self._grids[k] = [*scheduler.timesteps.tolist(), self.clean]
+            self._grids[k] = self.sampled_grid(self.multistep_scheduler(None, k, "flow", None), k)
         return list(self._grids[k])
 
     def consistency_grid(self, points):

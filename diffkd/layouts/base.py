@@ -52,6 +52,14 @@ def prediction_half(out: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return out.chunk(2, dim=1)[0] if out.shape[1] == 2 * z.shape[1] else out
 
 
+def masked_text_columns(embeds: torch.Tensor, mask: torch.Tensor, negative: torch.Tensor,
+                        negative_mask: torch.Tensor) -> tuple[Columns, Columns]:
+    """Row columns of a text encoder read under its attention mask (T5, Gemma: PixArt, SANA), the mask passed to the
+    network by name, and one shared unconditional row."""
+    return ({"encoder_hidden_states": embeds, f"{ADDED}encoder_attention_mask": mask},
+            {"uncond_encoder_hidden_states": negative[:1], f"uncond_{ADDED}encoder_attention_mask": negative_mask[:1]})
+
+
 class Layout:
     """Stable Diffusion 1.x/2.x (and unconditional UNet pipelines); subclasses override what their family does
     differently."""

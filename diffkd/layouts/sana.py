@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from diffkd.layouts.base import ADDED, Columns, Layout, call_default, prediction_half
+from diffkd.layouts.base import Columns, Layout, call_default, masked_text_columns, prediction_half
 
 # The linear self-attention, the cross-attention and the projections of SANA's blocks (diffusers' SANA LoRA targets).
 SANA_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -45,5 +45,4 @@ class SanaLayout(Layout):
         embeds, mask, negative, negative_mask = pipeline.encode_prompt(
             list(prompts), do_classifier_free_guidance=True, device=device,
             complex_human_instruction=call_default(pipeline, "complex_human_instruction"))
-        return ({"encoder_hidden_states": embeds, f"{ADDED}encoder_attention_mask": mask},
-                {"uncond_encoder_hidden_states": negative[:1], f"uncond_{ADDED}encoder_attention_mask": negative_mask[:1]})
+        return masked_text_columns(embeds, mask, negative, negative_mask)

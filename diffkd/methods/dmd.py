@@ -2,7 +2,7 @@
 Image Synthesis"; DMD: Yin et al. 2023, "One-step Diffusion with Distribution Matching Distillation").
 
 The generator G (the student, initialised from the teacher) maps noise to an image in one step at t = T, or in k
-steps on the trailing grid that the exported DDIMScheduler runs. Instead of regressing the teacher's samples it is
+steps on the grid that the path's exported multistep scheduler runs. Instead of regressing the teacher's samples it is
 pushed along the gradient of KL(p_G || p_data): noised to x_t, a sample's score difference s_fake - s_real is,
 in x0 terms, (fake x0 - real x0) (DMD eq. 7), where the real score is the frozen teacher (classifier-free guided
 for conditional teachers) and the fake score is a second copy of the teacher trained by the ordinary denoising loss
@@ -13,8 +13,8 @@ step i is drawn, G's own steps (without gradient) take the noise to step i, and 
 gradient; the fake score then follows the mixture of all k steps' outputs. ``backward_simulation: unrolled``
 instead always takes the whole k-step sample, with the gradient through every step, so the fake score follows the
 distribution that sampling gives (at the cost of k UNet passes' activations). A step re-noises G's x0 with fresh
-noise (``multistep: consistency``, DMD2's, sampled by LCMScheduler) or takes a deterministic DDIM step
-(``multistep: ddim``, DDIMScheduler). Optional: DMD2's GAN term (sec. 4.3), a classifier head on the fake score
+noise (``multistep: consistency``, DMD2's, sampled by the path's consistency scheduler) or takes a deterministic
+DDIM step (``multistep: ddim``, the path's multistep scheduler). Optional: DMD2's GAN term (sec. 4.3), a classifier head on the fake score
 network's mid-block features, and DMD's regression loss on the teacher-sample cache that ``generator`` builds, as
 a term or a warm start round.
 """
@@ -258,8 +258,8 @@ class DistributionMatching(Method):
         clip, path = self.generator.clip_sample, self.generator.path
         if o.multistep == "ddim":
             return path.multistep_scheduler(self.teacher.scheduler, o.student_steps, self.prediction_type, clip)
-        # the consistency scheduler's grid on all T timesteps, so other k sample too (on a VP path its k timesteps
-        # are the trailing grid; on a flow path FlowMatchLCM's 1, ..., 1/T)
+        # the path's consistency scheduler on all T timesteps, so other k sample too; G trains on whatever k
+        # timesteps it samples (``NoisePath.sampled_grid``)
         return path.consistency_scheduler(self.teacher.scheduler, path.num_train_timesteps, self.prediction_type,
                                           clip, TIMESTEP_SCALING)
 
