@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 from torch import nn
@@ -45,16 +45,7 @@ def lora_student(teacher_unet: nn.Module, options: LoraOptions, default_targets:
                  ) -> nn.Module:
     """A copy of the teacher's network, frozen, with trainable adapters on every layer ``target_modules`` names
     (by default those of ``default_targets``, its layout's, that it has: SD3's last block has no ``to_add_out``)."""
-    names = [name for name, _ in teacher_unet.named_modules()]
-    targets = list(options.target_modules or [target for target in default_targets  # a small model may lack some
-                                              if any(matches(name, target) for name in names)])
-    unmatched = [target for target in targets if not any(matches(name, target) for name in names)]
-    if unmatched:
-        examples = sorted({_short_name(name) for name, module in teacher_unet.named_modules()
-                           if isinstance(module, (nn.Linear, nn.Conv2d))})
-        kind = "UNet" if "UNet" in type(teacher_unet).__name__ else "transformer"
-        raise DiffkdError(f"student.lora.target_modules {unmatched} match no layer of the teacher's {kind}: use layer "
-                          f"names such as {', '.join(examples[:12])}")
+    targets = adapter_targets(teacher_unet, options.target_modules, default_targets)
     student = copy.deepcopy(teacher_unet).requires_grad_(False)
     try:
         student.add_adapter(LoraConfig(r=options.rank, lora_alpha=options.alpha, target_modules=targets))
@@ -62,6 +53,34 @@ def lora_student(teacher_unet: nn.Module, options: LoraOptions, default_targets:
         raise DiffkdError(f"cannot put LoRA adapters on student.lora.target_modules ({_first_line(error)}): target "
                           "Linear or Conv2d layers only") from None
     return student.train()
+
+
+def lora_copy(network: nn.Module, rank: int, default_targets: tuple[str, ...]) -> nn.Module:
+    """A frozen fp32 copy of ``network`` with trainable rank-``rank`` adapters (scale 1) on the layers of
+    ``default_targets`` it has: a LoRA network that trains but is never exported (DMD2's fake score), so peft's
+    ``inject_adapter_in_model`` serves any network, a pixel UNet2DModel without diffusers' ``add_adapter`` too."""
+    targets = adapter_targets(network, None, default_targets)
+    if not targets:
+        raise DiffkdError(f"the teacher's {type(network).__name__} has none of the layers LoRA adapters go on "
+                          f"({', '.join(default_targets[:6])}, ...): set method.fake_score_lora_rank=0")
+    copied = copy.deepcopy(network).float().requires_grad_(False)
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets), copied)
+    return copied.train()
+
+
+def adapter_targets(network: nn.Module, named: list[str] | None, default_targets: tuple[str, ...]) -> list[str]:
+    """The layers adapters go on: those ``named`` (each must match a layer), else the ``default_targets`` that
+    ``network`` has (a small model may lack some)."""
+    names = [name for name, _ in network.named_modules()]
+    targets = list(named or [target for target in default_targets if any(matches(name, target) for name in names)])
+    unmatched = [target for target in targets if not any(matches(name, target) for name in names)]
+    if unmatched:
+        examples = sorted({_short_name(name) for name, module in network.named_modules()
+                           if isinstance(module, (nn.Linear, nn.Conv2d))})
+        kind = "UNet" if "UNet" in type(network).__name__ else "transformer"
+        raise DiffkdError(f"student.lora.target_modules {unmatched} match no layer of the teacher's {kind}: use layer "
+                          f"names such as {', '.join(examples[:12])}")
+    return targets
 
 
 def _short_name(module_name: str) -> str:

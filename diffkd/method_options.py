@@ -250,7 +250,10 @@ class DmdConfig(MethodConfig):
     "consistency" re-noises each step's x0 with fresh noise (DMD2's backward simulation, sampled by LCMScheduler),
     "ddim" takes a deterministic DDIM step with the x0's implied noise (DDIMScheduler). backward_simulation: which
     output of a k-step generator is trained: "random_step" (DMD2's: a random step's, reached without gradient) or
-    "unrolled" (the final sample's, with the gradient through every step).
+    "unrolled" (the final sample's, with the gradient through every step). fake_score_lora_rank: train the fake
+    score as rank-r LoRA adapters (scale 1) on a frozen copy of the teacher instead of a whole copy (0): no gradients
+    or Adam moments for its weights (``diffkd plan`` shows the saving); LoRA usually wants a larger
+    fake_learning_rate than a whole network.
     """
 
     name: str = "dmd"
@@ -274,6 +277,7 @@ class DmdConfig(MethodConfig):
     cache_shard_size: int = 1000
     multistep: str = "ddim"
     backward_simulation: str = "random_step"
+    fake_score_lora_rank: int = 0
 
     @property
     def uses_cache(self) -> bool:
@@ -282,6 +286,8 @@ class DmdConfig(MethodConfig):
     def __post_init__(self):
         check(self.num_steps >= 1, f"method.num_steps must be >= 1; got {self.num_steps}")
         check(self.student_steps >= 1, f"method.student_steps must be >= 1; got {self.student_steps}")
+        check(self.fake_score_lora_rank >= 0, f"method.fake_score_lora_rank must be >= 0 (0 = a whole copy of the "
+                                              f"teacher as the fake score); got {self.fake_score_lora_rank}")
         check(self.fake_updates >= 1, f"method.fake_updates must be >= 1 (fake-score updates per generator update; "
                                       f"DMD2 uses 5); got {self.fake_updates}")
         check(0 <= self.timestep_range[0] < self.timestep_range[1] <= 1,

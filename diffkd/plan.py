@@ -32,12 +32,11 @@ DTYPES = {"no": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "f
 @dataclass
 class Levers:
     """What the run sets that moves memory: autocast precision, the frozen networks' dtype, gradient checkpointing
-    of the trained networks, the LoRA rank of LoRA networks, the export EMA."""
+    of the trained networks, the export EMA."""
 
     mixed_precision: str = "bf16"
     frozen_dtype: str = "no"
     gradient_checkpointing: bool = False
-    lora_rank: int = 16
     export_ema: bool = False
 
 
@@ -93,14 +92,17 @@ def network_inputs(layout: Layout, batch: int) -> dict:
 
 
 def add_lora(module: nn.Module, layout: Layout, rank: int) -> nn.Module:
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from diffkd.lora import adapter_targets
 
     module.requires_grad_(False)
+    targets = adapter_targets(module, None, layout.lora_targets)
     # peft moves each adapter to its base layer's device and dtype with Module.to, which cannot swap fake
     # parameters; everything here is made on the CPU in fp32 already, so those moves are skipped
     move, nn.Module.to = nn.Module.to, lambda self, *args, **kwargs: self
     try:
-        module.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(layout.lora_targets)))
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets), module)
     finally:
         nn.Module.to = move
     return module
@@ -154,10 +156,10 @@ def _networks(spec: StepSpec, layout: Layout, levers: Levers) -> dict[str, nn.Mo
     """Trained networks in fp32 (master weights), LoRA ones as adapters on a frozen base; frozen ones at
     ``frozen_dtype``; a follower as a copy of the network it follows (a LoRA student's target is a whole copy)."""
     networks = {}
-    for name, lora in spec.trained.items():
+    for name, rank in spec.trained.items():
         module = build_network(layout).train()
-        if lora:
-            add_lora(module, layout, levers.lora_rank)
+        if rank:
+            add_lora(module, layout, rank)
         if levers.gradient_checkpointing:
             module.enable_gradient_checkpointing()
         networks[name] = module
@@ -166,7 +168,7 @@ def _networks(spec: StepSpec, layout: Layout, levers: Levers) -> dict[str, nn.Mo
     for name, source in spec.followers.items():
         module = build_network(layout)
         if spec.trained[source]:
-            add_lora(module, layout, levers.lora_rank)
+            add_lora(module, layout, spec.trained[source])
         networks[name] = module.requires_grad_(False).eval()
     return networks
 

@@ -48,9 +48,8 @@ def teacher_layout(folder: str | Path) -> Layout:
 def plan_for(config: Config, layout: Layout, batch: int | None = None) -> Plan:
     t = config.train
     levers = Levers(mixed_precision=t.mixed_precision, frozen_dtype=t.frozen_dtype,
-                    gradient_checkpointing=t.gradient_checkpointing,
-                    lora_rank=config.student.lora.rank if config.student.lora else 16, export_ema=t.ema_decay > 0)
-    spec = step_spec(config.method.name, config.method, config.student.lora is not None)
+                    gradient_checkpointing=t.gradient_checkpointing, export_ema=t.ema_decay > 0)
+    spec = step_spec(config.method.name, config.method, config.student.lora.rank if config.student.lora else 0)
     per_device = batch or t.batch_size // t.gradient_accumulation_steps
     return trace_step(spec, layout, per_device, levers)
 

@@ -20,14 +20,14 @@ TRANSFORMER_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "a
 @dataclass(frozen=True)
 class Layout:
     name: str
-    family: str  # unet | sd3 | flux
+    family: str  # unet | unet2d | sd3 | flux
     config: dict
     tokens: int  # text tokens of the conditioning
     frozen_parameters: dict = field(default_factory=dict)  # VAE and text encoders: counted, never run
 
     @property
     def lora_targets(self) -> tuple[str, ...]:
-        return UNET_LORA_TARGETS if self.family == "unet" else TRANSFORMER_LORA_TARGETS
+        return UNET_LORA_TARGETS if self.family in ("unet", "unet2d") else TRANSFORMER_LORA_TARGETS
 
 
 SD15 = Layout("sd15", "unet", {

@@ -36,10 +36,10 @@ class PhaseSpec:
 
 @dataclass
 class StepSpec:
-    """Networks on the device: ``trained`` (name -> LoRA or full), ``frozen`` and ``followers`` (EMA target
-    copies of a trained network), and the phases of one optimiser step."""
+    """Networks on the device: ``trained`` (name -> LoRA rank, 0 for a whole network), ``frozen`` and
+    ``followers`` (EMA target copies of a trained network), and the phases of one optimiser step."""
 
-    trained: dict[str, bool]
+    trained: dict[str, int]
     frozen: tuple[str, ...]
     followers: dict[str, str] = field(default_factory=dict)
     phases: list[PhaseSpec] = field(default_factory=list)
@@ -49,21 +49,21 @@ def _cfg(scale: float) -> int:
     return 2 if scale != 1.0 else 1
 
 
-def step_spec(method: str, options, student_lora: bool) -> StepSpec:
-    """The step of ``method`` with ``options`` (its MethodConfig); ``student_lora``: the student is adapters on a
-    frozen copy of the teacher (whose base weights then count as a frozen network, ``student`` being its adapters)."""
+def step_spec(method: str, options, student_lora_rank: int = 0) -> StepSpec:
+    """The step of ``method`` with ``options`` (its MethodConfig); ``student_lora_rank`` > 0: the student is
+    adapters of that rank on a frozen copy of the teacher (its base weights counted with it)."""
     if method == "progressive":
         cfg = _cfg(getattr(options, "guidance_scale", 1.0))
         # the round teacher's two DDIM steps (imitation: one), then the student's pass with gradient
         passes = [Pass(TEACHER, False, cfg), Pass(TEACHER, False, cfg), Pass(STUDENT, True)]
-        return StepSpec({STUDENT: student_lora}, (TEACHER,), phases=[PhaseSpec("student", (STUDENT,), passes)])
+        return StepSpec({STUDENT: student_lora_rank}, (TEACHER,), phases=[PhaseSpec("student", (STUDENT,), passes)])
     if method == "consistency":
         cfg = _cfg(options.guidance_scale)
         teacher = [Pass(TEACHER, False, cfg)] * (1 if options.solver == "ddim" else 2)
         target = TARGET if options.target_ema > 0 else STUDENT
         passes = [*teacher, Pass(target, False), Pass(STUDENT, True)]
         followers = {TARGET: STUDENT} if options.target_ema > 0 else {}
-        return StepSpec({STUDENT: student_lora}, (TEACHER,), followers,
+        return StepSpec({STUDENT: student_lora_rank}, (TEACHER,), followers,
                         [PhaseSpec("student", (STUDENT,), passes)])
     if method == "dmd":
         cfg = _cfg(options.guidance_scale)
@@ -72,8 +72,7 @@ def step_spec(method: str, options, student_lora: bool) -> StepSpec:
         fake = [*[Pass(STUDENT, False)] * steps, Pass(FAKE, True)]
         # the generator's sample with gradient (every step when unrolled), the real and fake scores without
         generator = [*[Pass(STUDENT, True)] * steps, Pass(TEACHER, False, cfg), Pass(FAKE, False)]
-        lora_fake = getattr(options, "fake_score_lora_rank", 0) > 0
-        return StepSpec({STUDENT: student_lora, FAKE: lora_fake}, (TEACHER,),
+        return StepSpec({STUDENT: student_lora_rank, FAKE: options.fake_score_lora_rank}, (TEACHER,),
                         phases=[PhaseSpec("fake_score", (FAKE,), fake, options.fake_updates),
                                 PhaseSpec("generator", (STUDENT,), generator)])
     raise ValueError(f"no memory plan for method {method!r}: plan progressive, consistency or dmd")

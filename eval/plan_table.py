@@ -19,21 +19,21 @@ from diffkd.plan import Levers, largest_batch, trace_step
 from diffkd.plan_layouts import LAYOUTS
 from diffkd.plan_step import step_spec
 
-CASES = {  # name -> (method, options, LoRA student)
-    "LCM-LoRA": ("consistency", {"guidance_scale": 7.5, "target_ema": 0.0}, True),
-    "consistency": ("consistency", {"guidance_scale": 7.5}, False),
-    "DMD2": ("dmd", {"guidance_scale": 7.5}, False),
-    "DMD2 LoRA fake": ("dmd", {"guidance_scale": 7.5, "fake_score_lora_rank": 64}, False),
-    "progressive": ("progressive", {"guidance_scale": 7.5}, False),
+CASES = {  # name -> (method, options, the student's LoRA rank: 0 for a whole network)
+    "LCM-LoRA": ("consistency", {"guidance_scale": 7.5, "target_ema": 0.0}, 64),
+    "consistency": ("consistency", {"guidance_scale": 7.5}, 0),
+    "DMD2": ("dmd", {"guidance_scale": 7.5}, 0),
+    "DMD2 LoRA fake": ("dmd", {"guidance_scale": 7.5, "fake_score_lora_rank": 64}, 0),
+    "progressive": ("progressive", {"guidance_scale": 7.5}, 0),
 }
 
 
 def spec_of(case: str):
-    method, options, lora = CASES[case]
+    method, options, lora_rank = CASES[case]
     config = METHODS[method].options()
     for key, value in options.items():
         object.__setattr__(config, key, value)
-    return step_spec(method, config, lora)
+    return step_spec(method, config, lora_rank)
 
 
 def main() -> None:
@@ -48,7 +48,7 @@ def main() -> None:
         for case in args.cases:
             for checkpointing in (False, True):
                 started = time.perf_counter()
-                levers = Levers(frozen_dtype="bf16", gradient_checkpointing=checkpointing, lora_rank=64)
+                levers = Levers(frozen_dtype="bf16", gradient_checkpointing=checkpointing)
                 one = trace_step(spec_of(case), LAYOUTS[name], 1, levers)
                 low = trace_step(spec_of(case), LAYOUTS[name], 8, levers)
                 high = trace_step(spec_of(case), LAYOUTS[name], 16, levers)

@@ -229,3 +229,34 @@ def test_killed_between_phases_resumes_bit_identical(tiny_teacher, tmp_path):
     result = faults.kill_and_resume(point, config, reference, tmp_path / "killed")
     assert result.killed and result.identical, result.detail
     assert result.resumed_from == [checkpoint.name_for(0, 2)]
+
+
+def test_lora_fake_score_trains_only_its_adapters_and_starts_as_the_teacher(tiny_teacher, tmp_path):
+    """method.fake_score_lora_rank: the fake score is adapters on a frozen copy of the teacher (B = 0, so it starts
+    as the teacher's own score); training moves the adapters only, the GAN head still reads its mid block, and a
+    checkpoint keeps the adapters, not a UNet copy."""
+    config = parse_config(dmd_config(tiny_teacher, fake_score_lora_rank=4, cache=str(tmp_path / "cache")))
+    _, method, _ = prepare(config)
+    trained = [name for name, p in method.fake_unet.named_parameters() if p.requires_grad]
+    assert trained and all(".lora_A." in name or ".lora_B." in name for name in trained)
+    z, t = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 500, 990])
+    with torch.no_grad():
+        assert torch.equal(method.fake.output(z, t, Conditioning()),
+                           method.teacher.denoiser.output(z, t, Conditioning()))
+
+    distill(config, tmp_path / "run")
+    tensors, _ = checkpoint.load(checkpoint.latest(tmp_path / "run" / "checkpoints"))
+    assert set(tensors["fake_score"]) == set(trained)
+    assert any(v.abs().max() > 0 for k, v in tensors["fake_score"].items() if ".lora_B." in k)  # the adapters learnt
+    checkpoint.load_network_state(method.fake_unet, tensors["fake_score"])
+    with torch.no_grad():  # the learnt adapters on the teacher's frozen weights give another score
+        assert not torch.allclose(method.fake.output(z, t, Conditioning()),
+                                  method.teacher.denoiser.output(z, t, Conditioning()))
+
+
+def test_lora_fake_score_is_refused_on_a_network_without_lora_layers(tiny_teacher):
+    from diffkd.errors import DiffkdError
+    from diffkd.lora import lora_copy
+
+    with pytest.raises(DiffkdError, match="fake_score_lora_rank=0"):
+        lora_copy(torch.nn.Sequential(torch.nn.Linear(2, 2)), 4, ("to_q", "to_k"))

@@ -1,5 +1,6 @@
 """The memory plan against the measured peak of the real step (real tensors, the trainer's own step), on a UNet
-small enough to run: within 15%, for progressive, consistency and dmd, with and without gradient checkpointing."""
+small enough to run: within 15%, for progressive, consistency and dmd (its fake score whole or LoRA), with and without
+gradient checkpointing."""
 
 import pytest
 import torch
@@ -25,7 +26,9 @@ def teacher(tmp_path_factory) -> str:
 
 METHODS = {"progressive": {"name": "progressive", "start_steps": 8, "final_steps": 4, "steps_per_round": 10},
            "consistency": {"name": "consistency", "num_steps": 10, "teacher_grid": 20, "target_ema": 0.9},
-           "dmd": {"name": "dmd", "student_steps": 1, "num_steps": 10, "fake_updates": 2}}
+           "dmd": {"name": "dmd", "student_steps": 1, "num_steps": 10, "fake_updates": 2},
+           "dmd-lora-fake": {"name": "dmd", "student_steps": 1, "num_steps": 10, "fake_updates": 2,
+                             "fake_score_lora_rank": 8}}
 
 
 def run_config(teacher: str, method: str, checkpointing: bool):

@@ -31,6 +31,7 @@ from torch import nn
 from diffkd import sample_cache, schedule
 from diffkd.conditioning import batch_conditioning, read_prompts, training_rows
 from diffkd.errors import DiffkdError
+from diffkd.lora import lora_copy
 from diffkd.losses.terms import LossTerms
 from diffkd.method_options import DmdConfig
 from diffkd.methods.base import ExportSpec, Method, Network, Phase, Round
@@ -81,7 +82,8 @@ class DistributionMatching(Method):
         super().__init__(config, teacher, student)
         o = self.options
         self.generator = teacher.denoiser.like(student, self.prediction_type)
-        self.fake_unet = copy.deepcopy(teacher.unet).float().requires_grad_(True).train()
+        self.fake_unet = (lora_copy(teacher.unet, o.fake_score_lora_rank, teacher.layout.lora_targets)
+                          if o.fake_score_lora_rank else copy.deepcopy(teacher.unet).float().requires_grad_(True).train())
         self.fake = teacher.denoiser.like(self.fake_unet, clip=False)
         self.grid = self.generator.path.sampled_grid(self.export_scheduler(), o.student_steps)
         self.head = None
@@ -269,4 +271,4 @@ class DistributionMatching(Method):
             "timesteps": self.grid[:-1], "multistep": o.multistep, "backward_simulation": o.backward_simulation,
             "fake_updates": o.fake_updates, "guidance_scale": o.guidance_scale,
             "timestep_range": list(o.timestep_range), "gan": o.gan, "regression": o.regression,
-            "warm_start_steps": o.warm_start_steps})
+            "warm_start_steps": o.warm_start_steps, "fake_score_lora_rank": o.fake_score_lora_rank})
