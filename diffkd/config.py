@@ -181,7 +181,9 @@ class TrainConfig:
     more compute for most of the activations). frozen_dtype stores the frozen teacher (the real score) at the
     autocast precision while trained networks keep fp32 master weights; it needs mixed_precision set to the same,
     since autocast is what feeds those weights inputs of their dtype. optimizer adamw8bit keeps Adam's moments in
-    8 bits (bitsandbytes, CUDA only).
+    8 bits (bitsandbytes, CUDA only). offload_ema keeps the export EMA (ema_decay > 0) in host memory and
+    averages it there each step: the accelerator saves a copy of the trained weights, each step moves them to the
+    host once.
     """
 
     batch_size: int = 64
@@ -212,6 +214,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     frozen_dtype: str = "no"
     optimizer: str = "adamw"
+    offload_ema: bool = False
 
     def __post_init__(self):
         for name in ("batch_size", "gradient_accumulation_steps", "checkpoint_every", "keep_checkpoints",
@@ -236,6 +239,9 @@ class TrainConfig:
               f"train.frozen_dtype={self.frozen_dtype} needs train.mixed_precision={self.frozen_dtype} (autocast feeds "
               f"the frozen weights inputs of their dtype); got mixed_precision={self.mixed_precision}")
         check_choice("train.optimizer", self.optimizer, ("adamw", "adamw8bit"))
+        check(not self.offload_ema or self.ema_decay > 0,
+              "train.offload_ema moves the export EMA to host memory, and there is none: set train.ema_decay > 0 "
+              "or drop train.offload_ema")
         check(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
               f"train.device must be auto, cpu, cuda, cuda:N or mps; got {self.device!r}")
 

@@ -32,7 +32,7 @@ DTYPES = {"no": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "f
 @dataclass
 class Levers:
     """What the run sets that moves memory: autocast precision, the frozen networks' dtype, gradient checkpointing
-    of the trained networks, the export EMA."""
+    of the trained networks, the export EMA on the accelerator (not when offloaded to host memory)."""
 
     mixed_precision: str = "bf16"
     frozen_dtype: str = "no"

@@ -48,7 +48,7 @@ def teacher_layout(folder: str | Path) -> Layout:
 def plan_for(config: Config, layout: Layout, batch: int | None = None) -> Plan:
     t = config.train
     levers = Levers(mixed_precision=t.mixed_precision, frozen_dtype=t.frozen_dtype,
-                    gradient_checkpointing=t.gradient_checkpointing, export_ema=t.ema_decay > 0)
+                    gradient_checkpointing=t.gradient_checkpointing, export_ema=t.ema_decay > 0 and not t.offload_ema)
     spec = step_spec(config.method.name, config.method, config.student.lora.rank if config.student.lora else 0)
     per_device = batch or t.batch_size // t.gradient_accumulation_steps
     return trace_step(spec, layout, per_device, levers)

@@ -101,9 +101,23 @@ def trainable(module: nn.Module) -> list[nn.Parameter]:
 
 
 def export_ema(parameters: list[nn.Parameter], train: TrainConfig) -> EMAModel:
-    """The exported weights' EMA as ``train`` sets it: fixed decay, or diffusers' power warm-up when ema_warmup."""
-    return EMAModel(parameters, decay=train.ema_decay, use_ema_warmup=train.ema_warmup,
-                    inv_gamma=train.ema_inv_gamma, power=train.ema_power)
+    """The exported weights' EMA as ``train`` sets it: fixed decay, or diffusers' power warm-up when ema_warmup;
+    with offload_ema its copy lives in host memory (``ema_inputs``)."""
+    ema = EMAModel(parameters, decay=train.ema_decay, use_ema_warmup=train.ema_warmup,
+                   inv_gamma=train.ema_inv_gamma, power=train.ema_power)
+    if train.offload_ema:
+        ema.to("cpu")
+    return ema
+
+
+def ema_inputs(parameters: list[nn.Parameter], offload: bool) -> list[torch.Tensor]:
+    """What EMAModel.step averages in: the parameters, or with an offloaded EMA their host copies, so the average
+    is taken in host memory and the accelerator never holds the EMA (diffusers' offload_ema moves the whole EMA
+    onto the accelerator for its step instead). The copies keep requires_grad: EMAModel copies, not averages, a
+    parameter without it."""
+    if not offload:
+        return parameters
+    return [p.detach().to("cpu").requires_grad_(True) for p in parameters]
 
 
 def adam_class(name: str) -> type[torch.optim.Optimizer]:
@@ -292,7 +306,7 @@ class Trainer:
                     logs[key] = logs.get(key, 0.0) + value / phase.repeats
                 update += 1
         for name, ema in self.emas.items():
-            ema.step(trainable(self.networks[name].module))
+            ema.step(ema_inputs(trainable(self.networks[name].module), self.train.offload_ema))
         self.method.after_step()
         return logs
 

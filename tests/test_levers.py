@@ -98,3 +98,27 @@ def test_checkpointing_leaves_the_teacher_alone(tiny_teacher, tmp_path):
     Trainer(method, run.train, tmp_path, make_accelerator(run.train, tmp_path))
     assert not teacher.unet.is_gradient_checkpointing
     assert copy.deepcopy(method.student).is_gradient_checkpointing
+
+
+def test_offloaded_ema_trains_the_same_student_and_leaves_the_accelerator(tiny_teacher, tmp_path):
+    """train.offload_ema averages in host memory: the same exported weights as the EMA beside the student, and the
+    plan no longer counts a copy of the trained weights on the accelerator."""
+    from diffkd.plan_check import plan_for, teacher_layout
+
+    students, plans = [], []
+    for offload in (False, True):
+        run = config(tiny_teacher, ema_decay=0.9, offload_ema=offload)
+        _, method, _ = prepare(run)
+        trainer = Trainer(method, run.train, tmp_path / str(offload), make_accelerator(run.train, tmp_path))
+        trainer.fit()
+        students.append({k: v.clone() for k, v in method.student.state_dict().items()})
+        plans.append(plan_for(run, teacher_layout(tiny_teacher)))
+    assert all(torch.equal(students[0][k], students[1][k]) for k in students[0])
+    weights = sum(p.numel() * 4 for p in method.student.parameters())
+    assert plans[0].roles["student export EMA"] == weights and "student export EMA" not in plans[1].roles
+    assert plans[0].peak_bytes - plans[1].peak_bytes == weights
+
+
+def test_offload_without_an_ema_is_refused():
+    with pytest.raises(DiffkdError, match="set train.ema_decay > 0"):
+        parse_config({"train": {"offload_ema": True}})
