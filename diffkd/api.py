@@ -201,9 +201,9 @@ def distill(config: Config, output: str | Path, resume: bool | str | Path = Fals
             progress = trainer.fit()
         trainer.write_summary()
         folder = output / export_folder_name(type(method))
+        student = trainer.exported_network()
         if main:
             spec = method.export_spec()
-            student = accelerator.unwrap_model(trainer.student)
             if trainer.best_weights:  # the best validated weights, not the last ones
                 checkpoint.load_network_state(student, trainer.best_weights)
             card = model_card(config, method, spec, report, student, teacher,

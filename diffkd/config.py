@@ -183,7 +183,8 @@ class TrainConfig:
     since autocast is what feeds those weights inputs of their dtype. optimizer adamw8bit keeps Adam's moments in
     8 bits (bitsandbytes, CUDA only). offload_ema keeps the export EMA (ema_decay > 0) in host memory and
     averages it there each step: the accelerator saves a copy of the trained weights, each step moves them to the
-    host once.
+    host once. shard: with several processes, each keeps 1/N of the trained networks' weights, gradients, Adam
+    moments and EMA (FSDP2, ``diffkd.sharding``) instead of a whole copy; the frozen teacher stays whole.
     """
 
     batch_size: int = 64
@@ -215,6 +216,7 @@ class TrainConfig:
     frozen_dtype: str = "no"
     optimizer: str = "adamw"
     offload_ema: bool = False
+    shard: bool = False
 
     def __post_init__(self):
         for name in ("batch_size", "gradient_accumulation_steps", "checkpoint_every", "keep_checkpoints",
@@ -242,6 +244,8 @@ class TrainConfig:
         check(not self.offload_ema or self.ema_decay > 0,
               "train.offload_ema moves the export EMA to host memory, and there is none: set train.ema_decay > 0 "
               "or drop train.offload_ema")
+        check(not (self.offload_ema and self.shard), "train.offload_ema and train.shard both move the export EMA "
+              "off the accelerator's whole copy (sharding keeps 1/N of it on each): keep one of them")
         check(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
               f"train.device must be auto, cpu, cuda, cuda:N or mps; got {self.device!r}")
 

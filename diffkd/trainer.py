@@ -36,7 +36,7 @@ from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
 from torch import nn
 
-from diffkd import checkpoint, round_health
+from diffkd import checkpoint, round_health, sharding
 from diffkd.config import TrainConfig
 from diffkd.data import batch_indices
 from diffkd.errors import DiffkdError, TrainingDiverged
@@ -182,6 +182,12 @@ class Trainer:
             self.acc.prepare_model(network.module.to(self.acc.device), evaluation_mode=True)  # no DDP: see above
             if train.gradient_checkpointing and hasattr(network.module, "enable_gradient_checkpointing"):
                 network.module.enable_gradient_checkpointing()
+        self.sharded: list[nn.Module] = []
+        if train.shard and accelerator.num_processes > 1:  # before the optimisers: they take the shards
+            mesh = sharding.make_mesh(self.acc.device, accelerator.num_processes)
+            self.sharded = [sharding.shard_network(module.to(self.acc.device), mesh) for module in
+                            [*(n.module for n in self.networks.values()), *method.followers().values()]]
+            log.info("sharded %d network(s) over %d processes", len(self.sharded), accelerator.num_processes)
         self.student = next(n.module for n in self.networks.values() if n.exported)
         adam = adam_class(train.optimizer)
         self.optimizers = {phase.name: self.acc.prepare_optimizer(adam(
@@ -266,8 +272,10 @@ class Trainer:
             fd = self.validator(student)
             best = selection.record(self._global_step(), fd)
             if best:
-                self.best_weights = {k: v.detach().cpu().clone() for k, v in checkpoint.network_state(student).items()}
+                self.best_weights = {k: v.detach().cpu().clone()
+                                     for k, v in sharding.full_state(checkpoint.network_state(student)).items()}
         finally:
+            sharding.reshard(self.sharded)
             if ema is not None:
                 ema.restore(trainable(student))
         selection.seconds += time.perf_counter() - started
@@ -279,6 +287,12 @@ class Trainer:
         if self.acc.is_main_process:
             self.acc.log({"validation/fd": fd}, step=step)
         return selection.stopped_early
+
+    def exported_network(self) -> nn.Module:
+        """The network the run exports, whole: when sharded, a plain copy gathered on every process (each must
+        call this), else the network itself."""
+        return sharding.plain_copy(self.student) if sharding.is_sharded_network(self.student) else \
+            self.acc.unwrap_model(self.student)
 
     @property
     def _headline(self) -> str:
@@ -333,11 +347,14 @@ class Trainer:
         except _SkipStep:
             self._zero_grad()
             return None
+        finally:
+            sharding.reshard(self.sharded)
         params = [p for name in phase.networks for p in trainable(self.networks[name].module)]
         self._reduce_gradients(params)
         clip = self.train.grad_clip if phase.grad_clip is None else phase.grad_clip
         norm = self.acc.clip_grad_norm_(params, clip or float("inf"))
-        finite = norm is None or bool(torch.isfinite(torch.as_tensor(norm)))
+        norm = None if norm is None else sharding.full_tensor(torch.as_tensor(norm))
+        finite = norm is None or bool(torch.isfinite(norm))
         if not finite and self.acc.scaler is None:
             self._nonfinite(f"gradient (norm {float(norm)}) in phase {phase.name}")
             self._zero_grad()
@@ -390,10 +407,11 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
 
     def _reduce_gradients(self, params: list[nn.Parameter]) -> None:
-        """Average the gradients over processes, in one flat all-reduce (what DDP's buckets do, for any network)."""
-        if self.acc.num_processes == 1:
+        """Average the gradients over processes, in one flat all-reduce (what DDP's buckets do, for any network);
+        a sharded network's backward has averaged its own."""
+        grads = [p.grad for p in params if p.grad is not None and not sharding.is_sharded(p.grad)]
+        if self.acc.num_processes == 1 or not grads:  # a sharded network's were averaged by its backward
             return
-        grads = [p.grad for p in params if p.grad is not None]
         flat = self.acc.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
         for grad, averaged in zip(grads, flat.split([g.numel() for g in grads])):
             grad.copy_(averaged.view_as(grad))
@@ -440,21 +458,22 @@ class Trainer:
         self._save()
 
     def _save(self) -> None:
-        """One checkpoint of every network, every phase's optimiser, the followers and (mid-round) the EMAs."""
+        """One checkpoint of every network, every phase's optimiser, the followers and (mid-round) the EMAs; whole
+        tensors, gathered on every process when sharded, written by the first."""
         self.acc.wait_for_everyone()
+        tensors = {name: checkpoint.network_state(network.module) for name, network in self.networks.items()}
+        skeletons = {}
+        for phase, optimizer in self.optimizers.items():
+            tensors[f"optimizer.{phase}"], skeletons[phase] = checkpoint.split_optimizer_state(optimizer.state_dict())
+        if self.progress.step > 0:
+            tensors["method"] = self.method.state_tensors()
+            for name, ema in self.emas.items():
+                tensors[f"ema.{name}"] = {str(i): p for i, p in enumerate(ema.shadow_params)}
+        for name, follower in self.method.followers().items():
+            tensors[f"follower.{name}"] = follower.state_dict()
+        tensors = {group: sharding.full_state(state) for group, state in tensors.items()}
+        tensors["validation_best"] = self.best_weights
         if self.acc.is_main_process:
-            tensors = {name: checkpoint.network_state(network.module) for name, network in self.networks.items()}
-            skeletons = {}
-            for phase, optimizer in self.optimizers.items():
-                tensors[f"optimizer.{phase}"], skeletons[phase] = checkpoint.split_optimizer_state(
-                    optimizer.state_dict())
-            if self.progress.step > 0:
-                tensors["method"] = self.method.state_tensors()
-                for name, ema in self.emas.items():
-                    tensors[f"ema.{name}"] = {str(i): p for i, p in enumerate(ema.shadow_params)}
-            for name, follower in self.method.followers().items():
-                tensors[f"follower.{name}"] = follower.state_dict()
-            tensors["validation_best"] = self.best_weights
             state = {"run": self.identity, "progress": self.progress.__dict__, "optimizers": skeletons,
                      "ema_steps": {name: ema.optimization_step for name, ema in self.emas.items()},
                      "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None}
@@ -470,12 +489,13 @@ class Trainer:
             if progress.round > len(self.method.rounds()):
                 raise ValueError(f"it is at round {progress.round + 1} of a {len(self.method.rounds())}-round run")
             for name, network in self.networks.items():
-                checkpoint.load_network_state(network.module, tensors.get(name, {}))
+                checkpoint.load_network_state(network.module, sharding.state_like(
+                    tensors.get(name, {}), network.module.state_dict()))
             for phase, optimizer in self.optimizers.items():
-                optimizer.load_state_dict(checkpoint.join_optimizer_state(tensors.get(f"optimizer.{phase}", {}),
-                                                                          state["optimizers"][phase]))
+                optimizer.load_state_dict(sharding.optimizer_state_like(checkpoint.join_optimizer_state(
+                    tensors.get(f"optimizer.{phase}", {}), state["optimizers"][phase]), optimizer))
             for name, follower in self.method.followers().items():
-                follower.load_state_dict(tensors[f"follower.{name}"])
+                follower.load_state_dict(sharding.state_like(tensors[f"follower.{name}"], follower.state_dict()))
             best = tensors.get("validation_best", {})
             if progress.validation.get("best_step") is not None and not best:
                 raise ValueError("its validation record names a best step but it holds no best weights")
@@ -484,7 +504,7 @@ class Trainer:
                 self.emas = self._new_emas()
                 for name, ema in self.emas.items():
                     for index, shadow in enumerate(ema.shadow_params):
-                        shadow.data.copy_(tensors[f"ema.{name}"][str(index)])
+                        shadow.copy_(sharding.like(tensors[f"ema.{name}"][str(index)], shadow))
                     ema.optimization_step = state["ema_steps"][name]
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
             raise DiffkdError(f"checkpoint {str(folder)!r} does not fit this config ({str(error).splitlines()[0]}); "

@@ -122,3 +122,19 @@ def test_offloaded_ema_trains_the_same_student_and_leaves_the_accelerator(tiny_t
 def test_offload_without_an_ema_is_refused():
     with pytest.raises(DiffkdError, match="set train.ema_decay > 0"):
         parse_config({"train": {"offload_ema": True}})
+
+
+def test_sharding_refuses_what_it_cannot_shard(tiny_teacher, tmp_path):
+    """train.shard: one line each for an offloaded EMA, a LoRA student, and DMD2's random backward-simulation step
+    (each process would run another number of generator passes, which sharded networks cannot)."""
+    from tests.faults import dmd_config
+
+    with pytest.raises(DiffkdError, match="keep one of them"):
+        parse_config({"train": {"shard": True, "offload_ema": True, "ema_decay": 0.9}})
+    data = dmd_config(tiny_teacher)
+    data["train"]["shard"] = True
+    with pytest.raises(DiffkdError, match="backward_simulation=unrolled") as error:
+        prepare(parse_config(data))
+    assert "\n" not in str(error.value)
+    data["method"]["backward_simulation"] = "unrolled"
+    prepare(parse_config(data))  # every process runs the whole unrolled sample: shardable

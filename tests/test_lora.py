@@ -7,7 +7,7 @@ import yaml
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 from diffkd import checkpoint
-from diffkd.api import distill
+from diffkd.api import distill, prepare
 from diffkd.config import LoraOptions, parse_config
 from diffkd.errors import DiffkdError
 from diffkd.io import load_pipeline
@@ -184,3 +184,11 @@ def test_the_adapted_layer_is_w_plus_alpha_over_rank_b_a_by_hand(tiny_sd, tmp_pa
     torch.testing.assert_close(pipe.unet.get_submodule(name).weight, by_hand)
     card = yaml.safe_load((folder / "README.md").read_text().split("---")[1])
     assert card["lora_file_bytes"] == (folder / LORA_FILE).stat().st_size > 0
+
+
+def test_a_sharded_lora_student_is_refused_in_one_line(tiny_sd):
+    data = lora_config(tiny_sd)
+    data["train"]["shard"] = True
+    with pytest.raises(DiffkdError, match="drop train.shard") as error:
+        prepare(parse_config(data))
+    assert "\n" not in str(error.value)

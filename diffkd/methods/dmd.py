@@ -109,6 +109,10 @@ class DistributionMatching(Method):
         if self.options.uses_cache and self.options.teacher_steps > total:
             raise DiffkdError(f"method.teacher_steps={self.options.teacher_steps} exceeds the teacher's {total} "
                               "training timesteps")
+        if self.config.train.shard and k > 1 and self.options.backward_simulation == "random_step":
+            raise DiffkdError("train.shard needs every process to run the same passes, and backward_simulation="
+                              "random_step draws a grid step (a number of generator passes) per process: set "
+                              "method.backward_simulation=unrolled, or drop train.shard")
         if self.options.gan > 0 and getattr(self.fake_unet, "mid_block", None) is None:
             raise DiffkdError("method.gan > 0 needs the teacher UNet's mid block for the classifier head; this "
                               "teacher has none: set method.gan=0")

@@ -12,11 +12,10 @@ halvings then distil each w-conditioned student into the next at the same w (the
 from __future__ import annotations
 
 import contextlib
-import copy
 
 import torch
 
-from diffkd import checkpoint, schedule, timestep_buckets
+from diffkd import checkpoint, schedule, sharding, timestep_buckets
 from diffkd.conditioning import training_rows
 from diffkd.errors import DiffkdError
 from diffkd.guidance_embedding import conditioning_pair, embedded_student
@@ -81,7 +80,7 @@ class ProgressiveDistillation(Method):
             self.round_teacher = self._frozen_student()
 
     def _frozen_student(self) -> Denoiser:
-        unet = copy.deepcopy(self.student).requires_grad_(False).eval()
+        unet = sharding.plain_copy(self.student).requires_grad_(False).eval()
         return self.teacher.denoiser.like(unet, self.prediction_type)
 
     def networks(self) -> dict[str, Network]:
