@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="override a config value (repeatable)")
     plan.add_argument("--layout", default=None, choices=["sd15", "sdxl", "sd3-medium", "flux-dev"],
                       help="plan on this real-size layout instead of the teacher folder's UNet config")
+    plan.add_argument("--processes", type=int, default=1, metavar="N",
+                      help="plan one of N devices: the batch split among them, and with train.shard the trained "
+                           "networks too (default 1)")
     plan.set_defaults(handler=run_plan)
     return parser
 

@@ -32,12 +32,14 @@ DTYPES = {"no": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "f
 @dataclass
 class Levers:
     """What the run sets that moves memory: autocast precision, the frozen networks' dtype, gradient checkpointing
-    of the trained networks, the export EMA on the accelerator (not when offloaded to host memory)."""
+    of the trained networks, the export EMA on the accelerator (not when offloaded to host memory), the processes
+    the trained networks are sharded over (``train.shard``; 1 = not sharded)."""
 
     mixed_precision: str = "bf16"
     frozen_dtype: str = "no"
     gradient_checkpointing: bool = False
     export_ema: bool = False
+    shard_processes: int = 1
 
 
 @dataclass
@@ -136,9 +138,37 @@ def trace_step(spec: StepSpec, layout: Layout, batch: int, levers: Levers) -> Pl
                 optimizer.zero_grad(set_to_none=True)
             peak = tracker.peak
         roles = _roles(spec, networks, trained, emas, layout, levers)
+        gathered = max(_gathered_bytes(networks[name]) for name in [*spec.trained, *spec.followers])
     untracked = sum(v for k, v in roles.items() if k.startswith("frozen parts"))
     roles["activations and temporaries"] = max(0, peak + untracked - sum(roles.values()))
-    return Plan(batch, peak + untracked, roles)
+    plan = Plan(batch, peak + untracked, roles)
+    return shard(plan, spec, levers.shard_processes, gathered) if levers.shard_processes > 1 else plan
+
+
+def shard(plan: Plan, spec: StepSpec, processes: int, gathered: int) -> Plan:
+    """The plan of one of ``processes`` sharded processes (``diffkd.sharding``), by arithmetic on the traced
+    one-device plan rather than a trace: the trained networks' and followers' weights, gradients, Adam moments and
+    EMA are divided among the processes, and the weights FSDP gathers whole while they run (the root unit for the
+    whole update, the running block and the one prefetched) are added. It assumes the one-device peak has every
+    gradient alive (the end of the backward); not measured, since FSDP frees gathered weights by resizing storages,
+    which the tracker does not see, and one process runs here."""
+    names = (*spec.trained, *spec.followers)
+    split = {role: size for role, size in plan.roles.items()
+             if role.split(" ")[0] in names or role == "student export EMA"}
+    roles = {role: size // processes if role in split else size for role, size in plan.roles.items()}
+    roles["weights gathered whole (sharding)"] = gathered
+    saved = sum(split.values()) - sum(size // processes for size in split.values())
+    return Plan(plan.batch_size, plan.peak_bytes - saved + gathered, roles)
+
+
+def _gathered_bytes(module: nn.Module) -> int:
+    """What a sharded ``module`` holds whole at once at most: its root unit's weights and two blocks' (the one
+    running and the one prefetched)."""
+    from diffkd.sharding import units
+
+    blocks = sorted((_bytes(unit.parameters()) for unit in units(module)), reverse=True)
+    root = _bytes(module.parameters()) - sum(blocks)
+    return root + sum(blocks[:2])
 
 
 def track(tracker: PeakTracker, objects: list) -> None:

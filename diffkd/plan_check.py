@@ -45,12 +45,15 @@ def teacher_layout(folder: str | Path) -> Layout:
     return Layout(folder.name, family, {k: v for k, v in config.items() if not k.startswith("_")}, tokens)
 
 
-def plan_for(config: Config, layout: Layout, batch: int | None = None) -> Plan:
+def plan_for(config: Config, layout: Layout, batch: int | None = None, processes: int = 1) -> Plan:
+    """The plan of one of ``processes`` devices (the batch split among them and the accumulation shards; the
+    trained networks sharded among them with train.shard)."""
     t = config.train
     levers = Levers(mixed_precision=t.mixed_precision, frozen_dtype=t.frozen_dtype,
-                    gradient_checkpointing=t.gradient_checkpointing, export_ema=t.ema_decay > 0 and not t.offload_ema)
+                    gradient_checkpointing=t.gradient_checkpointing, export_ema=t.ema_decay > 0 and not t.offload_ema,
+                    shard_processes=processes if t.shard else 1)
     spec = step_spec(config.method.name, config.method, config.student.lora.rank if config.student.lora else 0)
-    per_device = batch or t.batch_size // t.gradient_accumulation_steps
+    per_device = batch or max(1, t.batch_size // (t.gradient_accumulation_steps * processes))
     return trace_step(spec, layout, per_device, levers)
 
 
@@ -64,14 +67,18 @@ def run(args) -> int:
     else:
         raise DiffkdError(f"teacher.source={config.teacher.source!r} has no unet/config.json here: name its layout "
                           f"with --layout ({', '.join(LAYOUTS)})")
-    plan = plan_for(config, layout)
-    print(f"{args.config}: {config.method.name} on {layout.name}, batch {plan.batch_size} per device, "
-          f"{config.train.mixed_precision} autocast, frozen {config.train.frozen_dtype}, gradient checkpointing "
-          f"{'on' if config.train.gradient_checkpointing else 'off'}")
+    processes = args.processes
+    if processes < 1:
+        raise DiffkdError(f"--processes {processes}: plan one of N >= 1 devices")
+    plan = plan_for(config, layout, processes=processes)
+    sharded = f", sharded over {processes} processes" if config.train.shard and processes > 1 else ""
+    print(f"{args.config}: {config.method.name} on {layout.name}, batch {plan.batch_size} per device of "
+          f"{processes}, {config.train.mixed_precision} autocast, frozen {config.train.frozen_dtype}, gradient "
+          f"checkpointing {'on' if config.train.gradient_checkpointing else 'off'}{sharded}")
     for role, size in plan.roles.items():
         print(f"  {role:<40} {size / 1e9:8.2f} GB")
     print(f"  {'peak':<40} {plan.peak_gb:8.2f} GB")
-    low, high = plan_for(config, layout, 8), plan_for(config, layout, 16)
+    low, high = plan_for(config, layout, 8, processes), plan_for(config, layout, 16, processes)
     for device in DEVICES_GB:
         fits = largest_batch(low, high, device)
         print(f"  largest batch per device in {device} GB: {'> 16' if fits is None else fits}")

@@ -36,13 +36,19 @@ def shard_network(module: nn.Module, mesh) -> nn.Module:
     (gathered until ``reshard``)."""
     from torch.distributed.fsdp import fully_shard
 
-    for name, child in module.named_children():
-        units = list(child) if isinstance(child, nn.ModuleList) else [child] if name == "mid_block" else []
-        for unit in units:
-            if any(True for _ in unit.parameters()):
-                fully_shard(unit, mesh=mesh)
+    for unit in units(module):
+        fully_shard(unit, mesh=mesh)
     fully_shard(module, mesh=mesh)
     return module
+
+
+def units(module: nn.Module) -> list[nn.Module]:
+    """The sub-modules ``shard_network`` shards as units of their own: the entries of the network's block lists
+    and its mid block, those with weights."""
+    found = []
+    for name, child in module.named_children():
+        found += list(child) if isinstance(child, nn.ModuleList) else [child] if name == "mid_block" else []
+    return [unit for unit in found if any(True for _ in unit.parameters())]
 
 
 def reshard(modules) -> None:

@@ -38,7 +38,7 @@ FAST_TESTS = ["tests/test_paths.py", "tests/test_schedule.py", "tests/test_progr
               "tests/test_psnr.py", "tests/test_frechet.py", "tests/test_kd_losses.py", "tests/test_generator.py",
               "tests/test_progressive.py", "tests/test_perceptual.py", "tests/test_consistency.py", "tests/test_dmd.py",
               "tests/test_guidance_embedding.py", "tests/test_glyphs_teacher.py",
-              "tests/test_run_validation.py"]
+              "tests/test_run_validation.py", "tests/test_plan_sharding.py"]
 
 
 @dataclass(frozen=True)
@@ -175,6 +175,12 @@ MUTATIONS = [
              "self.generator.path.sampled_grid(self.export_scheduler(), o.student_steps)",
              "teacher.denoiser.path.grid(o.student_steps)",
              "DMD2's generator trains on the Euler grid where its FlowMatchLCM export samples 1, ..., 1/T"),
+    Mutation("shard-plan-keeps-whole-state", "diffkd/plan.py",
+             "roles = {role: size // processes if role in split else size",
+             "roles = {role: size if role in split else size",
+             "a sharded plan keeps each process's trained weights, gradients and moments whole"),
+    Mutation("shard-plan-gathers-one-block", "diffkd/plan.py", "return root + sum(blocks[:2])",
+             "return root + sum(blocks[:1])", "a sharded plan forgets the block FSDP prefetches while one runs"),
     Mutation("guidance-embedding-offset", "diffkd/guidance_embedding.py", "1000.0 * (w.float() - 1.0)",
              "1000.0 * w.float()", "w embedded as the pipeline does not: of w, not w - 1"),
     Mutation("noise-offset-per-pixel", "diffkd/methods/text_denoise.py", "torch.randn(*x.shape[:2], 1, 1,",
