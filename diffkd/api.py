@@ -74,18 +74,25 @@ def prepare(config: Config, device: str = "cpu") -> tuple[LoadedPipeline, Method
 
 
 @contextlib.contextmanager
-def frozen_precision(teacher: LoadedPipeline, dtype: str):
-    """The frozen teacher UNet (the real score) stored at ``dtype`` while training, which runs it under autocast;
-    fp32 again before and after, where it runs outside autocast (a teacher-sample cache, a fused LoRA export, the
-    evaluation). The method copied what it trains (in fp32) from it at construction, before this."""
+def frozen_precision(teacher: LoadedPipeline, dtype: str, trained: tuple[torch.nn.Module, ...] = ()):
+    """The frozen teacher UNet (the real score), and the frozen base weights of the ``trained`` networks (a LoRA
+    student's or LoRA fake score's), stored at ``dtype`` while training, which runs them under autocast; their
+    adapters and every trained weight keep fp32. fp32 again before and after, where the teacher runs outside
+    autocast (a teacher-sample cache, a fused LoRA export, the evaluation)."""
     if dtype == "no":
         yield
         return
-    teacher.unet.to({"bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
+    frozen = [p for module in trained for p in module.parameters() if not p.requires_grad]
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    teacher.unet.to(low)
+    for parameter in frozen:
+        parameter.data = parameter.data.to(low)
     try:
         yield
     finally:
         teacher.unet.to(torch.float32)
+        for parameter in frozen:
+            parameter.data = parameter.data.float()
 
 
 def start_from(student: torch.nn.Module, source: str, device: str) -> str:
@@ -197,7 +204,7 @@ def distill(config: Config, output: str | Path, resume: bool | str | Path = Fals
             trainer.trim_logs()
         accelerator.wait_for_everyone()
         started = time.perf_counter()
-        with frozen_precision(teacher, config.train.frozen_dtype):
+        with frozen_precision(teacher, config.train.frozen_dtype, trainer.trained_networks()):
             progress = trainer.fit()
         trainer.write_summary()
         folder = output / export_folder_name(type(method))

@@ -183,11 +183,11 @@ def track(tracker: PeakTracker, objects: list) -> None:
 
 
 def _networks(spec: StepSpec, layout: Layout, levers: Levers) -> dict[str, nn.Module]:
-    """Trained networks in fp32 (master weights), LoRA ones as adapters on a frozen base; frozen ones at
-    ``frozen_dtype``; a follower as a copy of the network it follows (a LoRA student's target is a whole copy)."""
+    """Trained networks in fp32 (master weights), LoRA ones as fp32 adapters on a frozen base at ``frozen_dtype``;
+    frozen ones at ``frozen_dtype``; a follower as a copy of the network it follows (a LoRA student's target is a whole copy)."""
     networks = {}
-    for name, rank in spec.trained.items():
-        module = build_network(layout).train()
+    for name, rank in spec.trained.items():  # a LoRA network's frozen base at the frozen dtype, as frozen_precision
+        module = build_network(layout, DTYPES[levers.frozen_dtype] if rank else torch.float32).train()
         if rank:
             add_lora(module, layout, rank)
         if levers.gradient_checkpointing:

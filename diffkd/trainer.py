@@ -288,6 +288,9 @@ class Trainer:
             self.acc.log({"validation/fd": fd}, step=step)
         return selection.stopped_early
 
+    def trained_networks(self) -> tuple[nn.Module, ...]:
+        return tuple(network.module for network in self.networks.values())
+
     def exported_network(self) -> nn.Module:
         """The network the run exports, whole: when sharded, a plain copy gathered on every process (each must
         call this), else the network itself."""

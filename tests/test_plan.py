@@ -106,3 +106,22 @@ def test_plan_command_prints_roles_peak_and_largest_batches(teacher, tmp_path):
     missing = subprocess.run([sys.executable, "-m", "diffkd", "plan", "configs/sd15-progressive.yaml"],
                              capture_output=True, text=True, timeout=600, check=False)
     assert missing.returncode == 2 and "--layout" in missing.stderr
+
+
+def test_bf16_plans_within_15_percent(teacher, text_teacher):
+    """bf16 autocast with the frozen weights at bf16 (the teacher, a LoRA student's base, a LoRA fake score's
+    base), in a process of its own; CPU autocast's bf16 kernels, not a GPU's."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.faults import ROOT
+
+    result = subprocess.run([sys.executable, "-m", "tests.plan_bf16", teacher, text_teacher], capture_output=True,
+                            text=True, timeout=600, check=False, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(figures) == {"lora-consistency", "dmd", "dmd-lora-fake"}
+    for case, (planned, measured) in figures.items():
+        assert abs(planned - measured) <= 0.15 * measured, (case, planned, measured)
