@@ -275,6 +275,9 @@ def parse_config(data: dict) -> Config:
     check_choice("method.name", name, METHODS)
     config = build(Config, data, "")
     config.method = build(METHODS[name].options, method, "method")
+    check(not (config.train.shard and config.student.lora), "train.shard shards whole trained networks, and a LoRA "
+          "student trains megabytes of adapters on a frozen base: drop train.shard (train.frozen_dtype halves the "
+          "base's memory)")
     return config
 
 

@@ -36,9 +36,6 @@ def check_lora_run(config: Config, teacher: LoadedPipeline) -> None:
     if not hasattr(pipeline_class, "load_lora_weights") or not hasattr(teacher.unet, "add_adapter"):
         raise DiffkdError(f"student.lora needs a pipeline that loads LoRA weights (load_lora_weights, e.g. "
                           f"StableDiffusionPipeline); {pipeline_class.__name__} has none: drop student.lora")
-    if config.train.shard:
-        raise DiffkdError("train.shard shards whole trained networks, and a LoRA student trains megabytes of adapters "
-                          "on a frozen base: drop train.shard (train.frozen_dtype halves the base's memory)")
     if config.run_eval and not config.student.lora.fuse:
         raise DiffkdError("the evaluation after training samples the full student: set student.lora.fuse=true, "
                           "or run_eval=false")
