@@ -130,12 +130,17 @@ def trace_step(spec: StepSpec, layout: Layout, batch: int, levers: Levers) -> Pl
                     param.grad = torch.zeros_like(param)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        shards: list[torch.Tensor] = []
+        if levers.shard_processes > 1:
+            _reduce_scatter_gradients([p for params in trained.values() for p in params], levers.shard_processes,
+                                      shards)
         with PeakTracker() as tracker:
             track(tracker, [*networks.values(), *optimizers, *emas])
             for phase, optimizer in zip(spec.phases, optimizers):  # a phase's repeats are alike: one of each
                 _update(phase.passes, networks, layout, batch, levers.mixed_precision)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                shards.clear()
             peak = tracker.peak
         roles = _roles(spec, networks, trained, emas, layout, levers)
         gathered = max(_gathered_bytes(networks[name]) for name in [*spec.trained, *spec.followers])
@@ -145,20 +150,35 @@ def trace_step(spec: StepSpec, layout: Layout, batch: int, levers: Levers) -> Pl
     return shard(plan, spec, levers.shard_processes, gathered) if levers.shard_processes > 1 else plan
 
 
+def _reduce_scatter_gradients(params: list[torch.Tensor], processes: int, shards: list[torch.Tensor]) -> None:
+    """In a sharded trace each whole gradient gives way, once complete, to its 1/N shard (kept in ``shards`` until
+    the update ends), as FSDP's reduce-scatter does after each unit's backward; the optimiser then steps nothing."""
+    def reduce_scatter(param: torch.Tensor) -> None:
+        shards.append(torch.empty(param.numel() // processes, dtype=param.dtype))
+        param.grad = None
+
+    for param in params:
+        param.register_post_accumulate_grad_hook(reduce_scatter)
+
+
 def shard(plan: Plan, spec: StepSpec, processes: int, gathered: int) -> Plan:
-    """The plan of one of ``processes`` sharded processes (``diffkd.sharding``), by arithmetic on the traced
-    one-device plan rather than a trace: the trained networks' and followers' weights, gradients, Adam moments and
-    EMA are divided among the processes, and the weights FSDP gathers whole while they run (the root unit for the
-    whole update, the running block and the one prefetched) are added. It assumes the one-device peak has every
-    gradient alive (the end of the backward); not measured, since FSDP frees gathered weights by resizing storages,
-    which the tracker does not see, and one process runs here."""
+    """The plan of one of ``processes`` sharded processes (``diffkd.sharding``): the gradients were traced as
+    reduce-scattered (``_reduce_scatter_gradients``); the trained networks' and followers' weights, Adam moments
+    and EMA live through the whole step, so (N - 1)/N of them comes off the traced peak exactly; the weights FSDP
+    gathers whole while they run (the root unit for the whole update, the running block and the prefetched one)
+    go on. Not measured against a sharded run: FSDP frees gathered weights by resizing storages, which the
+    tracker does not see."""
     names = (*spec.trained, *spec.followers)
     split = {role: size for role, size in plan.roles.items()
-             if role.split(" ")[0] in names or role == "student export EMA"}
-    roles = {role: size // processes if role in split else size for role, size in plan.roles.items()}
+             if (role.split(" ")[0] in names and not role.endswith(" grads")) or role == "student export EMA"}
+    roles = {role: size // processes if role in split or role.endswith(" grads") else size
+             for role, size in plan.roles.items()}
     roles["weights gathered whole (sharding)"] = gathered
     saved = sum(split.values()) - sum(size // processes for size in split.values())
-    return Plan(plan.batch_size, plan.peak_bytes - saved + gathered, roles)
+    peak = plan.peak_bytes - saved + gathered
+    roles["activations and temporaries"] = max(0, peak - sum(v for k, v in roles.items()
+                                                             if k != "activations and temporaries"))
+    return Plan(plan.batch_size, peak, roles)
 
 
 def _gathered_bytes(module: nn.Module) -> int:

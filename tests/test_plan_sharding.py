@@ -1,6 +1,7 @@
 """The memory plan of a sharded run (train.shard, diffkd plan --processes N), by hand: each process keeps 1/N of
 the trained networks' weights, gradients, Adam moments and EMA and the frozen teacher whole, and holds whole the
-weights FSDP gathers while they run: the root unit and the two largest blocks (the running one, the prefetched)."""
+weights FSDP gathers while they run: the root unit and the two largest blocks (the running one, the prefetched);
+gradients are traced as reduce-scattered."""
 
 from torch import nn
 
@@ -27,14 +28,20 @@ def test_gathered_weights_are_the_root_unit_and_the_two_largest_blocks():
 
 
 def test_sharded_plan_divides_the_trained_state_and_keeps_the_teacher_whole():
+    """Weights, moments and EMA live through the step: (N - 1)/N of them comes off the peak exactly; gradients,
+    reduce-scattered as each is complete in the trace, take off at most their (N - 1)/N, and some of it when they
+    are alive at the peak."""
     spec = step_spec("dmd", METHODS["dmd"].options())
-    one = trace_step(spec, TINY, 4, Levers(mixed_precision="no", export_ema=True))
-    four = trace_step(spec, TINY, 4, Levers(mixed_precision="no", export_ema=True, shard_processes=4))
-    split = ["student weights", "student grads", "student Adam moments", "fake_score weights", "fake_score grads",
-             "fake_score Adam moments", "student export EMA"]
-    assert all(four.roles[role] == one.roles[role] // 4 for role in split)
+    # batch 1: the optimiser step, with every gradient alive, sets the peak (at batch 4 the activations do)
+    one = trace_step(spec, TINY, 1, Levers(mixed_precision="no", export_ema=True))
+    four = trace_step(spec, TINY, 1, Levers(mixed_precision="no", export_ema=True, shard_processes=4))
+    persistent = ["student weights", "student Adam moments", "fake_score weights", "fake_score Adam moments",
+                  "student export EMA"]
+    grads = ["student grads", "fake_score grads"]
+    assert all(four.roles[role] == one.roles[role] // 4 for role in persistent + grads)
     assert four.roles["teacher weights"] == one.roles["teacher weights"]
     gathered = four.roles["weights gathered whole (sharding)"]
     assert 0 < gathered < one.roles["student weights"]
-    saved = sum(one.roles[role] - four.roles[role] for role in split)
-    assert four.peak_bytes == one.peak_bytes - saved + gathered
+    saved = sum(one.roles[role] - four.roles[role] for role in persistent)
+    most_grads = sum(one.roles[role] - four.roles[role] for role in grads)
+    assert one.peak_bytes - saved - most_grads + gathered <= four.peak_bytes < one.peak_bytes - saved + gathered
