@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from diffkd.lora import adapter_targets
 from diffkd.memory_tracker import PeakTracker
 from diffkd.plan_layouts import Layout
 from diffkd.plan_step import TARGET, TEACHER, Pass, StepSpec
+from diffkd.sharding import units
 
 GB = 1e9
 DEVICES_GB = (24, 40, 80)
@@ -95,8 +97,6 @@ def network_inputs(layout: Layout, batch: int) -> dict:
 
 def add_lora(module: nn.Module, layout: Layout, rank: int) -> nn.Module:
     from peft import LoraConfig, inject_adapter_in_model
-
-    from diffkd.lora import adapter_targets
 
     module.requires_grad_(False)
     targets = adapter_targets(module, None, layout.lora_targets)
@@ -184,8 +184,6 @@ def shard(plan: Plan, spec: StepSpec, processes: int, gathered: int) -> Plan:
 def _gathered_bytes(module: nn.Module) -> int:
     """What a sharded ``module`` holds whole at once at most: its root unit's weights and two blocks' (the one
     running and the one prefetched)."""
-    from diffkd.sharding import units
-
     blocks = sorted((_bytes(unit.parameters()) for unit in units(module)), reverse=True)
     root = _bytes(module.parameters()) - sum(blocks)
     return root + sum(blocks[:2])

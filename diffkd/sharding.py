@@ -80,8 +80,9 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def full_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` with each sharded tensor gathered whole: what a checkpoint stores, whatever the process count."""
-    return {name: full_tensor(tensor) for name, tensor in state.items()}
+    """``state`` with each sharded tensor gathered whole into host memory, one at a time (a whole network would
+    not fit the device that holds its shard): what a checkpoint stores, whatever the process count."""
+    return {name: tensor.full_tensor().cpu() if is_sharded(tensor) else tensor for name, tensor in state.items()}
 
 
 def like(full: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -118,8 +119,6 @@ def plain_copy(module: nn.Module) -> nn.Module:
     from torch.distributed.fsdp import FSDPModule
 
     original = next(cls for cls in type(module).__mro__ if not issubclass(cls, FSDPModule))
-    state = full_state(module.state_dict())
     plain = original.from_config(module.config)
-    plain.load_state_dict(state)
-    device = next(iter(state.values())).device
-    return plain.to(device).train(module.training)
+    plain.load_state_dict(full_state(module.state_dict()))
+    return plain.to(next(module.parameters()).device).train(module.training)

@@ -103,16 +103,17 @@ def optimizer_moments(run, name: str, phase: str = "student") -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("make, port, phase", [(progressive, 29541, "student"), (consistency, 29543, "student"),
-                                               (dmd_unrolled, 29545, "generator")],
-                         ids=["progressive", "consistency", "dmd"])
-def test_sharded_ranks_take_the_one_process_steps_and_resume_bit_identical(make, port, phase, tiny_teacher,
+@pytest.mark.parametrize("make, port, phase, resume", [(consistency, 29543, "student", False),
+                                                       (dmd_unrolled, 29545, "generator", True)],
+                         ids=["consistency", "dmd"])
+def test_sharded_ranks_take_the_one_process_steps_and_resume_bit_identical(make, port, phase, resume, tiny_teacher,
                                                                          tmp_path):
     """train.shard on two ranks (FSDP2 over gloo): the optimiser's first moments after two steps equal the single
-    process's (global batch as two accumulation shards) to float summation order, the logged gradient norms too,
-    and a sharded run resumed from its first checkpoint, also sharded, ends bit-identical to the uninterrupted one.
-    (The final weights are not compared with the single process: Adam turns gradients that are zero but for
-    rounding, 1e-15 against 1e-12, into steps of the learning rate's size.)"""
+    process's (global batch as two accumulation shards) to float summation order, the logged gradient norms too;
+    consistency shards a follower (its target network), dmd three trained networks, and a sharded dmd run resumed
+    from its first checkpoint, also sharded, ends bit-identical to the uninterrupted one. (Progressive passed too;
+    left out for the suite's time. The final weights are not compared with the single process: Adam turns
+    gradients that are zero but for rounding, 1e-15 against 1e-12, into steps of the learning rate's size.)"""
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(make(tiny_teacher)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -134,6 +135,8 @@ def test_sharded_ranks_take_the_one_process_steps_and_resume_bit_identical(make,
             norms.append([float(row[f"{phase}/grad_norm" if phase != "student" else "grad_norm"])
                           for row in csv.DictReader(handle)])
     assert norms[0] == pytest.approx(norms[1], rel=1e-5)
+    if not resume:
+        return
 
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "sharded", resumed)
