@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("config", help="YAML config (see configs/)")
     plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="override a config value (repeatable)")
-    plan.add_argument("--layout", default=None, choices=["sd15", "sdxl", "sd3-medium", "flux-dev"],
+    plan.add_argument("--layout", default=None, choices=["sd15", "sdxl", "sd3-medium", "flux-dev", "sana-1600m"],
                       help="plan on this real-size layout instead of the teacher folder's UNet config")
     plan.add_argument("--processes", type=int, default=1, metavar="N",
                       help="plan one of N devices: the batch split among them, and with train.shard the trained "

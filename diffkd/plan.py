@@ -57,10 +57,16 @@ class Plan:
 
 def build_network(layout: Layout, dtype: torch.dtype = torch.float32) -> nn.Module:
     """``layout``'s network with its parameters made at ``dtype`` (``.to(dtype)`` cannot swap fake parameters)."""
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel
+    from diffusers import (
+        FluxTransformer2DModel,
+        SanaTransformer2DModel,
+        SD3Transformer2DModel,
+        UNet2DConditionModel,
+        UNet2DModel,
+    )
 
     classes = {"unet": UNet2DConditionModel, "unet2d": UNet2DModel, "sd3": SD3Transformer2DModel,
-               "flux": FluxTransformer2DModel}
+               "flux": FluxTransformer2DModel, "sana": SanaTransformer2DModel}
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -83,6 +89,11 @@ def network_inputs(layout: Layout, batch: int) -> dict:
                 inputs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, pooled),
                                                "time_ids": torch.randn(batch, 6)}
         return inputs
+    if layout.family == "sana":
+        size = c["sample_size"]
+        return {"hidden_states": torch.randn(batch, c["in_channels"], size, size), "timestep": t,
+                "encoder_hidden_states": torch.randn(batch, layout.tokens, c["caption_channels"]),
+                "encoder_attention_mask": torch.ones(batch, layout.tokens)}
     if layout.family == "sd3":
         size = c["sample_size"]
         return {"hidden_states": torch.randn(batch, c["in_channels"], size, size), "timestep": t,

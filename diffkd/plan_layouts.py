@@ -1,7 +1,7 @@
 """Real-size network configs for the memory plan, written out so that nothing is downloaded.
 
 Each layout is the denoiser's diffusers config as the hub's ``unet/config.json`` or ``transformer/config.json``
-states it (SD 1.5, SDXL base 1.0, SD3-medium, FLUX.1-dev), the inputs one pass takes, and the parameter counts of
+states it (SD 1.5, SDXL base 1.0, SD3-medium, FLUX.1-dev, SANA 1600M 1024 px), the inputs one pass takes, and the parameter counts of
 the frozen parts that stay on the device but never run in a training step (VAE, text encoders): those are only
 counted, at the frozen precision, since the conditioning is encoded once before training. ``LoRA_TARGETS`` are the
 layers a LoRA student adapts: LCM-LoRA's for UNets, the attention projections for transformers.
@@ -20,7 +20,7 @@ TRANSFORMER_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "a
 @dataclass(frozen=True)
 class Layout:
     name: str
-    family: str  # unet | unet2d | sd3 | flux
+    family: str  # unet | unet2d | sd3 | flux | sana
     config: dict
     tokens: int  # text tokens of the conditioning
     frozen_parameters: dict = field(default_factory=dict)  # VAE and text encoders: counted, never run
@@ -57,4 +57,10 @@ FLUX_DEV = Layout("flux-dev", "flux", {
     "axes_dims_rope": [16, 56, 56]}, 512,
     {"vae": 83_819_683, "text_encoder": 123_060_480, "text_encoder_2": 4_762_310_656})
 
-LAYOUTS = {layout.name: layout for layout in (SD15, SDXL, SD3_MEDIUM, FLUX_DEV)}
+SANA_1600M = Layout("sana-1600m", "sana", {  # Sana_1600M_1024px: 20 linear-attention blocks, 32x32 DC-AE latents
+    "in_channels": 32, "out_channels": 32, "num_attention_heads": 70, "attention_head_dim": 32, "num_layers": 20,
+    "num_cross_attention_heads": 20, "cross_attention_head_dim": 112, "cross_attention_dim": 2240,
+    "caption_channels": 2304, "mlp_ratio": 2.5, "sample_size": 32, "patch_size": 1}, 300,
+    {"vae": 362_893_923, "text_encoder": 2_614_341_888})  # AutoencoderDC's default (SANA's f32c32), Gemma-2 2B
+
+LAYOUTS = {layout.name: layout for layout in (SD15, SDXL, SD3_MEDIUM, FLUX_DEV, SANA_1600M)}
