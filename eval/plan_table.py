@@ -1,8 +1,9 @@
 """Peak memory of one optimiser step of each method on real-size layouts, planned with fake tensors (no weights).
 
 SD 1.5, SDXL, SD3-medium, FLUX.1-dev and SANA 1600M denoisers built from their diffusers configs
-(diffkd.plan_layouts) x LCM-LoRA, consistency (full), DMD2 (full and with a LoRA fake score), progressive; bf16 autocast with fp32 master
-weights of the trained networks, frozen networks in bf16, with and without gradient checkpointing. Each cell: the
+(diffkd.plan_layouts) x LCM-LoRA, consistency (full), DMD2 (full and with a LoRA fake score), progressive; bf16
+autocast with fp32 master weights of the trained networks, frozen networks in bf16, with and without gradient
+checkpointing. Each cell: the
 peak GB at batch 1 and the largest batch per device that fits 80 GB, extrapolated linearly from traces at
 batch 8 and 16. Run:
 OMP_NUM_THREADS=1 python eval/plan_table.py [--layouts sd15 sdxl ...]
