@@ -63,9 +63,14 @@ def lora_copy(network: nn.Module, rank: int, default_targets: tuple[str, ...]) -
     if not targets:
         raise DiffkdError(f"the teacher's {type(network).__name__} has none of the layers LoRA adapters go on "
                           f"({', '.join(default_targets[:6])}, ...): set method.fake_score_lora_rank=0")
-    copied = copy.deepcopy(network).float().requires_grad_(False)
-    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets), copied)
-    return copied.train()
+    return add_adapters(copy.deepcopy(network).float().requires_grad_(False), rank, targets).train()
+
+
+def add_adapters(network: nn.Module, rank: int, targets: list[str]) -> nn.Module:
+    """Rank-``rank`` adapters at scale 1 (alpha = rank) on ``targets`` of ``network``, in place: a LoRA network
+    that is never exported (a LoRA fake score, and every LoRA network the memory plan builds)."""
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets), network)
+    return network
 
 
 def adapter_targets(network: nn.Module, named: list[str] | None, default_targets: tuple[str, ...]) -> list[str]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from diffkd.lora import adapter_targets
+from diffkd.lora import adapter_targets, add_adapters
 from diffkd.memory_tracker import PeakTracker
 from diffkd.plan_layouts import Layout
 from diffkd.plan_step import TARGET, TEACHER, Pass, StepSpec
@@ -107,18 +107,15 @@ def network_inputs(layout: Layout, batch: int) -> dict:
 
 
 def add_lora(module: nn.Module, layout: Layout, rank: int) -> nn.Module:
-    from peft import LoraConfig, inject_adapter_in_model
-
     module.requires_grad_(False)
     targets = adapter_targets(module, None, layout.lora_targets)
     # peft moves each adapter to its base layer's device and dtype with Module.to, which cannot swap fake
     # parameters; everything here is made on the CPU in fp32 already, so those moves are skipped
     move, nn.Module.to = nn.Module.to, lambda self, *args, **kwargs: self
     try:
-        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets), module)
+        return add_adapters(module, rank, targets)
     finally:
         nn.Module.to = move
-    return module
 
 
 def _bytes(tensors) -> int:
@@ -154,7 +151,8 @@ def trace_step(spec: StepSpec, layout: Layout, batch: int, levers: Levers) -> Pl
                 shards.clear()
             peak = tracker.peak
         roles = _roles(spec, networks, trained, emas, layout, levers)
-        gathered = max(_gathered_bytes(networks[name]) for name in [*spec.trained, *spec.followers])
+        gathered = (max(_gathered_bytes(networks[name]) for name in [*spec.trained, *spec.followers])
+                    if levers.shard_processes > 1 else 0)
     untracked = sum(v for k, v in roles.items() if k.startswith("frozen parts"))
     roles["activations and temporaries"] = max(0, peak + untracked - sum(roles.values()))
     plan = Plan(batch, peak + untracked, roles)
@@ -179,10 +177,10 @@ def shard(plan: Plan, spec: StepSpec, processes: int, gathered: int) -> Plan:
     gathers whole while they run (the root unit for the whole update, the running block and the prefetched one)
     go on. Not measured against a sharded run: FSDP frees gathered weights by resizing storages, which the
     tracker does not see."""
-    names = (*spec.trained, *spec.followers)
-    split = {role: size for role, size in plan.roles.items()
-             if (role.split(" ")[0] in names and not role.endswith(" grads")) or role == "student export EMA"}
-    roles = {role: size // processes if role in split or role.endswith(" grads") else size
+    persistent = {*(f"{name} weights" for name in (*spec.trained, *spec.followers)),
+                  *(f"{name} Adam moments" for name in spec.trained), "student export EMA"}
+    split = {role: size for role, size in plan.roles.items() if role in persistent}
+    roles = {role: size // processes if role in persistent or role.endswith(" grads") else size
              for role, size in plan.roles.items()}
     roles["weights gathered whole (sharding)"] = gathered
     saved = sum(split.values()) - sum(size // processes for size in split.values())

@@ -12,7 +12,8 @@ and sharding each of them with ``fully_shard`` directly runs the same way on NCC
 tests hold a sharded run against one process.
 
 Every process must take part in each gather (``full_state``, ``plain_copy``) in the same order: the trainer
-gathers checkpoints, validation weights and the export on every process and writes on the first.
+gathers checkpoints, validation weights and the export on every process and writes on the first. torch's FSDP,
+DTensor and device-mesh modules are imported where used: 0.6 s here that an unsharded run need not pay.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def units(module: nn.Module) -> list[nn.Module]:
     found = []
     for name, child in module.named_children():
         found += list(child) if isinstance(child, nn.ModuleList) else [child] if name == "mid_block" else []
-    return [unit for unit in found if any(True for _ in unit.parameters())]
+    return [unit for unit in found if next(unit.parameters(), None) is not None]
 
 
 def reshard(modules) -> None:

@@ -12,7 +12,9 @@ from diffusers import DiffusionPipeline
 from diffkd import checkpoint, schedule
 from diffkd.api import distill, prepare
 from diffkd.config import parse_config
+from diffkd.errors import DiffkdError
 from diffkd.evaluation.sweep import read_card
+from diffkd.lora import lora_copy
 from diffkd.methods.dmd import (
     DistributionMatching,
     distribution_matching_gradient,
@@ -254,9 +256,6 @@ def test_lora_fake_score_trains_only_its_adapters_and_starts_as_the_teacher(tiny
                                   method.teacher.denoiser.output(z, t, Conditioning()))
 
 
-def test_lora_fake_score_is_refused_on_a_network_without_lora_layers(tiny_teacher):
-    from diffkd.errors import DiffkdError
-    from diffkd.lora import lora_copy
-
+def test_lora_fake_score_is_refused_on_a_network_without_lora_layers():
     with pytest.raises(DiffkdError, match="fake_score_lora_rank=0"):
         lora_copy(torch.nn.Sequential(torch.nn.Linear(2, 2)), 4, ("to_q", "to_k"))
