@@ -156,6 +156,9 @@ MUTATIONS = [
              "return shift * sigma / (1 + shift * sigma)", "SD3's shift without the - 1"),
     Mutation("flow-grid-default", "diffkd/paths.py", "shift_terminal=1.0 / k if k > 1 else None",
              "shift_terminal=None", "a flow student's grid ends at sigma = 1/T (a step that does nothing), unnested"),
+    Mutation("flow-consistency-grid-default", "diffkd/paths.py",
+             "scheduler.register_to_config(sigma_min=CONSISTENCY_LAST_SIGMA, sigma_max=1.0)", "pass",
+             "a flow consistency student's k-step grid ends at sigma = 1/T: its 2 steps sample as one"),
     Mutation("dpm-2s-noise-limit", "diffkd/methods/consistency.py", "(lam_s - lam_t) / (lam_u - lam_t), torch.ones_like",
              "(lam_s - lam_t) / (lam_u - lam_t), torch.zeros_like", "DPM-Solver(2S) from pure noise drops the "
              "midpoint (r -> infinity instead of 1)"),
@@ -174,7 +177,7 @@ MUTATIONS = [
     Mutation("dmd-grid-off-its-scheduler", "diffkd/methods/dmd.py",
              "self.generator.path.sampled_grid(self.export_scheduler(), o.student_steps)",
              "teacher.denoiser.path.grid(o.student_steps)",
-             "DMD2's generator trains on the Euler grid where its FlowMatchLCM export samples 1, ..., 1/T"),
+             "DMD2's generator trains on the Euler grid where its FlowMatchLCM export samples 0.5^(j / (k - 1))"),
     Mutation("shard-plan-keeps-whole-state", "diffkd/plan.py", "saved = sum(split.values()) - sum(size // processes",
              "saved = 0 * sum(split.values()) - sum(0 * size // processes",
              "a sharded plan keeps each process's trained weights and moments whole"),

@@ -9,6 +9,7 @@ import pytest
 import torch
 from diffusers import (
     DiffusionPipeline,
+    FlowMatchLCMScheduler,
     FluxPipeline,
     LCMScheduler,
     PixArtSigmaPipeline,
@@ -133,6 +134,10 @@ def test_consistency_student_loads_in_its_pipeline_class_and_samples_at_any_k(na
     images = pipe(PROMPTS[:2], num_inference_steps=4, guidance_scale=w, height=side, width=side, output_type="np",
                   **extra).images
     assert images.shape == (2, side, side, 3)
+    if isinstance(pipe.scheduler, FlowMatchLCMScheduler):  # FluxPipeline passes sigmas; the others do not
+        expected = student.denoiser.path.consistency_scheduler(None, 20, "flow", None, 10.0)
+        expected.set_timesteps(4)
+        torch.testing.assert_close(pipe.scheduler.sigmas, expected.sigmas)
 
 
 MULTISTEP_METHODS = {

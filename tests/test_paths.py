@@ -4,6 +4,7 @@ against what the project had, and the refusal of schedulers with no Gaussian pat
 import itertools
 import math
 
+import numpy
 import pytest
 import torch
 from diffusers import (
@@ -155,36 +156,51 @@ def test_a_flow_students_step_counts_its_scheduler_cannot_sample_are_refused():
         check_scheduler_steps(scheduler, [1, 4], "eval.steps")
 
 
+def test_flow_consistency_scheduler_samples_log_uniform_sigmas_down_to_its_last_sigma_in_every_pipeline(tmp_path):
+    """k = 1 samples sigma = 1 alone, k > 1 sigma_j = 0.5^(j / (k - 1)) (a hand computation), read back from the saved
+    config as DiffusionPipeline.from_pretrained loads it, and the same when a pipeline passes its own sigmas
+    (FluxPipeline passes linspace(1, 1/k, k))."""
+    FlowPath(1000).consistency_scheduler(None, 50, "flow", None, 10.0).save_pretrained(tmp_path)
+    loaded = FlowMatchLCMScheduler.from_pretrained(tmp_path)
+    for k in (1, 2, 4, 8):
+        expected = [0.5 ** (j / (k - 1)) if k > 1 else 1.0 for j in range(k)] + [0.0]
+        loaded.set_timesteps(k)
+        torch.testing.assert_close(loaded.sigmas, torch.tensor(expected))
+        torch.testing.assert_close(loaded.timesteps, torch.tensor(expected[:-1]) * 1000)
+        loaded.set_timesteps(sigmas=numpy.linspace(1.0, 1 / k, k).tolist())
+        torch.testing.assert_close(loaded.sigmas, torch.tensor(expected))
+
+
 def test_flow_consistency_scalings_follow_t_device_and_dtype():
     c_skip, c_out = FlowPath(1000).consistency_scalings(torch.tensor([1.0, 500.0], dtype=torch.float64), 10.0)
     assert c_skip.dtype == torch.float32 and c_skip.device == torch.device("cpu") and c_out.tolist() == [1.0, 1.0]
 
 
 def test_dmd_trains_on_the_timesteps_its_exported_scheduler_samples(tmp_path):
-    """A 2-step DMD2 generator on a flow teacher: with DDIM steps (FlowMatch Euler) it trains on sigma = 1, 1/2; with
-    consistency steps FlowMatchLCM samples sigma = 1, 1/T, so that is its grid, and the exported pipeline's sample
-    (fresh noise between steps included) is the training-time rollout."""
+    """A 4-step DMD2 generator on a flow teacher: with DDIM steps (FlowMatch Euler) it trains on sigma = 1, 3/4, 1/2,
+    1/4; with consistency steps FlowMatchLCM samples sigma = 0.5^(j / 3), so that is its grid, and the exported
+    pipeline's sample (fresh noise between steps included) is the training-time rollout."""
     from diffkd.api import prepare
     from diffkd.config import parse_config
 
     DDPMPipeline(make_tiny_unet(), FlowMatchEulerDiscreteScheduler()).save_pretrained(tmp_path / "flow")
 
     def method(multistep):
-        config = parse_config({"method": {"name": "dmd", "student_steps": 2, "multistep": multistep, "num_steps": 1},
+        config = parse_config({"method": {"name": "dmd", "student_steps": 4, "multistep": multistep, "num_steps": 1},
                                "teacher": {"source": str(tmp_path / "flow")}, "data": {"source": "digits"},
                                "train": {"device": "cpu"}, "run_eval": False})
         built = prepare(config)[1]
         built.check()
         return built
 
-    assert method("ddim").grid == [1000.0, 500.0, 0.0]
+    assert method("ddim").grid == [1000.0, 750.0, 500.0, 250.0, 0.0]
     consistency = method("consistency")
-    assert consistency.grid == [1000.0, 1.0, 0.0]
+    assert consistency.grid == pytest.approx([1000.0, 1000 * 0.5 ** (1 / 3), 1000 * 0.5 ** (2 / 3), 500.0, 0.0])
     pipe = DDPMPipeline(consistency.student, consistency.export_scheduler())
-    images = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(5), output_type="np")
+    images = pipe(batch_size=2, num_inference_steps=4, generator=torch.Generator().manual_seed(5), output_type="np")
     draws = torch.Generator().manual_seed(5)
     noise = torch.randn((2, 1, 8, 8), generator=draws)
     with torch.no_grad():
-        x0 = consistency.rollout(noise, 1, Conditioning(), draws)
+        x0 = consistency.rollout(noise, 3, Conditioning(), draws)
     expected = (x0.clamp(-1, 1) / 2 + 0.5).permute(0, 2, 3, 1).numpy()
     assert abs(images.images - expected).max() < 1e-5
