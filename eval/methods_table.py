@@ -33,6 +33,7 @@ from diffkd.evaluation.report import fmt, markdown_table
 
 SAMPLERS = ["ddim", "heun", "dpmsolver++", "unipc"]
 STEPS = [1, 2, 4]
+DEFAULT_OUTPUT = str(Path(__file__).parent / "out" / "methods-table")
 
 
 def main() -> int:
@@ -44,7 +45,7 @@ def main() -> int:
                         help="the recipe whose training time the others are compared with (the shipped progressive)")
     parser.add_argument("--seeds", default="0,1,2,3")
     parser.add_argument("--num-samples", type=int, default=1000)
-    parser.add_argument("--output", default=str(Path(__file__).parent / "out" / "methods-table"))
+    parser.add_argument("--output", default=DEFAULT_OUTPUT)
     parser.add_argument("--reuse", action="store_true",
                         help="read each seed's results.json from --output where it exists instead of sampling again")
     parser.add_argument("--section", default="methods-table", help="the eval/RESULTS.md section to write")
@@ -182,7 +183,7 @@ def section(sweeps: dict[int, dict], students: dict[str, str], costs: dict[str, 
     command = "python eval/methods_table.py " + " ".join(
         [f"--teacher {shlex.quote(args.teacher)}", *[f"--student {shlex.quote(f'{n}={r}')}" for n, r in students.items()],
          f"--baseline {shlex.quote(args.baseline)}", f"--seeds {args.seeds}", f"--num-samples {args.num_samples}",
-         f"--section {args.section}", f"--title {shlex.quote(args.title)}", *(["--reuse"] if args.reuse else []),
+         *([f"--output {shlex.quote(args.output)}"] if args.output != DEFAULT_OUTPUT else []), f"--section {args.section}", f"--title {shlex.quote(args.title)}", *(["--reuse"] if args.reuse else []),
          "--write-results"])
     return "\n".join([
         f"## {args.title}", "",
