@@ -21,7 +21,7 @@ import diffusers
 import torch
 from accelerate import Accelerator
 
-from diffkd import checkpoint, run_folder
+from diffkd import captioned, checkpoint, run_folder
 from diffkd.config import Config, dump_config
 from diffkd.data import check_fit
 from diffkd.errors import DiffkdError
@@ -247,19 +247,28 @@ def make_validator(config: Config, teacher: LoadedPipeline, method: Method, outp
     if train.validate_every == 0:
         return None
     if not method.needs_teacher or teacher.text_conditioned:
-        raise DiffkdError("train.validate_every scores a student against its unconditional teacher's DDIM-64 "
-                          f"samples; this {config.method.name} run has "
+        raise DiffkdError("train.validate_every scores an unconditional teacher's student; this "
+                          f"{config.method.name} run has "
                           f"{'no teacher' if not method.needs_teacher else 'a text-conditioned one'}: set it to 0")
+    in_memory = captioned.kind_of(config.data.source) is None
+    if train.validate_reference == "data" and not in_memory:
+        raise DiffkdError(f"train.validate_reference=data reads the training images into memory, and "
+                          f"{config.data.source!r} is a streamed set: set train.validate_reference=teacher")
     spec = method.export_spec()
-    return Validator(teacher, spec.scheduler, spec.prediction_type, train.validate_steps or spec.num_inference_steps,
-                     train.validate_samples, train.validate_feature, output / "validation", train.seed)
+    data = config.data if train.validate_reference == "data" or (train.validate_reference == "auto" and in_memory) \
+        else None
+    return Validator(teacher, spec.scheduler, spec.prediction_type,
+                     tuple(train.validate_steps) or (spec.num_inference_steps,), train.validate_samples,
+                     train.validate_feature, output / "validation", train.seed, data)
 
 
 def validation_card(validator: Validator, record: dict) -> dict:
-    """Which step was exported and why: its validation FD, against the last one and the whole record's size."""
+    """Which step was exported and why: its validation FDs, against the last one's and the record's size."""
     history = record["history"]
-    return {**validator.describe(), "exported_step": record["best_step"], "exported_fd": round(record["best_fd"], 4),
-            "last_step": history[-1]["step"], "last_fd": round(history[-1]["fd"], 4),
+    exported = next(h for h in history if h["step"] == record["best_step"])
+    return {**validator.describe(), "exported_step": record["best_step"],
+            "exported_fd": {k: round(fd, 4) for k, fd in exported["fd_per_k"].items()},
+            "last_step": history[-1]["step"], "last_fd": {k: round(fd, 4) for k, fd in history[-1]["fd_per_k"].items()},
             "validations": len(history), "stopped_early": record["stopped_early"]}
 
 
@@ -267,9 +276,14 @@ def add_validation_section(folder: Path, validator: Validator, record: dict, plo
     """The model card's validation curve and what it chose."""
     curve = plot_record(record, validator.feature.label, plots / "curve.png")
     link = os.path.relpath(curve, folder)
-    summary = (f"Exported: step {record['best_step']}, {validator.feature.label} {record['best_fd']:.4g} to the "
-               f"teacher's DDIM-64 samples ({validator.samples} samples of {validator.steps}-step sampling; the last "
-               f"of {len(record['history'])} validations: {record['history'][-1]['fd']:.4g}).")
+    card = validation_card(validator, record)
+
+    def fds(per_k: dict) -> str:
+        return ", ".join(f"{fd:.4g} at {k} steps" for k, fd in per_k.items())
+
+    summary = (f"Exported: step {record['best_step']} of {card['last_step']}, the least geometric mean over k of the "
+               f"{validator.feature.label} of {validator.samples} samples to {validator.reference_name}: "
+               f"{fds(card['exported_fd'])} (the last of {card['validations']} validations: {fds(card['last_fd'])}).")
     add_card_section(folder / "README.md", "Validation during training", [summary, "", f"![validation]({link})"])
 
 

@@ -21,7 +21,7 @@ import yaml
 from diffkd.errors import DiffkdError
 from diffkd.eval_options import EvalConfig
 from diffkd.method_options import METHODS, MethodConfig
-from diffkd.validation import check, check_choice
+from diffkd.validation import VALIDATION_REFERENCES, check, check_choice
 
 
 @dataclass
@@ -170,11 +170,13 @@ class TrainConfig:
     (capped by ema_decay), as in diffusers' unconditional training example: ema_power 1 with ema_inv_gamma g + 1
     averages the whole run with weights growing as t^g (EDM2's power-function EMA, Karras et al. 2024), the
     long average that a one-step DMD generator needs (its weights swing between checkpoints).
-    validate_every: every so many steps of the last round (and at its end) score the student's
-    ``validate_steps``-step samples (0 = the exported k) of ``validate_samples`` fixed noises by FD to the teacher's
-    DDIM-64 samples on ``validate_feature`` ("auto": the digits classifier for grey images, else "random-conv"),
-    and export the best (``diffkd.run_validation``); 0 = off. patience: stop after that many validations without
-    a new best (0 = never).
+    validate_every: every so many steps of the last round (and at its end) score the student's samples of
+    ``validate_samples`` fixed noises at each of ``validate_steps`` (empty = the exported k) by FD to
+    ``validate_reference`` on ``validate_feature`` ("auto": the digits classifier for grey images, else
+    "random-conv"), and export the checkpoint whose FDs have the least geometric mean (``diffkd.run_validation``);
+    0 = off. validate_reference: "data" (the training images), "teacher" (its DDIM-64 samples of the same noise) or
+    "auto" (data when the run trains on an in-memory set, else teacher). patience: stop after that many
+    validations without a new best (0 = never).
 
     Memory levers (``diffkd plan`` shows what each saves): gradient_checkpointing recomputes the trained networks'
     activations in the backward instead of keeping them (diffusers' ``enable_gradient_checkpointing``: about a third
@@ -208,8 +210,9 @@ class TrainConfig:
     nan_policy: str = "stop"
     max_skipped_steps: int = 10
     validate_every: int = 0
-    validate_samples: int = 256
-    validate_steps: int = 0
+    validate_samples: int = 1024
+    validate_steps: list[int] = field(default_factory=list)
+    validate_reference: str = "auto"
     validate_feature: str = "auto"
     patience: int = 0
     gradient_checkpointing: bool = False
@@ -222,9 +225,12 @@ class TrainConfig:
         for name in ("batch_size", "gradient_accumulation_steps", "checkpoint_every", "keep_checkpoints",
                      "log_every"):
             check(getattr(self, name) > 0, f"train.{name} must be > 0; got {getattr(self, name)}")
-        for name in ("validate_every", "validate_steps", "patience"):
+        for name in ("validate_every", "patience"):
             check(getattr(self, name) >= 0, f"train.{name} must be >= 0 (0 = off); got {getattr(self, name)}")
         check(self.validate_samples >= 2, f"train.validate_samples must be >= 2; got {self.validate_samples}")
+        check(all(k > 0 for k in self.validate_steps),
+              f"train.validate_steps must be step counts > 0 (empty: the exported k); got {self.validate_steps}")
+        check_choice("train.validate_reference", self.validate_reference, VALIDATION_REFERENCES)
         check(self.patience == 0 or self.validate_every > 0,
               f"train.patience={self.patience} stops on validation: set train.validate_every too")
         check(self.learning_rate > 0, f"train.learning_rate must be > 0; got {self.learning_rate}")
@@ -312,6 +318,8 @@ def coerce(kind: Any, value: Any, key: str) -> Any:
     if origin in (list, tuple):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # one item
         check(isinstance(value, (list, tuple)), f"config key '{key}' must be a list; got {value!r}")
         if origin is tuple and args and args[-1] is not Ellipsis:
             check(len(value) == len(args), f"config key '{key}' must have {len(args)} items; got {value!r}")

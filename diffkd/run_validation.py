@@ -1,27 +1,34 @@
-"""Validation inside a run: which checkpoint to export, and when to stop, without any real data.
+"""Validation inside a run: which checkpoint to export, and when to stop.
 
 A recipe's step count is tuned on one teacher; on another the student's quality may still be rising when the run
-ends, or (DMD) fall after a few hundred steps. So every ``train.validate_every`` steps the student samples a fixed
-batch of noise with the scheduler it will be exported with, at ``k`` steps, and the Fréchet distance (the
-evaluation's own formula, ``diffkd.evaluation.frechet``) to the teacher's DDIM-64 samples of other fixed noise is
-recorded. The reference needs no data set: it is the teacher's own reference sampler, run once per run and cached
-in ``OUTPUT/validation/``. The trainer keeps the weights of the best validation (``diffkd.selection``), checkpoints them,
-and the run exports those.
+ends, or fall after a few hundred steps. So every ``train.validate_every`` steps the student samples a fixed batch
+of noise with the scheduler it will be exported with, at each of the k it is validated for, and the Fréchet
+distance (the evaluation's own formula, ``diffkd.evaluation.frechet``) of each k to a reference is recorded;
+``diffkd.selection`` keeps the weights whose FDs have the least geometric mean, and the run exports those.
 
-The absolute figure is biased upwards by the small sample count (a few hundred); only its ranking across the run's
-checkpoints is used, and that ranking is what the evaluation afterwards is asked to confirm.
+The reference is the run's own training images when it trains on an in-memory set (the quantity the evaluation
+measures, on other noise), else the teacher's DDIM-64 samples of the *same* noise the student samples (paired: the
+student is scored on how its samples differ from the teacher's, not on which digits one noise draw happened to
+hold). Both were measured against the evaluation's ranking of a run's checkpoints (eval/RESULTS.md, "Does validation
+rank checkpoints as the evaluation does?"): the teacher's samples of *other* noise, the first design, ranked a
+2.3x-the-reference checkpoint best. Either is made once per run and cached in ``OUTPUT/validation/``.
+
+The validation noise comes from a generator stream the evaluation never draws from (its batches are seeded
+``seed * 1,000,003 + batch``), so the checkpoint is not chosen on the noise it is later judged on. The absolute
+figures are biased upwards by the sample count; only their ranking across the run's checkpoints is used.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from diffkd.config import DataConfig
+from diffkd.data import load_images
 from diffkd.evaluation.features import FeatureNetwork, load_feature_network, to_uint8
 from diffkd.evaluation.frechet import frechet_distance, gaussian_stats
 from diffkd.io import LoadedPipeline
@@ -32,6 +39,7 @@ log = logging.getLogger(__name__)
 
 REFERENCE_STEPS = 64
 REFERENCE_FILE = "reference.safetensors"
+NOISE_STREAM = 10**12  # added to train.seed: far above any seed the evaluation's batch_noise uses
 
 
 def default_feature(channels: int) -> str:
@@ -40,47 +48,63 @@ def default_feature(channels: int) -> str:
     return "digits-classifier" if channels == 1 else "random-conv"
 
 
-class Validator:
-    """Scores a student network: k-step samples of fixed noise, FD to the teacher's cached DDIM-64 samples."""
+def validation_noise(count: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    return torch.randn(count, *shape, generator=torch.Generator().manual_seed(NOISE_STREAM + seed))
 
-    def __init__(self, teacher: LoadedPipeline, scheduler, prediction_type: str, steps: int, samples: int,
-                 feature: str, folder: Path, seed: int = 0, batch: int = 128):
+
+class Validator:
+    """Scores a student network: FD of its k-step samples of fixed noise to the reference, for each k."""
+
+    def __init__(self, teacher: LoadedPipeline, scheduler, prediction_type: str, steps: tuple[int, ...],
+                 samples: int, feature: str, folder: Path, seed: int = 0, data: DataConfig | None = None,
+                 batch: int = 128):
         if teacher.text_conditioned:
             raise ValueError("in-run validation needs an unconditional teacher")
         self.teacher, self.scheduler, self.prediction_type = teacher, scheduler, prediction_type
-        self.steps, self.samples, self.folder, self.seed, self.batch = steps, samples, folder, seed, batch
+        self.steps, self.samples, self.folder, self.data, self.batch = tuple(steps), samples, folder, data, batch
         self.feature: FeatureNetwork = load_feature_network(
             default_feature(teacher.image_channels) if feature == "auto" else feature, teacher.unet.device)
         shape = (teacher.unet.config.in_channels, teacher.unet.config.sample_size, teacher.unet.config.sample_size)
-        self.student_noise = torch.randn(samples, *shape, generator=torch.Generator().manual_seed(seed))
-        self.reference_noise = torch.randn(samples, *shape, generator=torch.Generator().manual_seed(seed + 1))
+        self.noise = validation_noise(samples, shape, seed)
         self._reference: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    @property
+    def reference_name(self) -> str:
+        return (f"the training images ({self.data.source})" if self.data is not None
+                else f"the teacher's DDIM-{REFERENCE_STEPS} samples of the same noise")
+
     def describe(self) -> dict:
-        return {"steps": self.steps, "samples": self.samples, "feature": self.feature.name,
-                "reference": f"teacher DDIM-{REFERENCE_STEPS}, {self.samples} samples"}
+        return {"steps": list(self.steps), "samples": self.samples, "feature": self.feature.name,
+                "reference": self.reference_name}
 
     def reference(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and covariance of the teacher's DDIM-64 samples' features, made once and kept in the run folder
-        (a resumed run reads them back instead of paying the 64-step sampling again)."""
+        """Mean and covariance of the reference's features, made once and kept in the run folder (a resumed run
+        reads them back instead of paying the 64-step sampling or the image decoding again)."""
         if self._reference is None:
             path = self.folder / REFERENCE_FILE
+            key = f"{self.reference_name}|{self.feature.name}|{self.noise.double().sum().item()!r}"
             if path.is_file():
                 stored = load_file(str(path))
-                if stored["noise_sum"].item() == float(self.reference_noise.double().sum()):
+                if "key" in stored and bytes(stored["key"].tolist()).decode() == key:
                     self._reference = stored["mu"], stored["sigma"]
             if self._reference is None:
-                images = self._sample(lambda z: ddim_sample(self.teacher.denoiser, z, REFERENCE_STEPS),
-                                      self.reference_noise)
-                self._reference = gaussian_stats(self.feature(to_uint8(images)))
+                self._reference = gaussian_stats(self._reference_features())
                 self.folder.mkdir(parents=True, exist_ok=True)
                 save_file({"mu": self._reference[0], "sigma": self._reference[1],
-                           "noise_sum": self.reference_noise.double().sum().reshape(1)}, str(path))
+                           "key": torch.tensor(list(key.encode()), dtype=torch.uint8)}, str(path))
         return self._reference
 
+    def _reference_features(self) -> torch.Tensor:
+        if self.data is None:
+            return self._features(lambda z: ddim_sample(self.teacher.denoiser, z, REFERENCE_STEPS))
+        size, channels = self.teacher.image_size, self.teacher.image_channels
+        images = load_images(self.data.source, size, channels, self.data.resize, self.data.convert)
+        return torch.cat([self.feature(to_uint8(chunk).to(self.teacher.unet.device)).cpu()
+                          for chunk in images.split(512)])
+
     @torch.no_grad()
-    def __call__(self, student: nn.Module) -> float:
-        """FD of ``student``'s k-step samples (its exported scheduler) to the reference."""
+    def __call__(self, student: nn.Module) -> dict[int, float]:
+        """FD of ``student``'s k-step samples (its exported scheduler) to the reference, for each k."""
         mu, sigma = self.reference()
         teacher = self.teacher.denoiser
         model = Denoiser(student, teacher.path, self.prediction_type, clip_sample=teacher.clip_sample,
@@ -88,38 +112,34 @@ class Validator:
         was_training = student.training
         student.eval()
         try:
-            images = self._sample(lambda z: scheduler_sample(
-                model, type(self.scheduler).from_config(self.scheduler.config), z, self.steps), self.student_noise)
+            return {k: frechet_distance(*gaussian_stats(self._features(lambda z, k=k: scheduler_sample(
+                model, type(self.scheduler).from_config(self.scheduler.config), z, k))), mu, sigma)
+                    for k in self.steps}
         finally:
             student.train(was_training)
-        return frechet_distance(*gaussian_stats(self.feature(to_uint8(images))), mu, sigma)
 
-    def _sample(self, sampler, noise: torch.Tensor) -> torch.Tensor:
+    def _features(self, sampler) -> torch.Tensor:
         device = self.teacher.unet.device
-        return torch.cat([self.teacher.denoiser.decode(sampler(chunk.to(device))).cpu()
-                          for chunk in noise.split(self.batch)])
-
-
-def timed(validator: Validator, student: nn.Module) -> tuple[float, float]:
-    """The FD and the seconds it took (the run reports validation's share of its wall time)."""
-    started = time.perf_counter()
-    fd = validator(student)
-    return fd, time.perf_counter() - started
+        return torch.cat([self.feature(to_uint8(self.teacher.denoiser.decode(sampler(chunk.to(device))))).cpu()
+                          for chunk in self.noise.split(self.batch)])
 
 
 def plot_record(record: dict, label: str, path: Path) -> Path:
-    """The validation FD over the run, the exported step marked: where the run peaked, and whether it was still
-    improving when it ended (train longer) or had long passed its best (train shorter)."""
+    """The validation FD of each k over the run, the exported step marked: where the run peaked, and whether it was
+    still improving when it ended (train longer) or had long passed its best (train shorter)."""
     from matplotlib.figure import Figure  # the object API: no pyplot state, no GUI backend
 
     figure = Figure(figsize=(6, 3.6))
     ax = figure.subplots()
-    steps, fds = [h["step"] for h in record["history"]], [h["fd"] for h in record["history"]]
-    ax.plot(steps, fds, marker="o", label="validation")
-    ax.plot([record["best_step"]], [record["best_fd"]], marker="*", markersize=14, linestyle="",
-            label=f"exported: step {record['best_step']}")
+    history = record["history"]
+    steps = [h["step"] for h in history]
+    for k in history[0]["fd_per_k"]:
+        ax.plot(steps, [h["fd_per_k"][k] for h in history], marker="o", label=f"{k} steps")
+    best = next(h for h in history if h["step"] == record["best_step"])
+    ax.plot([record["best_step"]] * len(best["fd_per_k"]), list(best["fd_per_k"].values()), marker="*",
+            markersize=14, linestyle="", label=f"exported: step {record['best_step']}")
     ax.set_xlabel("optimiser step")
-    ax.set_ylabel(f"{label} to the teacher's DDIM-{REFERENCE_STEPS}")
+    ax.set_ylabel(f"{label} to the reference")
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)

@@ -6,6 +6,7 @@ checkpoint chooses the same weights and stops at the same step as an uninterrupt
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -22,9 +23,11 @@ class Selection:
     seconds: float = 0.0
     stopped_early: bool = False
 
-    def record(self, step: int, fd: float) -> bool:
-        """Add one validation; True when it is the best so far (ties keep the earlier, shorter-trained one)."""
-        self.history.append({"step": step, "fd": fd})
+    def record(self, step: int, fd_per_k: dict[int, float]) -> bool:
+        """Add one validation (an FD per validated k); True when it is the best so far (ties keep the earlier,
+        shorter-trained one)."""
+        fd = geometric_mean(fd_per_k.values())
+        self.history.append({"step": step, "fd": fd, "fd_per_k": {str(k): v for k, v in fd_per_k.items()}})
         if self.best_fd is None or fd < self.best_fd:
             self.best_step, self.best_fd, self.since_best = step, fd, 0
             return True
@@ -34,3 +37,11 @@ class Selection:
     def should_stop(self, patience: int) -> bool:
         """Early stopping: ``patience`` validations in a row without a new best (0 = never stop)."""
         return patience > 0 and self.since_best >= patience
+
+
+def geometric_mean(fds) -> float:
+    """How a checkpoint's FDs at several k combine: each k counts by its ratio, so the 2-step FD (several times the
+    4-step one early in a run) does not outweigh the 4-step one. A NaN FD (a student that diverged) counts as
+    infinite, so any finite validation beats it."""
+    fds = [math.inf if math.isnan(fd) else max(fd, 1e-12) for fd in fds]
+    return math.prod(fds) ** (1 / len(fds))

@@ -194,7 +194,7 @@ class Trainer:
             [self._param_group(name) for name in phase.networks])) for phase in self.phases}
         self.emas: dict[str, EMAModel] = {}
         self.progress = Progress()
-        self.validator: Callable[[nn.Module], float] | None = None  # set by the caller: see diffkd.run_validation
+        self.validator: Callable[[nn.Module], dict[int, float]] | None = None  # see diffkd.run_validation
         self.best_weights: dict[str, torch.Tensor] = {}
 
     def _param_group(self, name: str) -> dict:
@@ -269,8 +269,7 @@ class Trainer:
             ema.store(trainable(student))
             ema.copy_to(trainable(student))
         try:
-            fd = self.validator(student)
-            best = selection.record(self._global_step(), fd)
+            best = selection.record(self._global_step(), self.validator(student))
             if best:
                 self.best_weights = {k: v.detach().cpu().clone()
                                      for k, v in sharding.full_state(checkpoint.network_state(student)).items()}
@@ -280,12 +279,15 @@ class Trainer:
                 ema.restore(trainable(student))
         selection.seconds += time.perf_counter() - started
         step = self._global_step()
-        log.info("validation at step %d: FD %.4g (best %.4g at step %d)", step, fd, selection.best_fd,
-                 selection.best_step)
+        latest = selection.history[-1]
+        log.info("validation at step %d: FD %s (geometric mean %.4g; best %.4g at step %d)", step,
+                 ", ".join(f"{fd:.4g} at {k} steps" for k, fd in latest["fd_per_k"].items()), latest["fd"],
+                 selection.best_fd, selection.best_step)
         selection.stopped_early = selection.should_stop(self.train.patience)
         self.progress.validation = asdict(selection)
         if self.acc.is_main_process:
-            self.acc.log({"validation/fd": fd}, step=step)
+            self.acc.log({"validation/fd": latest["fd"],
+                          **{f"validation/fd_{k}_steps": fd for k, fd in latest["fd_per_k"].items()}}, step=step)
         return selection.stopped_early
 
     def trained_networks(self) -> tuple[nn.Module, ...]:

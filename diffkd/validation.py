@@ -15,6 +15,7 @@ from diffkd.errors import DiffkdError
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 LOSS_WEIGHTINGS = ("snr_trunc", "snr", "constant", "min_snr")
 SAMPLERS = ("ddim", "heun", "dpmsolver++", "unipc")
+VALIDATION_REFERENCES = ("auto", "data", "teacher")
 
 
 def check(condition: bool, message: str) -> None:

@@ -1,20 +1,26 @@
-"""In-run validation (diffkd.run_validation, diffkd.selection): the record picks the first best and counts the
-validations since, early stopping fires after ``patience`` of them, the random feature network is a pure function
-of its seed, and a validated run exports the weights its record names and resumes to the same choice."""
+"""In-run validation (diffkd.run_validation, diffkd.selection): the record picks the first best by the geometric
+mean of its per-k FDs and counts the validations since, early stopping fires after ``patience`` of them, the
+references are the training images or the teacher's samples of the validation's own noise, that noise is none the
+evaluation draws, the random feature network is a pure function of its seed, and a validated run exports the
+weights its record names and resumes to the same choice."""
 
 import json
+import math
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffkd.api import distill, prepare
+from diffkd.api import distill, make_validator, prepare
 from diffkd.config import parse_config
+from diffkd.data import load_digits
 from diffkd.errors import DiffkdError
-from diffkd.evaluation.features import load_feature_network
-from diffkd.evaluation.frechet import frechet_distance_of_features
+from diffkd.evaluation.features import load_feature_network, to_uint8
+from diffkd.evaluation.frechet import frechet_distance_of_features, gaussian_stats
 from diffkd.evaluation.random_features import RandomConvFeatures
-from diffkd.run_validation import Validator, default_feature
+from diffkd.evaluation.sweep import batch_noise
+from diffkd.run_validation import NOISE_STREAM, REFERENCE_STEPS, default_feature, validation_noise
+from diffkd.sampling import ddim_sample
 from diffkd.selection import Selection
 from diffkd.trainer import Trainer, make_accelerator
 from tests import faults
@@ -23,10 +29,32 @@ from tests import faults
 def test_selection_keeps_the_first_best_and_counts_validations_since():
     selection = Selection()
     for step, fd in [(10, 5.0), (20, 3.0), (30, 3.0), (40, 4.0)]:
-        selection.record(step, fd)
+        selection.record(step, {4: fd})
     assert (selection.best_step, selection.best_fd, selection.since_best) == (20, 3.0, 2)
     assert selection.should_stop(2) and not selection.should_stop(3) and not selection.should_stop(0)
-    assert selection.record(50, 2.5) and selection.since_best == 0 and not selection.should_stop(1)
+    assert selection.record(50, {4: 2.5}) and selection.since_best == 0 and not selection.should_stop(1)
+
+
+def test_selection_ranks_by_the_geometric_mean_over_k():
+    """sqrt(32 * 2) = 8 beats sqrt(4 * 20) = 8.94, though the second's arithmetic mean (12) is less than the
+    first's (17): a step count whose FDs run higher must not outweigh the others. A NaN FD is never best."""
+    selection = Selection()
+    assert selection.record(100, {2: float("nan"), 4: 1.0})
+    assert selection.record(200, {2: 32.0, 4: 2.0}) and selection.best_fd == pytest.approx(8.0)
+    assert not selection.record(300, {2: 4.0, 4: 20.0})
+    assert selection.best_step == 200 and selection.history[-1]["fd"] == pytest.approx(math.sqrt(80))
+    assert selection.history[1]["fd_per_k"] == {"2": 32.0, "4": 2.0}
+
+
+def test_validation_noise_is_no_noise_the_evaluation_draws():
+    """The checkpoint is chosen on noise of its own stream, not on the evaluation's batches (seed x 1,000,003 +
+    batch) that judge it afterwards."""
+    shape = (1, 8, 8)
+    noise = validation_noise(250, shape, 0)
+    assert torch.equal(noise, torch.randn(250, *shape, generator=torch.Generator().manual_seed(NOISE_STREAM)))
+    for seed in range(4):
+        for batch in range(4):
+            assert not torch.allclose(noise, batch_noise(shape, seed, batch, 250, torch.device("cpu")))
 
 
 def test_random_conv_features_are_a_pure_function_of_the_seed():
@@ -71,6 +99,54 @@ def validated(teacher: str, steps: int = 8, **train) -> dict:
     return config
 
 
+def test_the_data_reference_is_the_training_images(tiny_teacher, tmp_path):
+    """auto, on a run that trains on the embedded digits: the reference statistics are those of the digits."""
+    config = parse_config(validated(tiny_teacher))
+    teacher, method, _ = prepare(config)
+    validator = make_validator(config, teacher, method, tmp_path)
+    features = validator.feature(to_uint8(load_digits(8)))
+    mu, sigma = validator.reference()
+    assert validator.steps == (4,) and "training images" in validator.reference_name
+    assert torch.allclose(mu, gaussian_stats(features)[0]) and torch.allclose(sigma, gaussian_stats(features)[1])
+
+
+def test_the_teacher_reference_samples_the_students_own_noise(tiny_teacher, tmp_path):
+    """Paired: the teacher's DDIM-64 samples of exactly the noise the student is validated on, cached, and read
+    back by a validator of the same noise only."""
+    config = parse_config(validated(tiny_teacher, validate_reference="teacher", validate_steps=[2, 4]))
+    teacher, method, _ = prepare(config)
+    validator = make_validator(config, teacher, method, tmp_path)
+    images = ddim_sample(teacher.denoiser, validator.noise, REFERENCE_STEPS)
+    mu, sigma = gaussian_stats(validator.feature(to_uint8(teacher.denoiser.decode(images))))
+    assert validator.steps == (2, 4)
+    assert torch.allclose(validator.reference()[0], mu, atol=1e-5)
+    assert torch.allclose(validator.reference()[1], sigma, atol=1e-5)
+    other = make_validator(parse_config(validated(tiny_teacher, validate_reference="teacher", seed=1)), teacher,
+                           method, tmp_path)
+    assert not torch.allclose(other.reference()[0], mu, atol=1e-5)  # not the first validator's cache
+
+
+def test_a_data_reference_needs_an_in_memory_set(tiny_teacher, tmp_path):
+    config = parse_config(validated(tiny_teacher, validate_reference="data"))
+    teacher, method, _ = prepare(config)
+    (tmp_path / "set").mkdir()
+    (tmp_path / "set" / "metadata.jsonl").write_text("")
+    config.data.source = str(tmp_path / "set")
+    with pytest.raises(DiffkdError, match="validate_reference=teacher"):
+        make_validator(config, teacher, method, tmp_path)
+    config.train.validate_reference = "auto"
+    assert make_validator(config, teacher, method, tmp_path).data is None
+
+
+def test_validate_steps_and_reference_are_checked():
+    assert parse_config({"train": {"validate_steps": "2,4"}}).train.validate_steps == [2, 4]
+    assert parse_config({"train": {"validate_steps": 4}}).train.validate_steps == [4]
+    with pytest.raises(DiffkdError, match="train.validate_steps"):
+        parse_config({"train": {"validate_steps": [0]}})
+    with pytest.raises(DiffkdError, match="train.validate_reference must be one of auto, data, teacher"):
+        parse_config({"train": {"validate_reference": "images"}})
+
+
 def test_validated_run_exports_the_best_weights_and_says_which(tiny_teacher, tmp_path):
     folder = distill(parse_config(validated(tiny_teacher)), tmp_path / "run")
     record = json.loads((tmp_path / "run" / "training_summary.json").read_text())["validation"]
@@ -83,9 +159,9 @@ def test_validated_run_exports_the_best_weights_and_says_which(tiny_teacher, tmp
     teacher, method, _ = prepare(config)
     exported = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
     method.student.load_state_dict(exported)
-    spec = method.export_spec()
-    validator = Validator(teacher, spec.scheduler, spec.prediction_type, 4, 16, "auto", tmp_path / "run" / "validation")
-    assert validator(method.student) == pytest.approx(record["best_fd"], rel=1e-9)
+    validator = make_validator(config, teacher, method, tmp_path / "run")
+    best = next(h for h in record["history"] if h["step"] == record["best_step"])
+    assert validator(method.student)[4] == pytest.approx(best["fd_per_k"]["4"], rel=1e-9)
 
 
 def scripted_trainer(teacher: str, output, fds: list[float], **train) -> Trainer:
@@ -94,7 +170,7 @@ def scripted_trainer(teacher: str, output, fds: list[float], **train) -> Trainer
     _, method, _ = prepare(config)
     trainer = Trainer(method, config.train, output, make_accelerator(config.train, output))
     values = iter(fds)
-    trainer.validator = lambda _student: next(values)
+    trainer.validator = lambda _student: {4: next(values)}
     return trainer
 
 
