@@ -8,7 +8,7 @@ classifier reads grey digits, and it needs neither a download nor training. Keep
 tuning: a recipe change is judged on digits and then checked here.
 
     python eval/panel.py [--teachers photo-eps,photo-v] [--seeds 0,1,2,3] [--num-samples 1000]
-        [--teacher-steps 3000] [--teacher-widths 32,64,64]
+        [--teacher-steps 3000] [--teacher-widths 32,64,64] [--validated]
 
 A teacher is one ``PanelTeacher`` line in ``PANEL``: its data and the ``denoise`` options that make it (a flow
 teacher, once the trainer makes one, is a line with its scheduler's options).
@@ -87,10 +87,17 @@ def teacher_config(teacher: PanelTeacher, data: Path, steps: int, widths: list[i
     return config
 
 
-def student_config(teacher: Path, data: Path) -> dict:
-    """The default recipe with only teacher.source and data.source changed (the evaluation is run here)."""
+VALIDATED = {"method": {"num_steps": 1400}, "train": {"validate_every": 200, "validate_steps": [2, 4]}}
+
+
+def student_config(teacher: Path, data: Path, validated: bool) -> dict:
+    """The default recipe with only teacher.source and data.source changed (the evaluation is run here); with
+    ``validated``, also the longer validated run its comment names (``VALIDATED``)."""
     config = yaml.safe_load((ROOT / "configs" / "digits-consistency.yaml").read_text())
     config["teacher"]["source"], config["data"]["source"] = str(teacher), str(data)
+    if validated:
+        for section, values in VALIDATED.items():
+            config.setdefault(section, {}).update(values)
     return {**config, "run_eval": False}
 
 
@@ -140,8 +147,13 @@ def table(figures: dict[str, list[dict]], records: dict[str, dict]) -> str:
         lines.append(f"| {name} | {len(seeds)} | {cell([s['reference_fd'] for s in seeds])} | "
                      f"{cell([s['student_4'] for s in seeds])} | {cell([s['student_4_vs_solver'] for s in seeds])} | "
                      f"{cell([s['student_2'] for s in seeds])} | {cell([s['best_solver_4'] for s in seeds])} | "
-                     f"{record['best_step']} (of {record['history'][-1]['step']}) |")
+                     f"{exported(record)} |")
     return "\n".join(lines)
+
+
+def exported(record: dict) -> str:
+    """Which step the run exported: validation's choice, or its last step when it ran without validation."""
+    return f"{record['best_step']} (of {record['history'][-1]['step']})" if record else "last (not validated)"
 
 
 def main() -> int:
@@ -152,6 +164,7 @@ def main() -> int:
     parser.add_argument("--teacher-steps", type=int, default=3000)
     parser.add_argument("--teacher-widths", default="", help="e.g. 16,32,32 (default: the digits teacher's)")
     parser.add_argument("--output", default=str(ROOT / "eval" / "out" / "panel"))
+    parser.add_argument("--validated", action="store_true", help="distil with the validated 1,400-step run")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.output)
@@ -160,10 +173,11 @@ def main() -> int:
     widths = [int(w) for w in args.teacher_widths.split(",")] if args.teacher_widths else None
     for teacher in (t for t in PANEL if t.name in args.teachers.split(",")):
         pipeline = run(teacher_config(teacher, data[teacher.data], args.teacher_steps, widths), out / teacher.name / "teacher")
-        student = run(student_config(pipeline, data[teacher.data]), out / teacher.name / "student")
-        records[teacher.name] = json.loads((student.parent / "training_summary.json").read_text())["validation"]
+        name = "student-validated" if args.validated else "student"
+        student = run(student_config(pipeline, data[teacher.data], args.validated), out / teacher.name / name)
+        records[teacher.name] = json.loads((student.parent / "training_summary.json").read_text()).get("validation")
         figures[teacher.name] = [ratios(evaluate_seed(student, pipeline, data[teacher.data], seed, args.num_samples,
-                                                      out / teacher.name / f"eval-seed{seed}"))
+                                                      out / teacher.name / f"eval-{name}-seed{seed}"))
                                  for seed in map(int, args.seeds.split(","))]
         print(table(figures, records), flush=True)
     print(table(figures, records))

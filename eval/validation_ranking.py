@@ -1,13 +1,15 @@
 """Does in-run validation rank a run's checkpoints as the evaluation does? Each kept checkpoint of a consistency run
 is scored by the evaluation (k = 2 and 4, four seeds, ratio to the per-seed 64-step references) and by the in-run
-``Validator`` itself (its protocol: k-step FD of fixed noise to the teacher's DDIM-64 samples) at each of --samples.
+``Validator`` itself, for each reference (the training images; the teacher's DDIM-64 samples of the same noise) and
+each validation noise seed (a run's train.seed), at k = 2 and 4: which checkpoint each would export.
 
     python eval/validation_ranking.py --run RUN --teacher TEACHER --references R0,R1,R2,R3 \
-        [--checkpoints 200,400,...] [--samples 256,1024] [--seed 0] [--no-truth]
+        [--checkpoints 400,600,...] [--samples 1024] [--seeds 0,1,2] [--validation-references data,teacher]
+        [--no-truth | --no-validation]
 
 --references: the teacher's per-seed 64-step FDs on seeds 0-3 (eval/RESULTS.md records them for each digits
 teacher). Checkpoints are the run's ckpt-r00-sNNNNNNNN folders; their raw student weights are scored (the default
-recipe keeps no EMA). --no-truth scores the validator only (the evaluation's four seeds are most of the time).
+recipe keeps no EMA). The evaluation's four seeds are most of the time; --no-truth leaves them out.
 """
 
 from __future__ import annotations
@@ -18,15 +20,27 @@ import sys
 import tempfile
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 from student_seeds import mean_ratio, own_scheduler, sampled_fd
 
 from diffkd import checkpoint
+from diffkd.config import DataConfig
 from diffkd.evaluation.features import load_feature_network
 from diffkd.evaluation.reference import default_cache_dir, load_real_set
 from diffkd.io import load_pipeline
 from diffkd.run_validation import Validator
+from diffkd.selection import geometric_mean
+
+STEPS = (2, 4)
+
+
+def checkpoint_at(run: Path, step: int) -> Path:
+    """The checkpoint of ``step``; the run's last step is the one written at the round's end (round 1, step 0)."""
+    last = yaml.safe_load((run / "config.yaml").read_text())["method"]["num_steps"]
+    return run / "checkpoints" / (checkpoint.name_for(1, 0) if step == last else checkpoint.name_for(0, step))
 
 
 def main() -> int:
@@ -34,30 +48,45 @@ def main() -> int:
     parser.add_argument("--run", required=True)
     parser.add_argument("--teacher", required=True)
     parser.add_argument("--references", required=True, help="the teacher's 64-step FD on seeds 0-3")
-    parser.add_argument("--checkpoints", default="200,400,600,800,1000,1200")
-    parser.add_argument("--samples", default="256,1024")
+    parser.add_argument("--checkpoints", default="400,600,800,1000,1200,1400")
+    parser.add_argument("--samples", type=int, default=1024)
+    parser.add_argument("--seeds", default="0,1,2", help="validation noise seeds (a run's train.seed)")
+    parser.add_argument("--validation-references", default="data,teacher")
+    parser.add_argument("--data", default="digits", help="the run's data.source")
     parser.add_argument("--no-truth", action="store_true")
-    parser.add_argument("--seed", type=int, default=0, help="the validator's noise seed (a run's train.seed)")
+    parser.add_argument("--no-validation", action="store_true")
     args = parser.parse_args()
     run, references = Path(args.run), [float(r) for r in args.references.split(",")]
     feature = load_feature_network("digits-classifier")
     student, teacher = load_pipeline(str(run / "student")), load_pipeline(args.teacher)
     real = load_real_set("digits", feature, student.image_size, student.image_channels, default_cache_dir())
     sample = own_scheduler(student.pipeline)
+    kinds = [] if args.no_validation else args.validation_references.split(",")
+    seeds = list(map(int, args.seeds.split(",")))
+    rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        validators = {n: Validator(teacher, student.pipeline.scheduler, student.denoiser.prediction_type, 4, n,
-                                   "digits-classifier", Path(scratch) / str(n), args.seed)
-                      for n in map(int, args.samples.split(","))}
+        validators = {(kind, seed): Validator(teacher, student.pipeline.scheduler, student.denoiser.prediction_type,
+                                              STEPS, args.samples, "digits-classifier",
+                                              Path(scratch) / f"{kind}-{seed}", seed,
+                                              DataConfig(source=args.data) if kind == "data" else None)
+                      for kind in kinds for seed in seeds}
         for step in map(int, args.checkpoints.split(",")):
-            tensors, _ = checkpoint.load(run / "checkpoints" / checkpoint.name_for(0, step))
+            tensors, _ = checkpoint.load(checkpoint_at(run, step))
             student.denoiser.unet.load_state_dict(tensors["student"])
             row = {"step": step}
-            for k in () if args.no_truth else (2, 4):
+            for k in () if args.no_truth else STEPS:
                 fds = [sampled_fd(student.denoiser, sample, k, seed, 1000, feature, real) for seed in range(4)]
                 row[f"truth k={k}"] = round(mean_ratio(fds, references), 3)
-            for n, validator in validators.items():
-                row[f"validation FD, {n}"] = round(validator(student.denoiser.unet), 2)
+                row[f"truth k={k} per seed"] = [round(fd / r, 3) for fd, r in zip(fds, references)]
+            for (kind, seed), validator in validators.items():
+                fds = validator(student.denoiser.unet)
+                row[f"{kind} seed {seed}"] = {k: round(fd, 2) for k, fd in fds.items()}
+                row[f"{kind} seed {seed} score"] = geometric_mean(fds.values())
+            rows.append(row)
             print(json.dumps(row), flush=True)
+    for (kind, seed) in validators:
+        pick = min(rows, key=lambda r: r[f"{kind} seed {seed} score"])  # first best, as diffkd.selection keeps
+        print(f"{kind} reference, seed {seed}: exports step {pick['step']}")
     return 0
 
 
