@@ -28,9 +28,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from diffkd.config import DataConfig
-from diffkd.data import load_images
 from diffkd.evaluation.features import FeatureNetwork, load_feature_network, to_uint8
 from diffkd.evaluation.frechet import frechet_distance, gaussian_stats
+from diffkd.evaluation.reference import load_real_set
 from diffkd.io import LoadedPipeline
 from diffkd.models import Denoiser
 from diffkd.sampling import ddim_sample, scheduler_sample
@@ -79,28 +79,26 @@ class Validator:
 
     def reference(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and covariance of the reference's features, made once and kept in the run folder (a resumed run
-        reads them back instead of paying the 64-step sampling or the image decoding again)."""
+        reads them back instead of paying the 64-step sampling or the image decoding again): the training images'
+        through the evaluation's own real-set statistics, the teacher's samples cached here."""
+        if self._reference is None and self.data is not None:
+            real = load_real_set(self.data.source, self.feature, self.teacher.image_size, self.teacher.image_channels,
+                                 self.folder, resize=self.data.resize, convert=self.data.convert)
+            self._reference = real.mu, real.sigma
         if self._reference is None:
             path = self.folder / REFERENCE_FILE
-            key = f"{self.reference_name}|{self.feature.name}|{self.noise.double().sum().item()!r}"
+            key = f"{self.feature.name}|{self.noise.double().sum().item()!r}"
             if path.is_file():
                 stored = load_file(str(path))
                 if "key" in stored and bytes(stored["key"].tolist()).decode() == key:
                     self._reference = stored["mu"], stored["sigma"]
             if self._reference is None:
-                self._reference = gaussian_stats(self._reference_features())
+                self._reference = gaussian_stats(self._features(
+                    lambda z: ddim_sample(self.teacher.denoiser, z, REFERENCE_STEPS)))
                 self.folder.mkdir(parents=True, exist_ok=True)
                 save_file({"mu": self._reference[0], "sigma": self._reference[1],
                            "key": torch.tensor(list(key.encode()), dtype=torch.uint8)}, str(path))
         return self._reference
-
-    def _reference_features(self) -> torch.Tensor:
-        if self.data is None:
-            return self._features(lambda z: ddim_sample(self.teacher.denoiser, z, REFERENCE_STEPS))
-        size, channels = self.teacher.image_size, self.teacher.image_channels
-        images = load_images(self.data.source, size, channels, self.data.resize, self.data.convert)
-        return torch.cat([self.feature(to_uint8(chunk).to(self.teacher.unet.device)).cpu()
-                          for chunk in images.split(512)])
 
     @torch.no_grad()
     def __call__(self, student: nn.Module) -> dict[int, float]:

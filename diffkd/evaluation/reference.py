@@ -116,15 +116,17 @@ def cache_path(reference: str, feature: FeatureNetwork, size: int, channels: int
 
 
 def load_real_set(reference: str, feature: FeatureNetwork, size: int, channels: int, cache_dir: Path,
-                  batch_size: int = 500) -> RealSet:
-    """Features and statistics of the real set, from the cache when present."""
+                  batch_size: int = 500, resize: bool = False, convert: bool = False) -> RealSet:
+    """Features and statistics of the real set, from the cache when present; ``resize`` / ``convert`` adapt a set of
+    another size or colour as data.resize / data.convert do (a set that fits is read the same either way)."""
     if reference.endswith(".safetensors"):
         return _from_file(Path(reference).expanduser(), feature, reference)
     path = cache_path(reference, feature, size, channels, cache_dir)
     if path.is_file():
         log.info("real-set statistics from cache %s", path)
         return _from_file(path, feature, reference)
-    images = glyphs_reference() if reference == "glyphs" else load_images(reference, size, channels)
+    images = glyphs_reference() if reference == "glyphs" else load_images(reference, size, channels, resize,
+                                                                               convert)
     features = torch.cat([feature(to_uint8(batch).to(_device(feature))) for batch in images.split(batch_size)])
     mu, sigma = gaussian_stats(features)
     path.parent.mkdir(parents=True, exist_ok=True)
