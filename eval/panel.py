@@ -7,11 +7,11 @@ into 16 px RGB patches; its feature network is the seeded random conv network (`
 classifier reads grey digits, and it needs neither a download nor training. Keep these teachers out of recipe
 tuning: a recipe change is judged on digits and then checked here.
 
-    python eval/panel.py [--teachers photo-eps,photo-v] [--seeds 0,1,2,3] [--num-samples 1000]
+    python eval/panel.py [--teachers photo-eps,photo-v,photo-flow] [--seeds 0,1,2,3] [--num-samples 1000]
         [--teacher-steps 3000] [--teacher-widths 32,64,64] [--validated]
 
-A teacher is one ``PanelTeacher`` line in ``PANEL``: its data and the ``denoise`` options that make it (a flow
-teacher, once the trainer makes one, is a line with its scheduler's options).
+A teacher is one ``PanelTeacher`` line in ``PANEL``: its data and the ``denoise`` options that make it (epsilon,
+v and rectified flow, each a pixel-space UNet).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ PANEL = [
                                                 "clip_sample": False}),
     PanelTeacher("photo-v", "photo-patches", {"prediction_type": "v_prediction",
                                               "beta_schedule": "squaredcos_cap_v2", "clip_sample": True}),
+    PanelTeacher("photo-flow", "photo-patches", {"prediction_type": "flow", "shift": 1.0}),
 ]
 
 
