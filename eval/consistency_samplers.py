@@ -12,7 +12,7 @@ default (0.3) is what a pixel student's user gets; ``tcd-ETA`` with another valu
 this measurement.
 
     python eval/consistency_samplers.py STUDENT --teacher TEACHER --reference REF [--feature F]
-        [--samplers lcm,tcd-0.3,tcd-0.1,ddpm,ddim] [--seeds 0,1,2,3] [--num-samples 1000] [--output DIR]
+        [--samplers lcm,ddpm,tcd-0.3,tcd-0.1,tcd-0.0,ddim] [--seeds 0,1,2,3] [--num-samples 1000] [--output DIR]
 
 prints a markdown table (one row per sampler) for eval/RESULTS.md.
 """
@@ -77,7 +77,7 @@ def main() -> int:
     parser.add_argument("--teacher", required=True)
     parser.add_argument("--reference", required=True, help="real images: digits, or a folder")
     parser.add_argument("--feature", default="auto")
-    parser.add_argument("--samplers", default="lcm,tcd-0.3,tcd-0.1,ddpm")
+    parser.add_argument("--samplers", default="lcm,ddpm,tcd-0.3,tcd-0.1,tcd-0.0,ddim")
     parser.add_argument("--seeds", default="0,1,2,3")
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--output", default=str(ROOT / "eval" / "out" / "consistency-samplers"))
