@@ -12,7 +12,8 @@ default (0.3) is what a pixel student's user gets; ``tcd-ETA`` with another valu
 this measurement.
 
     python eval/consistency_samplers.py STUDENT --teacher TEACHER --reference REF [--feature F]
-        [--samplers lcm,ddpm,tcd-0.3,tcd-0.1,tcd-0.0,ddim] [--seeds 0,1,2,3] [--num-samples 1000] [--output DIR]
+        [--samplers lcm,ddpm,tcd-0.3,tcd-0.1,tcd-0.0,ddim] [--seeds 0,1,2,3] [--num-samples 1000]
+        [--output DIR]
 
 prints a markdown table (one row per sampler) for eval/RESULTS.md.
 """
