@@ -23,9 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from statistics import mean
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from panel import ratios  # the panel's: student FD over the teacher's DDIM-64 FD of the same seed
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEDULERS = {"lcm": "LCMScheduler", "tcd": "TCDScheduler", "ddpm": "DDPMScheduler", "ddim": "DDIMScheduler"}
@@ -61,14 +66,6 @@ def tcd_eta(sampler: str):
         TCDScheduler.step.__defaults__ = defaults
 
 
-def ratios(results: dict) -> tuple[float, float]:
-    """(student FD at 2 steps, at 4 steps), each over the teacher's DDIM-64 FD of the same seed."""
-    rows = results["rows"]
-    reference = next(r["fd"] for r in rows if r["is_reference"])
-    student = {r["steps"]: r["fd"] for r in rows if r["role"] == "student"}
-    return student[2] / reference, student[4] / reference
-
-
 def main() -> int:
     from diffkd.eval_options import EvalConfig
     from diffkd.evaluation.sweep import evaluate
@@ -94,7 +91,8 @@ def main() -> int:
                     pipelines=[str(pipeline)], teacher=args.teacher, steps=[2, 4], samplers=["ddim"],
                     reference=args.reference, feature=args.feature, num_samples=args.num_samples, seed=seed,
                     fidelity=False, output=str(out / f"{sampler}-seed{seed}")))
-            figures.append(ratios(results.to_dict()))
+            figure = ratios(results.to_dict())
+            figures.append((figure["student_2"], figure["student_4"]))
         lines.append(f"| {sampler} | {len(figures)} | {mean(f[0] for f in figures):.2f} | "
                      f"{mean(f[1] for f in figures):.2f} | {' / '.join(f'{f[1]:.2f}' for f in figures)} |")
         print(lines[-1], flush=True)
