@@ -100,10 +100,11 @@ class VPPath(NoisePath):
     clean = schedule.CLEAN
     timestep_type = int
     prediction_types = ("epsilon", "v_prediction", "sample")
-    # from_config of the exported LCMScheduler: both step through F's x0 and re-noise, and which of the three is best
-    # depends on the teacher (4 steps, x the teacher's DDIM-64 FD: digits-16 LCM 1.18, TCD 2.18; the panel's photo-v
-    # TCD 1.43, DDPM 1.46, LCM 1.97; eval/RESULTS.md). DDIM and DPM-Solver drift from k = 4 on digits (5x to 8x),
-    # Euler gives noise, UniPC and Heun do not run in DDPMPipeline.
+    # from_config of the exported LCMScheduler: both step through F's x0 and re-noise. Which sampler is best depends
+    # on the teacher (4 steps, x the teacher's DDIM-64 FD: digits-16 DDPM 1.11, LCM 1.18, TCD 2.18, DDIM 6.20; the
+    # panel's photo-v DDIM 1.02, TCD 1.43, DDPM 1.46, LCM 1.97; eval/RESULTS.md), so DDIM, which collapses on
+    # digits, is not listed. DPM-Solver drifts from k = 4 on digits, Euler gives noise, UniPC and Heun do not run
+    # in DDPMPipeline.
     consistency_swaps = ("TCDScheduler", "DDPMScheduler")
 
     def __init__(self, alphas_cumprod: torch.Tensor):

@@ -15,7 +15,8 @@ this measurement.
         [--samplers lcm,ddpm,tcd-0.3,tcd-0.1,tcd-0.0,ddim] [--seeds 0,1,2,3] [--num-samples 1000]
         [--output DIR]
 
-prints a markdown table (one row per sampler) for eval/RESULTS.md.
+``lcm`` is the student as exported (a VP student's LCMScheduler). Prints a markdown table (one row per
+sampler) for eval/RESULTS.md.
 """
 
 from __future__ import annotations
