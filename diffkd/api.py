@@ -21,7 +21,7 @@ import diffusers
 import torch
 from accelerate import Accelerator
 
-from diffkd import captioned, checkpoint, run_folder
+from diffkd import captioned, checkpoint, run_folder, sampler_choice
 from diffkd.config import Config, dump_config
 from diffkd.data import check_fit
 from diffkd.errors import DiffkdError
@@ -206,18 +206,24 @@ def distill(config: Config, output: str | Path, resume: bool | str | Path = Fals
         started = time.perf_counter()
         with frozen_precision(teacher, config.train.frozen_dtype, trainer.trained_networks()):
             progress = trainer.fit()
-        trainer.write_summary()
         folder = output / export_folder_name(type(method))
         student = trainer.exported_network()
         if main:
             spec = method.export_spec()
             if trainer.best_weights:  # the best validated weights, not the last ones
                 checkpoint.load_network_state(student, trainer.best_weights)
+            choice = None
+            if spec.alternatives and trainer.validator is not None:
+                spec, choice = sampler_choice.choose(spec, lambda scheduler: trainer.validator(student, scheduler))
+            trainer.write_summary({"sampler_choice": choice} if choice else {})
             card = model_card(config, method, spec, report, student, teacher,
                               sum(progress.round_seconds.values()) or time.perf_counter() - started,
                               start.teacher_facts, start.resumed_other)
             if trainer.validator is not None and progress.validation:
                 card["validation"] = validation_card(trainer.validator, progress.validation)
+            if choice:
+                card["sampler_choice"] = {"exported": choice["exported"], "steps": list(trainer.validator.steps),
+                                          "fd": {name: round(fd, 4) for name, fd in choice["fd"].items()}}
             skipped = getattr(trainer.data, "skipped", 0)
             if skipped:
                 card["data_rows_skipped"] = skipped  # data.skip_bad_rows: unreadable rows left out
@@ -231,6 +237,8 @@ def distill(config: Config, output: str | Path, resume: bool | str | Path = Fals
             log.info("saved %s", folder)
             if "validation" in card:
                 add_validation_section(folder, trainer.validator, progress.validation, output / "validation")
+            if choice:
+                add_sampler_section(folder, trainer.validator, choice)
             if config.run_eval and method.needs_teacher:
                 evaluated = folder if lora is None else fused_folder(folder)
                 run_evaluation(config, evaluated, output / "eval", str(accelerator.device))
@@ -242,11 +250,15 @@ def distill(config: Config, output: str | Path, resume: bool | str | Path = Fals
 
 
 def make_validator(config: Config, teacher: LoadedPipeline, method: Method, output: Path) -> Validator | None:
-    """The in-run validation ``train.validate_every`` asks for, scoring k-step samples of the exported scheduler."""
+    """The in-run validation ``train.validate_every`` asks for, scoring k-step samples of the exported scheduler;
+    with it off, one for the sampler choice at the run's end where the method offers one and the teacher is
+    unconditional (a text teacher's student keeps its method's scheduler)."""
     train = config.train
-    if train.validate_every == 0:
+    spec = method.export_spec()
+    unconditional = method.needs_teacher and not teacher.text_conditioned
+    if train.validate_every == 0 and not (spec.alternatives and unconditional):
         return None
-    if not method.needs_teacher or teacher.text_conditioned:
+    if not unconditional:
         raise DiffkdError("train.validate_every scores an unconditional teacher's student; this "
                           f"{config.method.name} run has "
                           f"{'no teacher' if not method.needs_teacher else 'a text-conditioned one'}: set it to 0")
@@ -254,7 +266,6 @@ def make_validator(config: Config, teacher: LoadedPipeline, method: Method, outp
     if train.validate_reference == "data" and not in_memory:
         raise DiffkdError(f"train.validate_reference=data reads the training images into memory, and "
                           f"{config.data.source!r} is a streamed set: set train.validate_reference=teacher")
-    spec = method.export_spec()
     data = config.data if train.validate_reference == "data" or (train.validate_reference == "auto" and in_memory) \
         else None
     return Validator(teacher, spec.scheduler, spec.prediction_type,
@@ -285,6 +296,19 @@ def add_validation_section(folder: Path, validator: Validator, record: dict, plo
                f"{validator.feature.label} of {validator.samples} samples to {validator.reference_name}: "
                f"{fds(card['exported_fd'])} (the last of {card['validations']} validations: {fds(card['last_fd'])}).")
     add_card_section(folder / "README.md", "Validation during training", [summary, "", f"![validation]({link})"])
+
+
+def add_sampler_section(folder: Path, validator: Validator, choice: dict) -> None:
+    """The model card's record of the schedulers the run scored and the one it exports."""
+    scores = ", ".join(f"{name} {fd:.4g}" for name, fd in sorted(choice["fd"].items(), key=lambda item: item[1]))
+    steps = " and ".join(map(str, validator.steps))
+    kept = ("" if choice["exported"] == choice["own"] else
+            f", in place of the method's {choice['own']} (replaced only when another is {1 - sampler_choice.MARGIN:.0%} "
+            "better)")
+    add_card_section(folder / "README.md", "Sampler", [(
+        f"Exported with {choice['exported']}{kept}. Scored on the exported weights by the geometric mean over "
+        f"{steps} steps of the {validator.feature.label} of {validator.samples} samples to "
+        f"{validator.reference_name}: {scores}.")])
 
 
 def model_card(config: Config, method: Method, spec, report: dict, student: torch.nn.Module,

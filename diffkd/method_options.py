@@ -165,6 +165,9 @@ class ConsistencyConfig(MethodConfig):
     follows w rather than from the teacher's unguided function.
     ``num_inference_steps``: the step count the model card and the evaluation name as the student's own; the
     exported LCMScheduler samples any k from 1 to 8 (and up to teacher_grid).
+    ``sampler``: the scheduler class the student is exported with, or "auto": on an unconditional teacher the run
+    scores its consistency scheduler and the alternatives its noise path offers (DDPM and DDIM on a VP path) at
+    its end and exports the clearly best (``diffkd.sampler_choice``); otherwise the consistency scheduler.
     """
 
     name: str = "consistency"
@@ -179,6 +182,7 @@ class ConsistencyConfig(MethodConfig):
     guidance: GuidanceRange | None = None
     timestep_scaling: float = 10.0
     num_inference_steps: int = 4
+    sampler: str = "auto"
 
     def __post_init__(self):
         check(self.num_steps >= 1, f"method.num_steps must be >= 1; got {self.num_steps}")

@@ -16,10 +16,17 @@ construction; grids nest (``grid(2k)[::2] == grid(k)``), which progressive disti
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
-from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler, LCMScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchLCMScheduler,
+    LCMScheduler,
+)
 
 from diffkd import schedule
 
@@ -86,6 +93,11 @@ class NoisePath:
         """The multistep consistency sampler (fresh noise between steps) a consistency student is exported with."""
         raise NotImplementedError
 
+    def consistency_alternatives(self, exported) -> dict:
+        """Schedulers besides ``exported`` (the consistency scheduler) that a consistency student may be exported
+        with, by class name: the candidates a run scores at its end (``diffkd.sampler_choice``). None here."""
+        return {}
+
     def consistency_scalings(self, t: torch.Tensor, timestep_scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(c_skip, c_out) of f = c_skip z + c_out x0, as the exported consistency scheduler applies them."""
         raise NotImplementedError
@@ -100,11 +112,12 @@ class VPPath(NoisePath):
     clean = schedule.CLEAN
     timestep_type = int
     prediction_types = ("epsilon", "v_prediction", "sample")
-    # from_config of the exported LCMScheduler: both step through F's x0 and re-noise. Which sampler is best depends
-    # on the teacher (4 steps, x the teacher's DDIM-64 FD: digits-16 DDPM 1.11, LCM 1.18, TCD 2.18, DDIM 6.20; the
-    # panel's photo-v DDIM 1.02, TCD 1.43, DDPM 1.46, LCM 1.97; eval/RESULTS.md), so DDIM, which collapses on
-    # digits, is not listed. DPM-Solver drifts from k = 4 on digits, Euler gives noise, UniPC and Heun do not run
-    # in DDPMPipeline.
+    # What the model card allows when the run did not score its samplers (a text teacher): from_config of the
+    # exported LCMScheduler, both step through F's x0 and re-noise. Which sampler is best depends on the teacher
+    # (4 steps, x the teacher's DDIM-64 FD: digits-16 DDPM 1.11, LCM 1.18, TCD 2.18, DDIM 6.20; the panel's photo-v
+    # DDIM 1.02, TCD 1.43, DDPM 1.46, LCM 1.97; eval/RESULTS.md), which is why an unconditional teacher's run scores
+    # LCM, DDPM and DDIM itself (``consistency_alternatives``). DPM-Solver drifts from k = 4 on digits, Euler gives
+    # noise, UniPC and Heun do not run in DDPMPipeline.
     consistency_swaps = ("TCDScheduler", "DDPMScheduler")
 
     def __init__(self, alphas_cumprod: torch.Tensor):
@@ -144,6 +157,17 @@ class VPPath(NoisePath):
             teacher_scheduler.config, original_inference_steps=points, timestep_scaling=timestep_scaling,
             prediction_type=prediction_type, clip_sample=clip_sample is not None, clip_sample_range=clip_sample or 1.0,
             thresholding=False)
+
+    def consistency_alternatives(self, exported):
+        """DDPM (re-noises as LCM does, through the network's own noise estimate) and DDIM (no fresh noise), from the
+        exported LCMScheduler's config on the trailing grid, which starts at t = T - 1 as LCM's does. TCD is left
+        out: its eta, which decides it, is an argument of ``step`` that no config carries."""
+        alternatives = {}
+        for cls in (DDPMScheduler, DDIMScheduler):
+            accepted = inspect.signature(cls.__init__).parameters  # not LCM's own keys, which diffusers warns about
+            config = {key: value for key, value in exported.config.items() if key in accepted}
+            alternatives[cls.__name__] = cls.from_config(config, timestep_spacing="trailing")
+        return alternatives
 
     def consistency_scalings(self, t, timestep_scaling):
         """LCM's c_skip, c_out at discrete timesteps t (``LCMScheduler.get_scalings_for_boundary_condition_discrete``):

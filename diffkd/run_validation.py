@@ -101,8 +101,10 @@ class Validator:
         return self._reference
 
     @torch.no_grad()
-    def __call__(self, student: nn.Module) -> dict[int, float]:
-        """FD of ``student``'s k-step samples (its exported scheduler) to the reference, for each k."""
+    def __call__(self, student: nn.Module, scheduler=None) -> dict[int, float]:
+        """FD of ``student``'s k-step samples to the reference, for each k: with its exported scheduler, or with
+        ``scheduler`` (a candidate of ``diffkd.sampler_choice``)."""
+        scheduler = scheduler or self.scheduler
         mu, sigma = self.reference()
         teacher = self.teacher.denoiser
         model = Denoiser(student, teacher.path, self.prediction_type, clip_sample=teacher.clip_sample,
@@ -111,7 +113,7 @@ class Validator:
         student.eval()
         try:
             return {k: frechet_distance(*gaussian_stats(self._features(lambda z, k=k: scheduler_sample(
-                model, type(self.scheduler).from_config(self.scheduler.config), z, k))), mu, sigma)
+                model, type(scheduler).from_config(scheduler.config), z, k))), mu, sigma)
                     for k in self.steps}
         finally:
             student.train(was_training)

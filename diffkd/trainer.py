@@ -570,14 +570,15 @@ class Trainer:
         done = sum(r.num_steps for r in self.method.rounds()[:self.progress.round])
         return done + self.progress.step
 
-    def write_summary(self) -> None:
-        """Progress, and for a streamed set the rows skipped and the time spent waiting for the data workers."""
+    def write_summary(self, extra: dict | None = None) -> None:
+        """Progress, for a streamed set the rows skipped and the time spent waiting for the data workers, and
+        ``extra`` (the export's sampler choice)."""
         if self.acc.is_main_process:
-            summary = dict(self.progress.__dict__)
-            if summary["validation"]:
-                wall = sum(self.progress.round_seconds.values())
-                summary["validation"] = {**summary["validation"],
-                                         "share_of_wall_time": summary["validation"]["seconds"] / wall if wall else None}
+            summary = {**self.progress.__dict__, **(extra or {})}
+            wall = sum(self.progress.round_seconds.values())
+            for key in ("validation", "sampler_choice"):
+                if summary.get(key):
+                    summary[key] = {**summary[key], "share_of_wall_time": summary[key]["seconds"] / wall if wall else None}
             if isinstance(self.data, StreamedRows):
                 summary["data"] = {"rows": len(self.data), "rows_skipped": self.data.skipped,
                                    "wait_seconds": round(self.data.wait_seconds, 3)}

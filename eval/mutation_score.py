@@ -38,7 +38,7 @@ FAST_TESTS = ["tests/test_paths.py", "tests/test_schedule.py", "tests/test_progr
               "tests/test_psnr.py", "tests/test_frechet.py", "tests/test_kd_losses.py", "tests/test_generator.py",
               "tests/test_progressive.py", "tests/test_perceptual.py", "tests/test_consistency.py", "tests/test_dmd.py",
               "tests/test_guidance_embedding.py", "tests/test_glyphs_teacher.py",
-              "tests/test_run_validation.py", "tests/test_plan_sharding.py"]
+              "tests/test_run_validation.py", "tests/test_sampler_choice.py", "tests/test_plan_sharding.py"]
 
 
 @dataclass(frozen=True)
@@ -214,6 +214,15 @@ MUTATIONS = [
              "validate_reference auto scores against the teacher's samples though the run holds its training images"),
     Mutation("validation-raw-not-ema", "diffkd/trainer.py", "            ema.copy_to(trainable(student))\n",
              "", "validation scores the raw weights while the EMA weights are exported"),
+    Mutation("sampler-margin-ignored", "diffkd/sampler_choice.py",
+             "return best if fds[best] < MARGIN * fds[own] else own", "return best",
+             "the export's sampler switches on any lower validation FD, a near-tie included"),
+    Mutation("sampler-swaps-unmeasured", "diffkd/sampler_choice.py",
+             "if name != chosen and fds[name] <= ALSO_WORKS * fds[chosen]", "if name != chosen",
+             "the model card lists every scored sampler as a swap that works, however badly it scored"),
+    Mutation("sampler-alternatives-leading", "diffkd/paths.py",
+             'cls.from_config(config, timestep_spacing="trailing")', "cls.from_config(config)",
+             "DDPM / DDIM alternatives sample the teacher's grid (SD: from t = 751), not from pure noise at T - 1"),
     Mutation("random-conv-unscaled", "diffkd/evaluation/random_features.py", "* math.sqrt(2 / (fan_in * 9))",
              "* math.sqrt(2 / fan_in)", "random conv weights not He-scaled by the kernel's fan-in"),
     Mutation("pooled-caption-dropped", "diffkd/text_pipeline.py",

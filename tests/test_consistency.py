@@ -255,7 +255,8 @@ def test_bad_grid_for_the_teacher_is_refused(tiny_teacher, tmp_path):
 
 @pytest.mark.slow
 def test_exported_student_samples_with_lcm_scheduler_at_every_k(tiny_teacher, tmp_path):
-    config = parse_config({"method": {"name": "consistency", "num_steps": 2, "teacher_grid": 20},
+    config = parse_config({"method": {"name": "consistency", "num_steps": 2, "teacher_grid": 20,
+                                      "sampler": "LCMScheduler"},
                            "teacher": {"source": tiny_teacher}, "data": {"source": "digits"},
                            "train": {"batch_size": 8, "device": "cpu"}, "run_eval": False})
     folder = distill(config, tmp_path / "run")

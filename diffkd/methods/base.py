@@ -76,6 +76,9 @@ class ExportSpec:
     # with ``from_config`` of its scheduler (eval/RESULTS.md, "Scheduler swaps"); the model card names them and
     # warns off the rest, since a swap that looks harmless can give noise (Euler on a consistency student).
     also_samples_with: tuple[str, ...] = ()
+    # The same student exported with another scheduler, by class name: a run with a validator scores each at its
+    # end and exports one only when it is clearly better than this spec's (``diffkd.sampler_choice``).
+    alternatives: dict[str, ExportSpec] = field(default_factory=dict)
 
 
 class Method:

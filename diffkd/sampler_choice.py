@@ -1,0 +1,47 @@
+"""Which scheduler a student is exported with, when its method offers several: measured by the run, not assumed.
+
+Which sampler suits a consistency student depends on the teacher, by factors: at 4 steps, in multiples of the
+teacher's DDIM-64 FD over four seeds, LCMScheduler gives 1.18x on digits-16 and 1.97x on the panel's photo-v, and
+DDIMScheduler 6.20x and 1.02x (eval/RESULTS.md, "Teacher panel"). So at its end a run scores each candidate
+scheduler on the exported weights with its validator (the same noise, reference and k as the checkpoint choice) and
+exports the least geometric mean over k. The method's own scheduler is kept unless another beats it by more than
+``MARGIN``: the choice is made on one draw of ``train.validate_samples`` noises, and a near-tie is not worth a
+different sampler from the one the method was tuned with. Costs one validation per candidate.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from diffkd.selection import geometric_mean
+
+if TYPE_CHECKING:
+    from diffkd.methods.base import ExportSpec
+
+MARGIN = 0.9  # another scheduler replaces the method's own only below 0.9x its validation FD
+ALSO_WORKS = 1.25  # the model card lists the candidates within 1.25x of the chosen one as swaps that work
+
+
+def pick(fds: dict[str, float], own: str) -> str:
+    """The candidate with the least FD if it is below ``MARGIN`` x ``own``'s, else ``own`` (ties: ``own``)."""
+    best = min(fds, key=fds.__getitem__)
+    return best if fds[best] < MARGIN * fds[own] else own
+
+
+def choose(spec: ExportSpec, score: Callable[[object], dict[int, float]]) -> tuple[ExportSpec, dict]:
+    """``spec`` or one of its alternatives, by ``score`` (a scheduler -> its FD at each validated k), and the record
+    of every candidate's figures; the chosen spec's swaps are the candidates that scored within ``ALSO_WORKS``."""
+    started = time.perf_counter()
+    own = type(spec.scheduler).__name__
+    candidates = {own: spec, **spec.alternatives}
+    per_k = {name: score(candidate.scheduler) for name, candidate in candidates.items()}
+    fds = {name: geometric_mean(values.values()) for name, values in per_k.items()}
+    chosen = pick(fds, own)
+    swaps = tuple(name for name in candidates if name != chosen and fds[name] <= ALSO_WORKS * fds[chosen])
+    record = {"exported": chosen, "own": own, "fd": fds,
+              "fd_per_k": {name: {str(k): fd for k, fd in values.items()} for name, values in per_k.items()},
+              "seconds": time.perf_counter() - started}
+    return replace(candidates[chosen], alternatives={}, also_samples_with=swaps), record
