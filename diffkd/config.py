@@ -176,7 +176,8 @@ class TrainConfig:
     "random-conv"), and export the checkpoint whose FDs have the least geometric mean (``diffkd.run_validation``);
     0 = off. validate_reference: "data" (the training images), "teacher" (its DDIM-64 samples of the same noise) or
     "auto" (data when the run trains on an in-memory set, else teacher). patience: stop after that many
-    validations without a new best (0 = never).
+    validations without a new best (0 = never). The same settings score the samplers a consistency run may export
+    (``method.sampler: auto``, ``diffkd.sampler_choice``), once at the run's end, with validate_every 0 too.
 
     Memory levers (``diffkd plan`` shows what each saves): gradient_checkpointing recomputes the trained networks'
     activations in the backward instead of keeping them (diffusers' ``enable_gradient_checkpointing``: about a third

@@ -15,8 +15,9 @@ this measurement.
         [--samplers lcm,ddpm,tcd-0.3,tcd-0.1,tcd-0.0,ddim] [--seeds 0,1,2,3] [--num-samples 1000]
         [--output DIR]
 
-``lcm`` is the student as exported (a VP student's LCMScheduler). Prints a markdown table (one row per
-sampler) for eval/RESULTS.md.
+Each sampler is built from the exported scheduler's config (LCM's own keys, when the run exported DDPM or DDIM,
+fall back to their defaults: 50 grid points and scaling 10, the default recipe's). Prints a markdown table (one
+row per sampler) for eval/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -38,16 +39,17 @@ SCHEDULERS = {"lcm": "LCMScheduler", "tcd": "TCDScheduler", "ddpm": "DDPMSchedul
 
 
 def swapped(student: Path, sampler: str, folder: Path) -> Path:
-    """A copy of ``student`` whose pipeline loads ``sampler``'s scheduler class from its own scheduler
-    config."""
+    """``student`` if it was exported with ``sampler``'s scheduler class, else a copy whose pipeline loads that class
+    from its own scheduler config, in a DDPMPipeline (a DDIMPipeline would turn any scheduler into DDIM)."""
     name = SCHEDULERS[sampler.split("-")[0]]
-    if name == "LCMScheduler":
+    if name == json.loads((student / "scheduler" / "scheduler_config.json").read_text())["_class_name"]:
         return student
     if not folder.is_dir():
         shutil.copytree(student, folder)
         index = json.loads((folder / "model_index.json").read_text())
         config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         index["scheduler"], config["_class_name"] = ["diffusers", name], name
+        index["_class_name"] = "DDPMPipeline"
         (folder / "model_index.json").write_text(json.dumps(index, indent=2))
         (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config, indent=2))
     return folder

@@ -134,27 +134,36 @@ def ratios(results: dict) -> dict:
             "student_4_vs_solver": student[4] / solver4, "best_solver_4": solver4 / reference}
 
 
-def table(figures: dict[str, list[dict]], records: dict[str, dict]) -> str:
+def table(figures: dict[str, list[dict]], summaries: dict[str, dict]) -> str:
     from statistics import mean, stdev
 
     def cell(values: list[float]) -> str:
         return f"{mean(values):.2f}" + (f" ± {stdev(values):.2f}" if len(values) > 1 else "")
 
     header = ("| teacher | seeds | teacher DDIM-64 FD | student 4 / DDIM-64 (target <= 1.25) | student 4 / best "
-              "solver 4 (<= 0.5) | student 2 / DDIM-64 (<= 1.5) | best solver 4 / DDIM-64 | exported step (of last) |")
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
+              "solver 4 (<= 0.5) | student 2 / DDIM-64 (<= 1.5) | best solver 4 / DDIM-64 | exported step (of last) | "
+              "exported sampler |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     for name, seeds in figures.items():
-        record = records[name]
+        summary = summaries[name]
         lines.append(f"| {name} | {len(seeds)} | {cell([s['reference_fd'] for s in seeds])} | "
                      f"{cell([s['student_4'] for s in seeds])} | {cell([s['student_4_vs_solver'] for s in seeds])} | "
                      f"{cell([s['student_2'] for s in seeds])} | {cell([s['best_solver_4'] for s in seeds])} | "
-                     f"{exported(record)} |")
+                     f"{exported(summary.get('validation'))} | {sampler(summary.get('sampler_choice'))} |")
     return "\n".join(lines)
 
 
 def exported(record: dict) -> str:
     """Which step the run exported: validation's choice, or its last step when it ran without validation."""
     return f"{record['best_step']} (of {record['history'][-1]['step']})" if record else "last (not validated)"
+
+
+def sampler(choice: dict | None) -> str:
+    """The scheduler the run exported and the validation FD of each it scored (runs before the choice: LCM)."""
+    if not choice:
+        return "LCMScheduler (not scored)"
+    scores = ", ".join(f"{name.removesuffix('Scheduler')} {fd:.3g}" for name, fd in choice["fd"].items())
+    return f"{choice['exported']} ({scores})"
 
 
 def main() -> int:
@@ -170,18 +179,18 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.output)
     data = {"photo-patches": photo_patches(out / "data" / "photo-patches")}
-    figures, records = {}, {}
+    figures, summaries = {}, {}
     widths = [int(w) for w in args.teacher_widths.split(",")] if args.teacher_widths else None
     for teacher in (t for t in PANEL if t.name in args.teachers.split(",")):
         pipeline = run(teacher_config(teacher, data[teacher.data], args.teacher_steps, widths), out / teacher.name / "teacher")
         name = "student-validated" if args.validated else "student"
         student = run(student_config(pipeline, data[teacher.data], args.validated), out / teacher.name / name)
-        records[teacher.name] = json.loads((student.parent / "training_summary.json").read_text()).get("validation")
+        summaries[teacher.name] = json.loads((student.parent / "training_summary.json").read_text())
         figures[teacher.name] = [ratios(evaluate_seed(student, pipeline, data[teacher.data], seed, args.num_samples,
                                                       out / teacher.name / f"eval-{name}-seed{seed}"))
                                  for seed in map(int, args.seeds.split(","))]
-        print(table(figures, records), flush=True)
-    print(table(figures, records))
+        print(table(figures, summaries), flush=True)
+    print(table(figures, summaries))
     return 0
 
 

@@ -5,11 +5,16 @@ each validation noise seed (a run's train.seed), at k = 2 and 4: which checkpoin
 
     python eval/validation_ranking.py --run RUN --teacher TEACHER --references R0,R1,R2,R3 \
         [--checkpoints 400,600,...] [--samples 1024] [--seeds 0,1,2] [--validation-references data,teacher]
-        [--no-truth | --no-validation]
+        [--data digits] [--feature digits-classifier] [--samplers LCMScheduler,DDIMScheduler]
+        [--validation-sampler LCMScheduler] [--no-truth | --no-validation]
 
 --references: the teacher's per-seed 64-step FDs on seeds 0-3 (eval/RESULTS.md records them for each digits
 teacher). Checkpoints are the run's ckpt-r00-sNNNNNNNN folders; their raw student weights are scored (the default
-recipe keeps no EMA). The evaluation's four seeds are most of the time; --no-truth leaves them out.
+recipe keeps no EMA). The evaluation's four seeds are most of the time; --no-truth leaves them out. --samplers: the
+schedulers the truth samples with (default: the exported one), each built by ``from_config`` of the exported one;
+--validation-sampler: the one in-run validation ranked checkpoints with (a consistency run's LCMScheduler, whatever
+its end exported). --data / --feature: the run's data and validation feature network (the panel: its patch
+folder and random-conv).
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
+import diffusers
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -53,20 +60,30 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1,2", help="validation noise seeds (a run's train.seed)")
     parser.add_argument("--validation-references", default="data,teacher")
     parser.add_argument("--data", default="digits", help="the run's data.source")
+    parser.add_argument("--feature", default="digits-classifier")
+    parser.add_argument("--samplers", default="", help="scheduler classes the truth samples with (default: exported)")
+    parser.add_argument("--validation-sampler", default="", help="the scheduler validation ranks with (default: "
+                                                                     "exported)")
     parser.add_argument("--no-truth", action="store_true")
     parser.add_argument("--no-validation", action="store_true")
     args = parser.parse_args()
     run, references = Path(args.run), [float(r) for r in args.references.split(",")]
-    feature = load_feature_network("digits-classifier")
+    feature = load_feature_network(args.feature)
     student, teacher = load_pipeline(str(run / "student")), load_pipeline(args.teacher)
-    real = load_real_set("digits", feature, student.image_size, student.image_channels, default_cache_dir())
-    sample = own_scheduler(student.pipeline)
+    real = load_real_set(args.data, feature, student.image_size, student.image_channels, default_cache_dir())
+    exported = student.pipeline.scheduler
+
+    def scheduler(name: str):
+        return getattr(diffusers, name).from_config(exported.config) if name else exported
+
+    samplers = {name: own_scheduler(SimpleNamespace(scheduler=scheduler(name)))
+                for name in (args.samplers.split(",") if args.samplers else [type(exported).__name__])}
     kinds = [] if args.no_validation else args.validation_references.split(",")
     seeds = list(map(int, args.seeds.split(",")))
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        validators = {(kind, seed): Validator(teacher, student.pipeline.scheduler, student.denoiser.prediction_type,
-                                              STEPS, args.samples, "digits-classifier",
+        validators = {(kind, seed): Validator(teacher, scheduler(args.validation_sampler),
+                                              student.denoiser.prediction_type, STEPS, args.samples, args.feature,
                                               Path(scratch) / f"{kind}-{seed}", seed,
                                               DataConfig(source=args.data) if kind == "data" else None)
                       for kind in kinds for seed in seeds}
@@ -74,10 +91,10 @@ def main() -> int:
             tensors, _ = checkpoint.load(checkpoint_at(run, step))
             student.denoiser.unet.load_state_dict(tensors["student"])
             row = {"step": step}
-            for k in () if args.no_truth else STEPS:
+            for (name, sample), k in ([] if args.no_truth else [(s, k) for s in samplers.items() for k in STEPS]):
                 fds = [sampled_fd(student.denoiser, sample, k, seed, 1000, feature, real) for seed in range(4)]
-                row[f"truth k={k}"] = round(mean_ratio(fds, references), 3)
-                row[f"truth k={k} per seed"] = [round(fd / r, 3) for fd, r in zip(fds, references)]
+                row[f"truth {name} k={k}"] = round(mean_ratio(fds, references), 3)
+                row[f"truth {name} k={k} per seed"] = [round(fd / r, 3) for fd, r in zip(fds, references)]
             for (kind, seed), validator in validators.items():
                 fds = validator(student.denoiser.unet)
                 row[f"{kind} seed {seed}"] = {k: round(fd, 2) for k, fd in fds.items()}
