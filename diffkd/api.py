@@ -214,7 +214,8 @@ def distill(config: Config, output: str | Path, resume: bool | str | Path = Fals
                 checkpoint.load_network_state(student, trainer.best_weights)
             choice = None
             if spec.alternatives and trainer.validator is not None:
-                spec, choice = sampler_choice.choose(spec, lambda scheduler: trainer.validator(student, scheduler))
+                spec, choice = sampler_choice.choose(spec, lambda scheduler: trainer.validator(student, scheduler),
+                                                     best_validation(spec, progress.validation))
             trainer.write_summary({"sampler_choice": choice} if choice else {})
             card = model_card(config, method, spec, report, student, teacher,
                               sum(progress.round_seconds.values()) or time.perf_counter() - started,
@@ -271,6 +272,15 @@ def make_validator(config: Config, teacher: LoadedPipeline, method: Method, outp
     return Validator(teacher, spec.scheduler, spec.prediction_type,
                      tuple(train.validate_steps) or (spec.num_inference_steps,), train.validate_samples,
                      train.validate_feature, output / "validation", train.seed, data)
+
+
+def best_validation(spec, record: dict) -> dict[str, dict[int, float]]:
+    """The exported weights' FDs with the method's own scheduler, which in-run validation scored (none without it):
+    the sampler choice need not sample them again."""
+    if record.get("best_step") is None:
+        return {}
+    best = next(h for h in record["history"] if h["step"] == record["best_step"])
+    return {type(spec.scheduler).__name__: {int(k): fd for k, fd in best["fd_per_k"].items()}}
 
 
 def validation_card(validator: Validator, record: dict) -> dict:

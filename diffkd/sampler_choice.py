@@ -6,7 +6,8 @@ DDIMScheduler 6.20x and 1.02x (eval/RESULTS.md, "Teacher panel"). So at its end 
 scheduler on the exported weights with its validator (the same noise, reference and k as the checkpoint choice) and
 exports the least geometric mean over k. The method's own scheduler is kept unless another beats it by more than
 ``MARGIN``: the choice is made on one draw of ``train.validate_samples`` noises, and a near-tie is not worth a
-different sampler from the one the method was tuned with. Costs one validation per candidate.
+different sampler from the one the method was tuned with. Costs one validation per candidate, less the method's own
+where in-run validation already scored the exported weights with it.
 """
 
 from __future__ import annotations
@@ -31,13 +32,17 @@ def pick(fds: dict[str, float], own: str) -> str:
     return best if fds[best] < MARGIN * fds[own] else own
 
 
-def choose(spec: ExportSpec, score: Callable[[object], dict[int, float]]) -> tuple[ExportSpec, dict]:
-    """``spec`` or one of its alternatives, by ``score`` (a scheduler -> its FD at each validated k), and the record
-    of every candidate's figures; the chosen spec's swaps are the candidates that scored within ``ALSO_WORKS``."""
+def choose(spec: ExportSpec, score: Callable[[object], dict[int, float]],
+           known: dict[str, dict[int, float]] | None = None) -> tuple[ExportSpec, dict]:
+    """``spec`` or one of its alternatives, by ``score`` (a scheduler -> its FD at each validated k) or ``known``
+    figures of a candidate (the best validation's, for the method's own scheduler), and the record of every
+    candidate's figures; the chosen spec's swaps are the candidates that scored within ``ALSO_WORKS``."""
     started = time.perf_counter()
     own = type(spec.scheduler).__name__
     candidates = {own: spec, **spec.alternatives}
-    per_k = {name: score(candidate.scheduler) for name, candidate in candidates.items()}
+    known = known or {}
+    per_k = {name: known[name] if name in known else score(candidate.scheduler)
+             for name, candidate in candidates.items()}
     fds = {name: geometric_mean(values.values()) for name, values in per_k.items()}
     chosen = pick(fds, own)
     swaps = tuple(name for name in candidates if name != chosen and fds[name] <= ALSO_WORKS * fds[chosen])

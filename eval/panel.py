@@ -159,9 +159,10 @@ def exported(record: dict) -> str:
 
 
 def sampler(choice: dict | None) -> str:
-    """The scheduler the run exported and the validation FD of each it scored (runs before the choice: LCM)."""
+    """The scheduler the run exported and the validation FD of each it scored; a path with one consistency
+    scheduler (flow) scores none."""
     if not choice:
-        return "LCMScheduler (not scored)"
+        return "its consistency scheduler (none other offered)"
     scores = ", ".join(f"{name.removesuffix('Scheduler')} {fd:.3g}" for name, fd in choice["fd"].items())
     return f"{choice['exported']} ({scores})"
 

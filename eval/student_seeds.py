@@ -5,10 +5,11 @@ the methods table's. A screening tool for recipe changes: a four-seed student co
 92 for the whole table.
 
     python eval/student_seeds.py --student NAME=RUN [--student ...] [--steps 1,2,4] [--seeds 0,1,2,3]
-        [--reference eval/out/methods-table] [--grid 999,499,-1 ...]
+        [--reference eval/out/methods-table] [--grid 999,499,-1 ...] [--samplers LCMScheduler,DDPMScheduler]
 
 --grid also samples the student's UNet by DDIM on that timestep grid (ending -1, the clean sample): which step of
-a multi-step student is the weak one.
+a multi-step student is the weak one. --samplers: one row per scheduler class, each built by ``from_config`` of the
+exported one (default: the exported one alone).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import sys
 from pathlib import Path
 
+import diffusers
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -78,6 +80,7 @@ def main() -> int:
     parser.add_argument("--teacher", help="sample this teacher's DDIM-64 reference here instead of --reference's")
     parser.add_argument("--num-samples", type=int, default=1000, help="with --teacher (else the reference's count)")
     parser.add_argument("--grid", action="append", default=[], help="also DDIM on this grid, e.g. 999,499,-1")
+    parser.add_argument("--samplers", default="", help="scheduler classes to sample with (default: the exported)")
     args = parser.parse_args()
     steps, seeds = [int(k) for k in args.steps.split(",")], [int(s) for s in args.seeds.split(",")]
     feature = load_feature_network("digits-classifier")
@@ -91,10 +94,15 @@ def main() -> int:
         references = {seed: reference_fd(Path(args.reference), seed) for seed in seeds}
     reference_fds = [references[seed][0] for seed in seeds]
     body = []
-    for name, run in (named_run(s) for s in args.student):
+    rows = [(name, run, sampler) for name, run in (named_run(s) for s in args.student)
+            for sampler in (args.samplers.split(",") if args.samplers else [""])]
+    for name, run, sampler in rows:
         pipe = load_pipeline(str(Path(run) / "student"))
         real = load_real_set("digits", feature, pipe.image_size, pipe.image_channels, default_cache_dir())
-        samplers = {f"k={k}": (own_scheduler(pipe), k) for k in steps}
+        if sampler:
+            pipe.pipeline.scheduler = getattr(diffusers, sampler).from_config(pipe.pipeline.scheduler.config)
+            name = f"{name} ({sampler})"
+        samplers = {f"k={k}": (own_scheduler(pipe.pipeline), k) for k in steps}
         samplers |= {f"grid {grid}": (on_grid([int(t) for t in grid.split(",")]), 0) for grid in args.grid}
         fds = {column: [sampled_fd(pipe.denoiser, sample, k, seed, references[seed][1], feature, real)
                         for seed in seeds] for column, (sample, k) in samplers.items()}

@@ -44,6 +44,20 @@ def test_choose_exports_the_winner_and_lists_the_near_ones_as_swaps():
     assert record["fd_per_k"]["DDIMScheduler"] == {"2": 2.0, "4": 8.0}
 
 
+def test_known_figures_are_not_sampled_again():
+    """The best validation's own-scheduler figures stand in for sampling it: only the alternatives are scored."""
+    spec = spec_of(LCMScheduler(), alternatives={"DDIMScheduler": spec_of(DDIMScheduler())})
+    scored = []
+
+    def score(scheduler):
+        scored.append(type(scheduler).__name__)
+        return {4: 1.0}
+
+    chosen, record = choose(spec, score, {"LCMScheduler": {4: 2.0}})
+    assert scored == ["DDIMScheduler"] and record["fd"]["LCMScheduler"] == 2.0
+    assert isinstance(chosen.scheduler, DDIMScheduler)
+
+
 def test_vp_alternatives_start_at_the_top_of_the_grid_on_any_teacher_spacing():
     """From a teacher whose config samples the leading grid (SD's: 751, 501, 251, 1 at k = 4) the alternatives
     still start from pure noise, as the consistency student was trained to."""
