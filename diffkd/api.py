@@ -136,6 +136,7 @@ class Start:
     trainer: Trainer
     teacher_facts: dict
     resumed_other: dict | None
+    chooser: Validator | None  # scores the export's candidate samplers (diffkd.sampler_choice)
 
 
 def check_start(config: Config, output: Path, resume: bool | str | Path, overwrite: bool, from_other: bool) -> Start:
@@ -160,9 +161,10 @@ def check_start(config: Config, output: Path, resume: bool | str | Path, overwri
         check_evaluation(config, teacher)
     trainer = Trainer(method, config.train, output, accelerator, identity)
     trainer.validator = make_validator(config, teacher, method, output)
+    chooser = make_chooser(config, teacher, method, output)
     if resume_from is not None:
         trainer.restore(resume_from)
-    return Start(accelerator, teacher, method, report, trainer, facts, resumed_other)
+    return Start(accelerator, teacher, method, report, trainer, facts, resumed_other, chooser)
 
 
 def validate(config: Config, output: str | Path, resume: bool | str | Path = False, overwrite: bool = False,
@@ -212,10 +214,9 @@ def distill(config: Config, output: str | Path, resume: bool | str | Path = Fals
             spec = method.export_spec()
             if trainer.best_weights:  # the best validated weights, not the last ones
                 checkpoint.load_network_state(student, trainer.best_weights)
-            choice = None
-            if spec.alternatives and trainer.validator is not None:
-                spec, choice = sampler_choice.choose(spec, lambda scheduler: trainer.validator(student, scheduler),
-                                                     best_validation(spec, progress.validation))
+            choice, chooser = None, start.chooser
+            if chooser is not None:
+                spec, choice = sampler_choice.choose(spec, lambda scheduler: chooser(student, scheduler))
             trainer.write_summary({"sampler_choice": choice} if choice else {})
             card = model_card(config, method, spec, report, student, teacher,
                               sum(progress.round_seconds.values()) or time.perf_counter() - started,
@@ -223,7 +224,7 @@ def distill(config: Config, output: str | Path, resume: bool | str | Path = Fals
             if trainer.validator is not None and progress.validation:
                 card["validation"] = validation_card(trainer.validator, progress.validation)
             if choice:
-                card["sampler_choice"] = {"exported": choice["exported"], "steps": list(trainer.validator.steps),
+                card["sampler_choice"] = {"exported": choice["exported"], "steps": list(chooser.steps),
                                           "fd": {name: round(fd, 4) for name, fd in choice["fd"].items()}}
             skipped = getattr(trainer.data, "skipped", 0)
             if skipped:
@@ -239,7 +240,7 @@ def distill(config: Config, output: str | Path, resume: bool | str | Path = Fals
             if "validation" in card:
                 add_validation_section(folder, trainer.validator, progress.validation, output / "validation")
             if choice:
-                add_sampler_section(folder, trainer.validator, choice)
+                add_sampler_section(folder, chooser, choice)
             if config.run_eval and method.needs_teacher:
                 evaluated = folder if lora is None else fused_folder(folder)
                 run_evaluation(config, evaluated, output / "eval", str(accelerator.device))
@@ -251,36 +252,41 @@ def distill(config: Config, output: str | Path, resume: bool | str | Path = Fals
 
 
 def make_validator(config: Config, teacher: LoadedPipeline, method: Method, output: Path) -> Validator | None:
-    """The in-run validation ``train.validate_every`` asks for, scoring k-step samples of the exported scheduler;
-    with it off, one for the sampler choice at the run's end where the method offers one and the teacher is
-    unconditional (a text teacher's student keeps its method's scheduler)."""
+    """The in-run validation ``train.validate_every`` asks for, scoring k-step samples of the exported scheduler."""
     train = config.train
-    spec = method.export_spec()
-    unconditional = method.needs_teacher and not teacher.text_conditioned
-    if train.validate_every == 0 and not (spec.alternatives and unconditional):
+    if train.validate_every == 0:
         return None
-    if not unconditional:
+    if not method.needs_teacher or teacher.text_conditioned:
         raise DiffkdError("train.validate_every scores an unconditional teacher's student; this "
                           f"{config.method.name} run has "
                           f"{'no teacher' if not method.needs_teacher else 'a text-conditioned one'}: set it to 0")
+    spec = method.export_spec()
+    return scoring(config, teacher, spec, tuple(train.validate_steps) or (spec.num_inference_steps,),
+                   train.validate_samples, output / "validation")
+
+
+def make_chooser(config: Config, teacher: LoadedPipeline, method: Method, output: Path) -> Validator | None:
+    """The validator of the sampler choice at the run's end (``diffkd.sampler_choice``), where the method offers
+    several schedulers and the teacher is unconditional (a text teacher's student keeps its method's scheduler)."""
+    spec = method.export_spec()
+    if not spec.alternatives or not method.needs_teacher or teacher.text_conditioned:
+        return None
+    return scoring(config, teacher, spec, sampler_choice.choice_steps(spec.num_inference_steps),
+                   sampler_choice.choice_samples(config.train.validate_samples), output / "validation" / "samplers")
+
+
+def scoring(config: Config, teacher: LoadedPipeline, spec, steps: tuple[int, ...], samples: int,
+            folder: Path) -> Validator:
+    """A Validator of ``spec``'s student with the ``train.validate_*`` reference and feature settings."""
+    train = config.train
     in_memory = captioned.kind_of(config.data.source) is None
     if train.validate_reference == "data" and not in_memory:
         raise DiffkdError(f"train.validate_reference=data reads the training images into memory, and "
                           f"{config.data.source!r} is a streamed set: set train.validate_reference=teacher")
     data = config.data if train.validate_reference == "data" or (train.validate_reference == "auto" and in_memory) \
         else None
-    return Validator(teacher, spec.scheduler, spec.prediction_type,
-                     tuple(train.validate_steps) or (spec.num_inference_steps,), train.validate_samples,
-                     train.validate_feature, output / "validation", train.seed, data)
-
-
-def best_validation(spec, record: dict) -> dict[str, dict[int, float]]:
-    """The exported weights' FDs with the method's own scheduler, which in-run validation scored (none without it):
-    the sampler choice need not sample them again."""
-    if record.get("best_step") is None:
-        return {}
-    best = next(h for h in record["history"] if h["step"] == record["best_step"])
-    return {type(spec.scheduler).__name__: {int(k): fd for k, fd in best["fd_per_k"].items()}}
+    return Validator(teacher, spec.scheduler, spec.prediction_type, steps, samples, train.validate_feature, folder,
+                     train.seed, data)
 
 
 def validation_card(validator: Validator, record: dict) -> dict:
@@ -311,13 +317,13 @@ def add_validation_section(folder: Path, validator: Validator, record: dict, plo
 def add_sampler_section(folder: Path, validator: Validator, choice: dict) -> None:
     """The model card's record of the schedulers the run scored and the one it exports."""
     scores = ", ".join(f"{name} {fd:.4g}" for name, fd in sorted(choice["fd"].items(), key=lambda item: item[1]))
-    steps = " and ".join(map(str, validator.steps))
+    steps = ", ".join(map(str, validator.steps))
     kept = ("" if choice["exported"] == choice["own"] else
-            f", in place of the method's {choice['own']} (replaced only when another is {1 - sampler_choice.MARGIN:.0%} "
-            "better)")
+            f", in place of the method's {choice['own']} (replaced only by one more than "
+            f"{1 - sampler_choice.MARGIN:.0%} better)")
     add_card_section(folder / "README.md", "Sampler", [(
         f"Exported with {choice['exported']}{kept}. Scored on the exported weights by the geometric mean over "
-        f"{steps} steps of the {validator.feature.label} of {validator.samples} samples to "
+        f"k = {steps} sampling steps of the {validator.feature.label} of {validator.samples} samples to "
         f"{validator.reference_name}: {scores}.")])
 
 
