@@ -260,24 +260,21 @@ def make_validator(config: Config, teacher: LoadedPipeline, method: Method, outp
         raise DiffkdError("train.validate_every scores an unconditional teacher's student; this "
                           f"{config.method.name} run has "
                           f"{'no teacher' if not method.needs_teacher else 'a text-conditioned one'}: set it to 0")
-    spec = method.export_spec()
-    return scoring(config, teacher, spec, tuple(train.validate_steps) or (spec.num_inference_steps,),
-                   train.validate_samples, output / "validation")
+    return scoring(config, teacher, method.export_spec(), output)
 
 
 def make_chooser(config: Config, teacher: LoadedPipeline, method: Method, output: Path) -> Validator | None:
     """The validator of the sampler choice at the run's end (``diffkd.sampler_choice``), where the method offers
-    several schedulers and the teacher is unconditional (a text teacher's student keeps its method's scheduler)."""
+    several schedulers and the teacher is unconditional (a text teacher's student keeps its method's scheduler);
+    with validate_every 0 too."""
     spec = method.export_spec()
     if not spec.alternatives or not method.needs_teacher or teacher.text_conditioned:
         return None
-    return scoring(config, teacher, spec, sampler_choice.choice_steps(spec.num_inference_steps),
-                   sampler_choice.choice_samples(config.train.validate_samples), output / "validation" / "samplers")
+    return scoring(config, teacher, spec, output)
 
 
-def scoring(config: Config, teacher: LoadedPipeline, spec, steps: tuple[int, ...], samples: int,
-            folder: Path) -> Validator:
-    """A Validator of ``spec``'s student with the ``train.validate_*`` reference and feature settings."""
+def scoring(config: Config, teacher: LoadedPipeline, spec, output: Path) -> Validator:
+    """A Validator of ``spec``'s student with the ``train.validate_*`` settings (k, noise, reference, feature)."""
     train = config.train
     in_memory = captioned.kind_of(config.data.source) is None
     if train.validate_reference == "data" and not in_memory:
@@ -285,8 +282,9 @@ def scoring(config: Config, teacher: LoadedPipeline, spec, steps: tuple[int, ...
                           f"{config.data.source!r} is a streamed set: set train.validate_reference=teacher")
     data = config.data if train.validate_reference == "data" or (train.validate_reference == "auto" and in_memory) \
         else None
-    return Validator(teacher, spec.scheduler, spec.prediction_type, steps, samples, train.validate_feature, folder,
-                     train.seed, data)
+    return Validator(teacher, spec.scheduler, spec.prediction_type,
+                     tuple(train.validate_steps) or (spec.num_inference_steps,), train.validate_samples,
+                     train.validate_feature, output / "validation", train.seed, data)
 
 
 def validation_card(validator: Validator, record: dict) -> dict:
