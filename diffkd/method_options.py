@@ -166,8 +166,8 @@ class ConsistencyConfig(MethodConfig):
     ``num_inference_steps``: the step count the model card and the evaluation name as the student's own; the
     exported LCMScheduler samples any k from 1 to 8 (and up to teacher_grid).
     ``sampler``: the scheduler class the student is exported with, or "auto": on an unconditional teacher the run
-    scores its consistency scheduler and the alternatives its noise path offers (DDPM and DDIM on a VP path) at
-    its end and exports the clearly best (``diffkd.sampler_choice``); otherwise the consistency scheduler.
+    scores its consistency scheduler and the alternatives its noise path offers (DDIM on a VP path) at its end and
+    exports the clearly best (``diffkd.sampler_choice``); otherwise the consistency scheduler.
     """
 
     name: str = "consistency"

@@ -16,8 +16,8 @@ same input and w (Meng et al. 2023, stage 1), and the target network restarts fr
 The export is the plain F with the path's consistency scheduler: diffusers' ``LCMScheduler`` on the same grid
 (``original_inference_steps`` = N, the same timestep scaling and x0 clip), which applies c_skip and c_out itself, or
 its rectified-flow counterpart for a flow teacher: ``from_pretrained(student)(num_inference_steps=k)`` samples for any k
-up to N with one network. On an unconditional VP teacher the run also scores DDPM and DDIM on the same student and
-exports one of them when it samples clearly better (``diffkd.sampler_choice``; photo-v: DDIM 1.02x the teacher's
+up to N with one network. On an unconditional VP teacher the run also scores DDIM on the same student and exports
+it when it samples clearly better (``diffkd.sampler_choice``; photo-v: DDIM 1.02x the teacher's
 DDIM-64 FD at 4 steps where LCM gives 1.97x).
 """
 
