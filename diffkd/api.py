@@ -267,10 +267,10 @@ def make_chooser(config: Config, teacher: LoadedPipeline, method: Method, output
     """The validator of the sampler choice at the run's end (``diffkd.sampler_choice``), where the method offers
     several schedulers and the teacher is unconditional (a text teacher's student keeps its method's scheduler);
     with validate_every 0 too."""
+    if not method.needs_teacher or teacher.text_conditioned:  # first: a teacher-training method's export_spec
+        return None  # freezes what it trains (text-denoise's text encoder)
     spec = method.export_spec()
-    if not spec.alternatives or not method.needs_teacher or teacher.text_conditioned:
-        return None
-    return scoring(config, teacher, spec, output)
+    return scoring(config, teacher, spec, output) if spec.alternatives else None
 
 
 def scoring(config: Config, teacher: LoadedPipeline, spec, output: Path) -> Validator:
