@@ -104,7 +104,7 @@ class Validator:
     def __call__(self, student: nn.Module, scheduler=None) -> dict[int, float]:
         """FD of ``student``'s k-step samples to the reference, for each k: with its exported scheduler, or with
         ``scheduler`` (a candidate of ``diffkd.sampler_choice``)."""
-        scheduler = scheduler or self.scheduler
+        scheduler = self.scheduler if scheduler is None else scheduler
         mu, sigma = self.reference()
         teacher = self.teacher.denoiser
         model = Denoiser(student, teacher.path, self.prediction_type, clip_sample=teacher.clip_sample,

@@ -578,7 +578,8 @@ class Trainer:
             wall = sum(self.progress.round_seconds.values())
             for key in ("validation", "sampler_choice"):
                 if summary.get(key):
-                    summary[key] = {**summary[key], "share_of_wall_time": summary[key]["seconds"] / wall if wall else None}
+                    share = summary[key]["seconds"] / wall if wall else None
+                    summary[key] = {**summary[key], "share_of_wall_time": share}
             if isinstance(self.data, StreamedRows):
                 summary["data"] = {"rows": len(self.data), "rows_skipped": self.data.skipped,
                                    "wait_seconds": round(self.data.wait_seconds, 3)}

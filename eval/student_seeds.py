@@ -44,7 +44,12 @@ def reference_fd(folder: Path, seed: int) -> tuple[float, int]:
 
 def own_scheduler(pipe):
     """A sampler ``(model, noise, steps)`` with a fresh copy of the pipeline's exported scheduler per call."""
-    return lambda model, noise, steps: scheduler_sample(model, type(pipe.scheduler).from_config(pipe.scheduler.config),
+    return with_scheduler(pipe.scheduler)
+
+
+def with_scheduler(scheduler):
+    """A sampler ``(model, noise, steps)`` with a fresh copy of ``scheduler`` per call."""
+    return lambda model, noise, steps: scheduler_sample(model, type(scheduler).from_config(scheduler.config),
                                                         noise, steps, None)
 
 

@@ -24,14 +24,13 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import diffusers
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from student_seeds import mean_ratio, own_scheduler, sampled_fd
+from student_seeds import mean_ratio, sampled_fd, with_scheduler
 
 from diffkd import checkpoint
 from diffkd.config import DataConfig
@@ -76,7 +75,7 @@ def main() -> int:
     def scheduler(name: str):
         return getattr(diffusers, name).from_config(exported.config) if name else exported
 
-    samplers = {name: own_scheduler(SimpleNamespace(scheduler=scheduler(name)))
+    samplers = {name: with_scheduler(scheduler(name))
                 for name in (args.samplers.split(",") if args.samplers else [type(exported).__name__])}
     kinds = [] if args.no_validation else args.validation_references.split(",")
     seeds = list(map(int, args.seeds.split(",")))
