@@ -161,7 +161,7 @@ def check_start(config: Config, output: Path, resume: bool | str | Path, overwri
         check_evaluation(config, teacher)
     trainer = Trainer(method, config.train, output, accelerator, identity)
     trainer.validator = make_validator(config, teacher, method, output)
-    chooser = make_chooser(config, teacher, method, output)
+    chooser = make_chooser(config, teacher, method, output, trainer.validator)
     if resume_from is not None:
         trainer.restore(resume_from)
     return Start(accelerator, teacher, method, report, trainer, facts, resumed_other, chooser)
@@ -263,14 +263,17 @@ def make_validator(config: Config, teacher: LoadedPipeline, method: Method, outp
     return scoring(config, teacher, method.export_spec(), output)
 
 
-def make_chooser(config: Config, teacher: LoadedPipeline, method: Method, output: Path) -> Validator | None:
+def make_chooser(config: Config, teacher: LoadedPipeline, method: Method, output: Path,
+                 validator: Validator | None = None) -> Validator | None:
     """The validator of the sampler choice at the run's end (``diffkd.sampler_choice``), where the method offers
-    several schedulers and the teacher is unconditional (a text teacher's student keeps its method's scheduler);
-    with validate_every 0 too."""
-    if not method.needs_teacher or teacher.text_conditioned:  # first: a teacher-training method's export_spec
-        return None  # freezes what it trains (text-denoise's text encoder)
+    several schedulers and the teacher is unconditional (a text teacher's student keeps its method's scheduler):
+    the in-run ``validator`` when there is one (the same settings, its reference already made), else its like."""
+    if not method.needs_teacher or teacher.text_conditioned:
+        return None
     spec = method.export_spec()
-    return scoring(config, teacher, spec, output) if spec.alternatives else None
+    if not spec.alternatives:
+        return None
+    return validator or scoring(config, teacher, spec, output)
 
 
 def scoring(config: Config, teacher: LoadedPipeline, spec, output: Path) -> Validator:

@@ -9,7 +9,7 @@ import math
 import pytest
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, LCMScheduler
 
-from diffkd.api import distill, make_chooser, prepare
+from diffkd.api import distill, make_chooser, make_validator, prepare
 from diffkd.config import parse_config
 from diffkd.errors import DiffkdError
 from diffkd.methods.base import ExportSpec
@@ -105,3 +105,13 @@ def test_a_text_teachers_student_keeps_its_consistency_scheduler(tiny_sd, tmp_pa
     teacher, method, _ = prepare(config)
     assert make_chooser(config, teacher, method, tmp_path) is None
     assert isinstance(method.export_spec().scheduler, LCMScheduler)
+
+
+def test_a_validated_run_chooses_with_its_in_run_validator(tiny_teacher, tmp_path):
+    """The same settings: the in-run validator (its reference already made) scores the samplers too."""
+    config = parse_config(sampler_config(tiny_teacher))
+    config.train.validate_every = 2
+    teacher, method, _ = prepare(config)
+    validator = make_validator(config, teacher, method, tmp_path)
+    assert make_chooser(config, teacher, method, tmp_path, validator) is validator
+    assert make_chooser(config, teacher, method, tmp_path) is not validator

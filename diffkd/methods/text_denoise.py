@@ -122,7 +122,6 @@ class TextDenoisingTraining(Method):
 
     def export_spec(self) -> ExportSpec:
         o = self.options
-        self.text_encoder.requires_grad_(False).eval()
         return ExportSpec(self.teacher.scheduler, o.sample_steps, o.prediction_type,
                           card={"stage": "text-denoise", "components": o.components,
                                 "caption_dropout": o.caption_dropout,
