@@ -82,7 +82,7 @@ class LoadedPipeline:
 
     @property
     def image_channels(self) -> int:
-        return self.pipeline.vae.config.in_channels if self.latent else self.unet.config.in_channels
+        return self.denoiser.vae.config.in_channels if self.latent else self.unet.config.in_channels
 
     @property
     def text_conditioned(self) -> bool:
@@ -261,7 +261,7 @@ def denoiser_of(pipeline: DiffusionPipeline, source: str = "pipeline", latent_si
     side = latent_size or layout.latent_size(pipeline)
     path = noise_path_of(scheduler, source, image_seq_len=max(1, (side // 2) ** 2))  # packed 2x2, as Flux packs
     prediction_type = "flow" if isinstance(path, FlowPath) else scheduler.config.get("prediction_type", "epsilon")
-    vae = getattr(pipeline, "vae", None)
+    vae = layout.autoencoder(pipeline)
     clip = None
     if vae is None and scheduler.config.get("clip_sample", False):
         clip = float(scheduler.config.get("clip_sample_range", 1.0))

@@ -212,7 +212,9 @@ class ConsistencyConfig(MethodConfig):
 
 @dataclass
 class DenoiseConfig(MethodConfig):
-    """A small pixel-space UNet2DModel and its noise schedule."""
+    """A small UNet2DModel and its noise schedule: in pixel space, or with ``components`` (the folder the ``vq``
+    method exports) on that autoencoder's latents, exported as an LDMPipeline; sample_size and channels are then
+    the autoencoder's images', and its latents set the UNet's."""
 
     name: str = "denoise"
     num_steps: int = 3000
@@ -227,10 +229,16 @@ class DenoiseConfig(MethodConfig):
     clip_sample: bool = True
     sample_steps: int = 64
     shift: float = 1.0  # rectified flow only (prediction_type: flow): FlowMatchEulerDiscreteScheduler's shift
+    components: str = ""
 
     def __post_init__(self):
         check(self.num_steps >= 1, f"method.num_steps must be >= 1; got {self.num_steps}")
         check(self.sample_size >= 4, f"method.sample_size must be >= 4; got {self.sample_size}")
+        check(not self.components or self.prediction_type != "flow",
+              "method.components makes an LDMPipeline, whose loop samples VP schedulers only: use prediction_type "
+              "epsilon or v_prediction")
+        check(not self.components or not self.clip_sample,
+              "method.clip_sample clips x0 to [-1, 1], which latents are not: set it false with method.components")
         check(len(self.block_out_channels) >= 1, "method.block_out_channels needs at least one entry")
         check_choice("method.prediction_type", self.prediction_type, PREDICTION_TYPES)
         check_choice("method.beta_schedule", self.beta_schedule, ("linear", "scaled_linear", "squaredcos_cap_v2"))
@@ -408,6 +416,32 @@ class TextDenoiseConfig(MethodConfig):
               f"{self.beta_end}")
 
 
+@dataclass
+class VqConfig(MethodConfig):
+    """The first stage of an unconditional latent teacher: a VQModel trained on the data (VQGAN's loss without its
+    perceptual and GAN terms: L1 reconstruction plus the codebook and commitment terms of the quantiser), exported in
+    an LDMPipeline beside a placeholder UNet; ``denoise`` with ``method.components`` trains the real one. Each level
+    of ``block_out_channels`` but the last halves the side (16 px, two levels -> 8x8 latents)."""
+
+    name: str = "vq"
+    num_steps: int = 2000
+    sample_size: int = 16
+    channels: int = 3
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
+    layers_per_block: int = 1
+    latent_channels: int = 3
+    num_vq_embeddings: int = 256
+
+    def __post_init__(self):
+        check(self.num_steps >= 1, f"method.num_steps must be >= 1; got {self.num_steps}")
+        check(len(self.block_out_channels) >= 1, "method.block_out_channels needs at least one entry")
+        levels = len(self.block_out_channels)
+        check(self.sample_size % 2 ** (levels - 1) == 0,
+              f"method.sample_size ({self.sample_size}) must be divisible by 2^{levels - 1}, the VQModel's "
+              "downsampling")
+        check(self.num_vq_embeddings >= 2, f"method.num_vq_embeddings must be >= 2; got {self.num_vq_embeddings}")
+
+
 @dataclass(frozen=True)
 class RegisteredMethod:
     """A method's options class and where its implementation lives ("module:Class", imported on first use)."""
@@ -423,5 +457,6 @@ METHODS: dict[str, RegisteredMethod] = {
     "consistency": RegisteredMethod(ConsistencyConfig, "diffkd.methods.consistency:ConsistencyDistillation"),
     "dmd": RegisteredMethod(DmdConfig, "diffkd.methods.dmd:DistributionMatching"),
     "vae": RegisteredMethod(VaeConfig, "diffkd.methods.vae:VaeTraining"),
+    "vq": RegisteredMethod(VqConfig, "diffkd.methods.vq:VqTraining"),
     "text-denoise": RegisteredMethod(TextDenoiseConfig, "diffkd.methods.text_denoise:TextDenoisingTraining"),
 }

@@ -138,8 +138,13 @@ class Denoiser:
             return images
         scale, shift = self.vae.config.scaling_factor, self.vae.config.get("shift_factor")
         encoded = self.vae.encode(images.to(self.vae.dtype))
-        # a Gaussian posterior's mode (AutoencoderKL), or a deterministic latent (SANA's AutoencoderDC)
-        latents = (encoded.latent_dist.mode() if hasattr(encoded, "latent_dist") else encoded.latent).float()
+        # a Gaussian posterior's mode (AutoencoderKL), a deterministic latent (SANA's AutoencoderDC), or a VQ
+        # encoder's latents before quantisation (VQModel, whose decoder quantises: LDMPipeline decodes so)
+        if hasattr(encoded, "latent_dist"):
+            latents = encoded.latent_dist.mode()
+        else:
+            latents = encoded.latents if hasattr(encoded, "latents") else encoded.latent
+        latents = latents.float()
         return (latents if shift is None else latents - shift) * scale
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,8 @@ FAST_TESTS = ["tests/test_paths.py", "tests/test_schedule.py", "tests/test_progr
               "tests/test_psnr.py", "tests/test_frechet.py", "tests/test_kd_losses.py", "tests/test_generator.py",
               "tests/test_progressive.py", "tests/test_perceptual.py", "tests/test_consistency.py", "tests/test_dmd.py",
               "tests/test_guidance_embedding.py", "tests/test_glyphs_teacher.py",
-              "tests/test_run_validation.py", "tests/test_sampler_choice.py", "tests/test_plan_sharding.py"]
+              "tests/test_run_validation.py", "tests/test_sampler_choice.py", "tests/test_plan_sharding.py",
+              "tests/test_ldm.py"]
 
 
 @dataclass(frozen=True)
@@ -220,6 +221,16 @@ MUTATIONS = [
     Mutation("sampler-swaps-unmeasured", "diffkd/sampler_choice.py",
              "if name != chosen and fds[name] <= ALSO_WORKS * fds[chosen]", "if name != chosen",
              "the model card lists every scored sampler as a swap that works, however badly it scored"),
+    Mutation("ldm-scale-one-level-too-many", "diffkd/layouts/base.py",
+             "2 ** (len(autoencoder.config.block_out_channels) - 1)",
+             "2 ** len(autoencoder.config.block_out_channels)",
+             "an LDMPipeline's pixels per latent counted from every level of its VQModel, the last one included"),
+    Mutation("vq-encode-quantised", "diffkd/models.py",
+             'latents = encoded.latents if hasattr(encoded, "latents") else encoded.latent',
+             'latents = self.vae.quantize(encoded.latents)[0] if hasattr(encoded, "latents") else encoded.latent',
+             "a VQ teacher's training images encoded to their codebook entries, not the latents LDM trains on"),
+    Mutation("vq-scale-inverted", "diffkd/methods/vq.py", "return float(1 / latents.float().std())",
+             "return float(latents.float().std())", "the VQ latents scaled by their std instead of to unit variance"),
     Mutation("sampler-alternatives-leading", "diffkd/paths.py",
              'DDIMScheduler.from_config(config, timestep_spacing="trailing")', "DDIMScheduler.from_config(config)",
              "the DDIM alternative samples the teacher's grid (SD: from t = 751), not from pure noise at T - 1"),

@@ -83,6 +83,13 @@ def tiny_sd(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_ldm(tmp_path_factory) -> str:
+    from tests.tiny_layouts import make_tiny_ldm_pipeline
+
+    return make_tiny_ldm_pipeline(tmp_path_factory.mktemp("tiny-ldm") / "pipeline")
+
+
+@pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory) -> str:
     from tests.tiny_layouts import make_tiny_sdxl_pipeline
 

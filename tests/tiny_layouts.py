@@ -195,3 +195,20 @@ def make_tiny_pixart_pipeline(folder) -> str:
                                transformer=transformer, scheduler=scheduler)
     pipe.save_pretrained(folder)
     return str(folder)
+
+
+def make_tiny_ldm_pipeline(folder) -> str:
+    """Unconditional latent diffusion as CompVis/ldm-celebahq-256 ships it: a UNet2DModel on the latents of a
+    VQModel (8 px through 2x, 32 codes of 3 channels), DDIM on LDM's scaled-linear schedule."""
+    from diffusers import LDMPipeline, UNet2DModel, VQModel
+
+    torch.manual_seed(0)
+    vqvae = VQModel(in_channels=3, out_channels=3, block_out_channels=(8, 8), latent_channels=3,
+                    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                    norm_num_groups=4, num_vq_embeddings=32, sample_size=8, scaling_factor=0.5)
+    unet = UNet2DModel(sample_size=4, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195, clip_sample=False)
+    LDMPipeline(vqvae=vqvae, unet=unet, scheduler=scheduler).save_pretrained(folder)
+    return str(folder)

@@ -6,14 +6,17 @@ from __future__ import annotations
 from diffkd.errors import DiffkdError
 from diffkd.layouts.base import ADDED, Layout
 from diffkd.layouts.flux import FluxLayout
+from diffkd.layouts.ldm import LDMLayout
 from diffkd.layouts.pixart import PixArtLayout
 from diffkd.layouts.sana import SanaLayout
 from diffkd.layouts.sd3 import SD3Layout
 from diffkd.layouts.sdxl import SDXLLayout
 
-# Most specific first: SDXL is also a UNet pipeline.
-LAYOUTS: tuple[type[Layout], ...] = (FluxLayout, SD3Layout, SanaLayout, PixArtLayout, SDXLLayout, Layout)
-TAKEN = "DDPM/DDIM, Stable Diffusion 1.x/2.x, SDXL, SD3/3.5, Flux.1, SANA and PixArt-Sigma pipelines"
+# Most specific first: SDXL and LDM are also UNet pipelines.
+LAYOUTS: tuple[type[Layout], ...] = (FluxLayout, SD3Layout, SanaLayout, PixArtLayout, SDXLLayout, LDMLayout,
+                                     Layout)
+TAKEN = ("DDPM/DDIM, unconditional latent diffusion (LDMPipeline), Stable Diffusion 1.x/2.x, SDXL, SD3/3.5, Flux.1, "
+         "SANA and PixArt-Sigma pipelines")
 
 __all__ = ["ADDED", "LAYOUTS", "Layout", "layout_of"]
 

@@ -66,6 +66,7 @@ class Layout:
 
     name = "sd"
     component = "unet"  # the pipeline component that is the network (and that a student replaces)
+    autoencoder_component = "vae"  # the component between images and latents (absent from a pixel pipeline)
     lora_targets: tuple[str, ...] = tuple(LORA_TARGETS)  # LCM-LoRA's layers of this family's network
     evaluated = True  # whether diffkd's evaluation sweep samples this family's pipelines (SD's encode_prompt call)
 
@@ -87,9 +88,16 @@ class Layout:
         size = self.network(pipeline).config.sample_size
         return size[0] if isinstance(size, (list, tuple)) else size
 
-    @staticmethod
-    def vae_scale(pipeline) -> int:
-        return getattr(pipeline, "vae_scale_factor", 1) if getattr(pipeline, "vae", None) is not None else 1
+    def autoencoder(self, pipeline) -> nn.Module | None:
+        return getattr(pipeline, self.autoencoder_component, None)
+
+    def vae_scale(self, pipeline) -> int:
+        """Pixels per latent side: the pipeline's own ``vae_scale_factor``, or, where it keeps none (LDMPipeline),
+        what the autoencoder's levels make (each but the last halves the side, as diffusers computes it)."""
+        autoencoder = self.autoencoder(pipeline)
+        if autoencoder is None:
+            return 1
+        return getattr(pipeline, "vae_scale_factor", None) or 2 ** (len(autoencoder.config.block_out_channels) - 1)
 
     def forward(self, network: nn.Module, z: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor | None,
                 labels: torch.Tensor | None, timestep_cond: torch.Tensor | None,
