@@ -216,7 +216,8 @@ def distill(config: Config, output: str | Path, resume: bool | str | Path = Fals
                 checkpoint.load_network_state(student, trainer.best_weights)
             choice, chooser = None, start.chooser
             if chooser is not None:
-                spec, choice = sampler_choice.choose(spec, lambda scheduler: chooser(student, scheduler))
+                spec, choice = sampler_choice.choose(spec, lambda scheduler: chooser(student, scheduler),
+                                                     validated_scores(progress.validation, chooser, trainer))
             trainer.write_summary({"sampler_choice": choice} if choice else {})
             card = model_card(config, method, spec, report, student, teacher,
                               sum(progress.round_seconds.values()) or time.perf_counter() - started,
@@ -261,6 +262,15 @@ def make_validator(config: Config, teacher: LoadedPipeline, method: Method, outp
                           f"{config.method.name} run has "
                           f"{'no teacher' if not method.needs_teacher else 'a text-conditioned one'}: set it to 0")
     return scoring(config, teacher, method.export_spec(), output)
+
+
+def validated_scores(record: dict, validator: Validator, trainer: Trainer) -> dict[int, float] | None:
+    """The exported weights' FD at each k under their own scheduler, where in-run validation measured it: the best
+    validated weights are the exported ones, scored by the same validator (None when the run validated nothing)."""
+    if validator is not trainer.validator or not trainer.best_weights or record.get("best_step") is None:
+        return None
+    best = next(entry for entry in record["history"] if entry["step"] == record["best_step"])
+    return {int(k): fd for k, fd in best["fd_per_k"].items()}
 
 
 def make_chooser(config: Config, teacher: LoadedPipeline, method: Method, output: Path,

@@ -32,13 +32,17 @@ def pick(fds: dict[str, float], own: str) -> str:
     return best if fds[best] < MARGIN * fds[own] else own
 
 
-def choose(spec: ExportSpec, score: Callable[[object], dict[int, float]]) -> tuple[ExportSpec, dict]:
+def choose(spec: ExportSpec, score: Callable[[object], dict[int, float]],
+           own_scores: dict[int, float] | None = None) -> tuple[ExportSpec, dict]:
     """``spec`` or one of its alternatives, by ``score`` (a scheduler -> its FD at each k), and the record of every
-    candidate's figures; the chosen spec's swaps are the candidates that scored within ``ALSO_WORKS``."""
+    candidate's figures; the chosen spec's swaps are the candidates that scored within ``ALSO_WORKS``.
+    ``own_scores``: ``spec``'s scheduler's figures where the run already has them (in-run validation scored the
+    exported weights with it), so they are not paid for twice."""
     started = time.perf_counter()
     own = type(spec.scheduler).__name__
     candidates = {own: spec, **spec.alternatives}
-    per_k = {name: score(candidate.scheduler) for name, candidate in candidates.items()}
+    per_k = {name: own_scores if name == own and own_scores is not None else score(candidate.scheduler)
+             for name, candidate in candidates.items()}
     fds = {name: geometric_mean(values.values()) for name, values in per_k.items()}
     chosen = pick(fds, own)
     swaps = tuple(name for name in candidates if name != chosen and fds[name] <= ALSO_WORKS * fds[chosen])

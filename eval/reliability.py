@@ -147,6 +147,9 @@ def main() -> None:
                         help="run the bad-input cases through cli.main in this process (as the tests do: minutes "
                              "instead of one torch start-up per case on a busy machine)")
     args = parser.parse_args()
+    if args.write and args.only in ("kills", "cases"):  # one section holds both tables: half a run would blank one
+        parser.error("--write rewrites the section that holds both the kill and the bad-input tables: run both "
+                     "(no --only, or --only two-ranks for that section alone)")
     started = time.perf_counter()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

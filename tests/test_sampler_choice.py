@@ -115,3 +115,21 @@ def test_a_validated_run_chooses_with_its_in_run_validator(tiny_teacher, tmp_pat
     validator = make_validator(config, teacher, method, tmp_path)
     assert make_chooser(config, teacher, method, tmp_path, validator) is validator
     assert make_chooser(config, teacher, method, tmp_path) is not validator
+
+
+def test_a_validated_run_scores_only_the_alternatives_at_its_end(tiny_teacher, tmp_path, monkeypatch):
+    """In-run validation already scored the exported (best validated) weights with their own scheduler: the choice
+    takes those figures and samples the alternatives alone."""
+    from diffkd.run_validation import Validator
+
+    called, validate = [], Validator.__call__
+    monkeypatch.setattr(Validator, "__call__", lambda self, student, scheduler=None: called.append(
+        type(scheduler).__name__) or validate(self, student, scheduler))
+    config = sampler_config(tiny_teacher)
+    config["train"]["validate_every"] = 1
+    distill(parse_config(config), tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "training_summary.json").read_text())
+    validation, choice = summary["validation"], summary["sampler_choice"]
+    best = next(entry for entry in validation["history"] if entry["step"] == validation["best_step"])
+    assert choice["fd_per_k"]["LCMScheduler"] == best["fd_per_k"]
+    assert called == ["NoneType", "NoneType", "DDIMScheduler"]  # two validations, then DDIM alone
