@@ -168,6 +168,10 @@ class ConsistencyConfig(MethodConfig):
     ``sampler``: the scheduler class the student is exported with, or "auto": on an unconditional teacher the run
     scores its consistency scheduler and the alternatives its noise path offers (DDIM on a VP path) at its end and
     exports the clearly best (``diffkd.sampler_choice``); otherwise the consistency scheduler.
+    ``student_prediction_type``: "teacher" (the default: the student starts as the teacher's own function) or
+    another parameterisation, e.g. v_prediction for an epsilon teacher whose top timestep makes x0 = (z - sigma
+    eps) / alpha amplify the student's error 1 / alpha times (150x at t = 999 on linear betas): its 1- and 2-step
+    samples improve several-fold, its 4-step ones get worse (eval/RESULTS.md, "Teacher panel").
     """
 
     name: str = "consistency"
@@ -183,9 +187,11 @@ class ConsistencyConfig(MethodConfig):
     timestep_scaling: float = 10.0
     num_inference_steps: int = 4
     sampler: str = "auto"
+    student_prediction_type: str = "teacher"
 
     def __post_init__(self):
         check(self.num_steps >= 1, f"method.num_steps must be >= 1; got {self.num_steps}")
+        check_choice("method.student_prediction_type", self.student_prediction_type, PREDICTION_TYPES + ("teacher",))
         check(self.teacher_grid >= 2, f"method.teacher_grid must be >= 2 points; got {self.teacher_grid}")
         check(self.skip >= 1 and self.teacher_grid % self.skip == 0,
               f"method.skip={self.skip} must be >= 1 and divide method.teacher_grid={self.teacher_grid} (so a chain "

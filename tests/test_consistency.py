@@ -341,3 +341,33 @@ def test_the_default_recipe_keeps_an_epsilon_teachers_function(tmp_path):
     c_skip, c_out = boundary_scalings(grid, config.method.timestep_scaling)
     torch.testing.assert_close(student, c_skip.view(-1, 1, 1, 1) * z + c_out.view(-1, 1, 1, 1) * x0,
                                rtol=1e-4, atol=1e-4)
+
+
+def test_a_velocity_student_of_an_epsilon_teacher_exports_and_samples_its_own_parameterisation(tmp_path):
+    """method.student_prediction_type: v_prediction on an epsilon teacher: the student's clean prediction at the
+    top of the grid is alpha z - sigma v (no 1 / alpha, which is 150 at t = 999 on linear betas), the teacher's
+    step stays epsilon, and the exported LCMScheduler reads v, so the pipeline's one step is the student's f."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    scheduler = DDPMScheduler(beta_schedule="linear", prediction_type="epsilon", clip_sample=False)
+    DDPMPipeline(unet=make_tiny_unet(), scheduler=scheduler).save_pretrained(tmp_path / "eps-teacher")
+    config = parse_config({"method": {"name": "consistency", "num_steps": 2, "teacher_grid": 20,
+                                      "sampler": "LCMScheduler", "student_prediction_type": "v_prediction"},
+                           "teacher": {"source": str(tmp_path / "eps-teacher")}, "data": {"source": "digits"},
+                           "train": {"batch_size": 8, "device": "cpu"}, "run_eval": False})
+    folder = distill(config, tmp_path / "run")
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    student = load_pipeline(str(folder))
+    assert student.denoiser.prediction_type == "v_prediction"
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    alpha, sigma = scheduler.alphas_cumprod[999].sqrt(), (1 - scheduler.alphas_cumprod[999]).sqrt()
+    with torch.no_grad():
+        v = student.unet(noise, torch.full((2,), 999)).sample
+        f = consistency_function(student.denoiser, noise, torch.full((2,), 999), None, 10.0)
+    c_skip, c_out = boundary_scalings(torch.tensor([999]), 10.0)
+    torch.testing.assert_close(f, c_skip * noise + c_out * (alpha * noise - sigma * v), atol=1e-5, rtol=1e-5)
+    images = pipe(num_inference_steps=1, batch_size=2, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    torch.testing.assert_close(torch.from_numpy(images).permute(0, 3, 1, 2), (f / 2 + 0.5).clamp(0, 1),
+                               atol=1e-5, rtol=1e-5)
