@@ -7,11 +7,12 @@ into 16 px RGB patches; its feature network is the seeded random conv network (`
 classifier reads grey digits, and it needs neither a download nor training. Keep these teachers out of recipe
 tuning: a recipe change is judged on digits and then checked here.
 
-    python eval/panel.py [--teachers photo-eps,photo-v,photo-flow] [--seeds 0,1,2,3] [--num-samples 1000]
-        [--teacher-steps 3000] [--teacher-widths 32,64,64] [--validated]
+    python eval/panel.py [--teachers photo-eps,photo-v,photo-flow,photo-latent-eps] [--seeds 0,1,2,3] [--num-samples 1000]
+        [--teacher-steps 3000] [--teacher-widths 32,64,64] [--validated] [--student-set SECTION.KEY=VALUE ...]
 
 A teacher is one ``PanelTeacher`` line in ``PANEL``: its data and the ``denoise`` options that make it (epsilon,
-v and rectified flow, each a pixel-space UNet).
+v and rectified flow, each a pixel-space UNet; and an LDMPipeline, epsilon on the latents of a VQModel the ``vq``
+method trains first).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +40,7 @@ class PanelTeacher:
     name: str
     data: str  # a key of DATA
     method: dict = field(default_factory=dict)  # overrides of configs/digits-teacher.yaml's method section
+    autoencoder: dict | None = None  # a latent teacher: the vq stage's options; its UNet trains on those latents
 
 
 DATA = {"photo-patches": "sklearn sample images (china.jpg, flower.jpg) at 1/4 and 1/3 scale, 16 px RGB patches, "
@@ -49,6 +52,11 @@ PANEL = [
     PanelTeacher("photo-v", "photo-patches", {"prediction_type": "v_prediction",
                                               "beta_schedule": "squaredcos_cap_v2", "clip_sample": True}),
     PanelTeacher("photo-flow", "photo-patches", {"prediction_type": "flow", "shift": 1.0}),
+    # LDM's own kind (CompVis/ldm-celebahq-256): epsilon on a VQModel's latents, 16 px -> 8x8x3, 256 codes
+    PanelTeacher("photo-latent-eps", "photo-patches", {"prediction_type": "epsilon", "beta_schedule": "linear",
+                                                       "clip_sample": False},
+                 autoencoder={"num_steps": 1500, "sample_size": PATCH, "block_out_channels": [32, 64],
+                              "latent_channels": 3, "num_vq_embeddings": 256}),
 ]
 
 
@@ -77,29 +85,51 @@ def photo_patches(folder: Path) -> Path:
     return folder
 
 
-def teacher_config(teacher: PanelTeacher, data: Path, steps: int, widths: list[int] | None = None) -> dict:
+def teacher_config(teacher: PanelTeacher, data: Path, steps: int, widths: list[int] | None = None,
+                   components: Path | None = None) -> dict:
     """configs/digits-teacher.yaml made RGB, with the panel teacher's options (and, for a quick look on a busy
-    machine, fewer steps or narrower blocks)."""
+    machine, fewer steps or narrower blocks); a latent teacher's UNet trains on ``components``' latents."""
     config = yaml.safe_load((ROOT / "configs" / "digits-teacher.yaml").read_text())
     config["method"].update(channels=3, num_steps=steps, **teacher.method)
+    if components is not None:
+        config["method"]["components"] = str(components)
     if widths:
         config["method"]["block_out_channels"] = widths
     config["data"]["source"] = str(data)
     return config
 
 
+def autoencoder_config(teacher: PanelTeacher, data: Path) -> dict:
+    """A latent teacher's first stage: the vq method on the panel's data, with the digits teacher's training
+    options less its EMA (as configs/glyphs-vae.yaml trains its autoencoder)."""
+    config = yaml.safe_load((ROOT / "configs" / "digits-teacher.yaml").read_text())
+    return {"method": {"name": "vq", **teacher.autoencoder}, "data": {"source": str(data)},
+            "train": {**config["train"], "batch_size": 32, "ema_decay": 0.0}}
+
+
 VALIDATED = {"method": {"num_steps": 1400}, "train": {"validate_every": 200, "validate_steps": [2, 4]}}
 
 
-def student_config(teacher: Path, data: Path, validated: bool) -> dict:
+def student_config(teacher: Path, data: Path, validated: bool, settings: list[str] = ()) -> dict:
     """The default recipe with only teacher.source and data.source changed (the evaluation is run here); with
-    ``validated``, also the longer validated run its comment names (``VALIDATED``)."""
+    ``validated``, also the longer validated run its comment names (``VALIDATED``); ``settings``: further
+    SECTION.KEY=VALUE changes, to measure an option against the default."""
     config = yaml.safe_load((ROOT / "configs" / "digits-consistency.yaml").read_text())
     config["teacher"]["source"], config["data"]["source"] = str(teacher), str(data)
     if validated:
         for section, values in VALIDATED.items():
             config.setdefault(section, {}).update(values)
+    for setting in settings:
+        key, value = setting.split("=", 1)
+        section, name = key.split(".", 1)
+        config.setdefault(section, {})[name] = yaml.safe_load(value)
     return {**config, "run_eval": False}
+
+
+def student_name(validated: bool, settings: list[str]) -> str:
+    """The run's folder: ``student``, ``student-validated``, with each setting appended as a slug."""
+    slugs = [re.sub(r"[^A-Za-z0-9]+", "-", setting.split(".", 1)[-1]).strip("-") for setting in settings]
+    return "-".join(["student", *(["validated"] if validated else []), *slugs])
 
 
 def run(config: dict, output: Path) -> Path:
@@ -176,6 +206,8 @@ def main() -> int:
     parser.add_argument("--teacher-widths", default="", help="e.g. 16,32,32 (default: the digits teacher's)")
     parser.add_argument("--output", default=str(ROOT / "eval" / "out" / "panel"))
     parser.add_argument("--validated", action="store_true", help="distil with the validated 1,400-step run")
+    parser.add_argument("--student-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="change the student's recipe (repeatable), e.g. method.student_prediction_type=v_prediction")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.output)
@@ -183,9 +215,13 @@ def main() -> int:
     figures, summaries = {}, {}
     widths = [int(w) for w in args.teacher_widths.split(",")] if args.teacher_widths else None
     for teacher in (t for t in PANEL if t.name in args.teachers.split(",")):
-        pipeline = run(teacher_config(teacher, data[teacher.data], args.teacher_steps, widths), out / teacher.name / "teacher")
-        name = "student-validated" if args.validated else "student"
-        student = run(student_config(pipeline, data[teacher.data], args.validated), out / teacher.name / name)
+        components = (run(autoencoder_config(teacher, data[teacher.data]), out / teacher.name / "vq")
+                      if teacher.autoencoder else None)
+        pipeline = run(teacher_config(teacher, data[teacher.data], args.teacher_steps, widths, components),
+                       out / teacher.name / "teacher")
+        name = student_name(args.validated, args.student_set)
+        student = run(student_config(pipeline, data[teacher.data], args.validated, args.student_set),
+                      out / teacher.name / name)
         summaries[teacher.name] = json.loads((student.parent / "training_summary.json").read_text())
         figures[teacher.name] = [ratios(evaluate_seed(student, pipeline, data[teacher.data], seed, args.num_samples,
                                                       out / teacher.name / f"eval-{name}-seed{seed}"))
