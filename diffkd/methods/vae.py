@@ -80,20 +80,23 @@ class VaeTraining(Method):
         return LossTerms({"l1": (reconstruction - x).abs().mean(),
                           "kl": self.options.kl_weight * posterior.kl().mean()})
 
-    @torch.no_grad()
-    def latent_scale(self) -> float:
-        """1 / the standard deviation of the latents, so the UNet sees unit-variance inputs (Rombach et al. 2022,
-        sec. G: Stable Diffusion's 0.18215 was found the same way)."""
-        images = self._images()[:SCALE_IMAGES].to(self.vae.device)
-        latents = torch.cat([self.vae.encode(chunk).latent_dist.mode() for chunk in images.split(256)])
-        return float(1 / latents.float().std())
-
     def export_spec(self) -> ExportSpec:
-        scale = self.latent_scale()
-        self.vae.register_to_config(scaling_factor=scale)
-        self.vae.eval()
-        return ExportSpec(self.teacher.scheduler, 50, "epsilon", card={"stage": "vae", "scaling_factor": scale},
-                          component="vae")
+        return unit_variance_export(self.vae, lambda x: self.vae.encode(x).latent_dist.mode(), self._images(),
+                                    self.teacher.scheduler, "vae", "vae")
+
+
+@torch.no_grad()
+def unit_variance_export(autoencoder: torch.nn.Module, encode, images: torch.Tensor, scheduler, stage: str,
+                         component: str) -> ExportSpec:
+    """The export of an autoencoder stage, its ``scaling_factor`` set to 1 / the standard deviation of its latents
+    (``encode``) on the first ``SCALE_IMAGES`` images, so the UNet sees unit-variance inputs (Rombach et al. 2022,
+    sec. G: Stable Diffusion's 0.18215 was found the same way)."""
+    images = images[:SCALE_IMAGES].to(autoencoder.device)
+    latents = torch.cat([encode(chunk) for chunk in images.split(256)])
+    scale = float(1 / latents.float().std())
+    autoencoder.register_to_config(scaling_factor=scale)
+    autoencoder.eval()
+    return ExportSpec(scheduler, 50, "epsilon", card={"stage": stage, "scaling_factor": scale}, component=component)
 
 
 def load_vae(source: str) -> AutoencoderKL:

@@ -18,8 +18,7 @@ from diffkd.io import LoadedPipeline, denoiser_of
 from diffkd.losses.terms import LossTerms
 from diffkd.method_options import VqConfig
 from diffkd.methods.base import ExportSpec, Method, Network, Round
-
-SCALE_IMAGES = 2048  # images whose latents set the scaling factor
+from diffkd.methods.vae import unit_variance_export
 
 
 class VqTraining(Method):
@@ -68,17 +67,6 @@ class VqTraining(Method):
         decoded = self.vqvae(x)
         return LossTerms({"l1": (decoded.sample - x).abs().mean(), "quantiser": decoded.commit_loss.mean()})
 
-    @torch.no_grad()
-    def latent_scale(self) -> float:
-        """1 / the standard deviation of the latents, so the UNet sees unit-variance inputs (as the VAE stage sets
-        Stable Diffusion's scaling factor)."""
-        images = self._images()[:SCALE_IMAGES].to(self.vqvae.device)
-        latents = torch.cat([self.vqvae.encode(chunk).latents for chunk in images.split(256)])
-        return float(1 / latents.float().std())
-
     def export_spec(self) -> ExportSpec:
-        scale = self.latent_scale()
-        self.vqvae.register_to_config(scaling_factor=scale)
-        self.vqvae.eval()
-        return ExportSpec(self.teacher.scheduler, 50, "epsilon", card={"stage": "vq", "scaling_factor": scale},
-                          component="vqvae")
+        return unit_variance_export(self.vqvae, lambda x: self.vqvae.encode(x).latents, self._images(),
+                                    self.teacher.scheduler, "vq", "vqvae")
