@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     distill = commands.add_parser("distill", help="distil a teacher pipeline into a student (then evaluate it)")
     add_run_arguments(distill)
     distill.set_defaults(handler=lambda a: run_job(a, teacher_training=False))
-    teacher = commands.add_parser("train-teacher", help="train a small teacher from scratch (method: denoise)")
+    teacher = commands.add_parser("train-teacher",
+                                  help="train a small teacher from scratch (methods: denoise, vq, vae, text-denoise)")
     add_run_arguments(teacher)
     teacher.set_defaults(handler=lambda a: run_job(a, teacher_training=True))
     evaluate = commands.add_parser("eval", help="quality vs steps of pipelines and training-free samplers")
