@@ -39,7 +39,8 @@ FAST_TESTS = ["tests/test_paths.py", "tests/test_schedule.py", "tests/test_progr
               "tests/test_progressive.py", "tests/test_perceptual.py", "tests/test_consistency.py", "tests/test_dmd.py",
               "tests/test_guidance_embedding.py", "tests/test_glyphs_teacher.py",
               "tests/test_run_validation.py", "tests/test_sampler_choice.py", "tests/test_plan_sharding.py",
-              "tests/test_ldm.py"]
+              "tests/test_ldm.py", "tests/test_plan.py::test_checkpointing_lowers_the_planned_peak",
+              "tests/test_plan.py::test_a_guided_teacher_pass_is_planned_at_twice_the_batch"]
 
 
 @dataclass(frozen=True)

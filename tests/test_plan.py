@@ -54,6 +54,16 @@ def test_checkpointing_lowers_the_planned_peak(teacher):
     assert checkpointed.roles["activations and temporaries"] < 0.7 * plain.roles["activations and temporaries"]
 
 
+def test_a_guided_teacher_pass_is_planned_at_twice_the_batch():
+    """Classifier-free guidance runs the teacher on the conditional and unconditional rows at once."""
+    from diffkd.method_options import ConsistencyConfig
+    from diffkd.plan_step import TEACHER, Pass, step_spec
+
+    for scale, factor in ((3.0, 2), (1.0, 1)):
+        spec = step_spec("consistency", ConsistencyConfig(guidance_scale=scale))
+        assert spec.phases[0].passes[0] == Pass(TEACHER, False, factor)
+
+
 @pytest.fixture(scope="module")
 def text_teacher(tmp_path_factory) -> str:
     """The tests' tiny SD-layout pipeline with a wider cross-attention UNet, so weights and activations, not the
