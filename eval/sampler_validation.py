@@ -3,10 +3,12 @@ by the run's own validation machinery (``diffkd.api.scoring``: its reference, fe
 under several scheduler classes, sample counts and validation noise seeds.
 
     python eval/sampler_validation.py RUN [--samplers LCMScheduler,DDPMScheduler,DDIMScheduler] [--steps 2,4,8]
-        [--samples 1024] [--seeds 0]
+        [--samples 1024] [--seeds 0] [--spread]
 
 Each scheduler is built by ``from_config`` of the exported one. Prints one line per (seed, sample count): the FD of
-each scheduler at each k.
+each scheduler at each k. ``--spread`` also prints the standard deviation of each scheduler's k-step samples in the
+teacher's latent space (pixels for a pixel teacher) beside the training set's: a student whose few-step samples are
+far wider than the data is amplifying its error somewhere on its grid.
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ import tempfile
 from pathlib import Path
 
 import diffusers
+import torch
 import yaml
 
 from diffkd.api import prepare, scoring
+from diffkd.conditioning import training_latents
 from diffkd.config import parse_config
+from diffkd.sampling import scheduler_sample
 
 
 def main() -> int:
@@ -29,6 +34,7 @@ def main() -> int:
     parser.add_argument("--steps", default="2,4,8")
     parser.add_argument("--samples", default="1024")
     parser.add_argument("--seeds", default="0", help="validation noise seeds (a run's train.seed)")
+    parser.add_argument("--spread", action="store_true", help="also the samples' standard deviation per k")
     args = parser.parse_args()
     run = Path(args.run)
     config = parse_config(yaml.safe_load((run / "config.yaml").read_text()))
@@ -47,7 +53,19 @@ def main() -> int:
                 figures = {name: {k: round(fd, 1) for k, fd in validator(method.student, scheduler).items()}
                            for name, scheduler in schedulers.items()}
                 print(f"seed {seed}, {samples} samples: {figures}", flush=True)
+                if args.spread:
+                    print(f"  spread: {spread(teacher, method, validator.noise, schedulers, validator.steps)}")
+    if args.spread:
+        print(f"  training set spread: {training_latents(teacher, config.data)[0].std().item():.3g}")
     return 0
+
+
+@torch.no_grad()
+def spread(teacher, method, noise: torch.Tensor, schedulers: dict, steps: tuple[int, ...]) -> dict:
+    """Standard deviation of each scheduler's k-step samples of ``noise``, in the space the student samples."""
+    model = teacher.denoiser.like(method.student, method.prediction_type)
+    return {name: {k: round(scheduler_sample(model, type(scheduler).from_config(scheduler.config), noise, k)
+                            .std().item(), 3) for k in steps} for name, scheduler in schedulers.items()}
 
 
 if __name__ == "__main__":
