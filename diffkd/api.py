@@ -267,7 +267,7 @@ def make_validator(config: Config, teacher: LoadedPipeline, method: Method, outp
 def validated_scores(record: dict, validator: Validator, trainer: Trainer) -> dict[int, float] | None:
     """The exported weights' FD at each k under their own scheduler, where in-run validation measured it: the best
     validated weights are the exported ones, scored by the same validator (None when the run validated nothing)."""
-    if validator is not trainer.validator or not trainer.best_weights or record.get("best_step") is None:
+    if validator is not trainer.validator or record.get("best_step") is None:
         return None
     best = next(entry for entry in record["history"] if entry["step"] == record["best_step"])
     return {int(k): fd for k, fd in best["fd_per_k"].items()}

@@ -220,7 +220,7 @@ class ConsistencyConfig(MethodConfig):
 class DenoiseConfig(MethodConfig):
     """A small UNet2DModel and its noise schedule: in pixel space, or with ``components`` (the folder the ``vq``
     method exports) on that autoencoder's latents, exported as an LDMPipeline; sample_size and channels are then
-    the autoencoder's images', and its latents set the UNet's."""
+    unused: the autoencoder's images and latents set the data's and the UNet's."""
 
     name: str = "denoise"
     num_steps: int = 3000

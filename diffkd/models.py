@@ -137,14 +137,7 @@ class Denoiser:
         if self.vae is None:
             return images
         scale, shift = self.vae.config.scaling_factor, self.vae.config.get("shift_factor")
-        encoded = self.vae.encode(images.to(self.vae.dtype))
-        # a Gaussian posterior's mode (AutoencoderKL), a deterministic latent (SANA's AutoencoderDC), or a VQ
-        # encoder's latents before quantisation (VQModel, whose decoder quantises: LDMPipeline decodes so)
-        if hasattr(encoded, "latent_dist"):
-            latents = encoded.latent_dist.mode()
-        else:
-            latents = encoded.latents if hasattr(encoded, "latents") else encoded.latent
-        latents = latents.float()
+        latents = autoencoder_latents(self.vae, images)
         return (latents if shift is None else latents - shift) * scale
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -176,3 +169,13 @@ def dummy_inputs(unet: nn.Module, batch_size: int, sample_size: int | None = Non
     if config.get("num_class_embeds"):
         inputs["class_labels"] = torch.zeros(batch_size, device=device, dtype=torch.long)
     return inputs
+
+
+def autoencoder_latents(autoencoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The autoencoder's latents of ``images`` before any scaling: a Gaussian posterior's mode (AutoencoderKL), a
+    deterministic latent (SANA's AutoencoderDC), or a VQ encoder's latents before quantisation (VQModel, whose
+    decoder quantises: LDMPipeline decodes so)."""
+    encoded = autoencoder.encode(images.to(autoencoder.dtype))
+    if hasattr(encoded, "latent_dist"):
+        return encoded.latent_dist.mode().float()
+    return (encoded.latents if hasattr(encoded, "latents") else encoded.latent).float()

@@ -113,16 +113,16 @@ VALIDATED = {"method": {"num_steps": 1400}, "train": {"validate_every": 200, "va
 def student_config(teacher: Path, data: Path, validated: bool, settings: list[str] = ()) -> dict:
     """The default recipe with only teacher.source and data.source changed (the evaluation is run here); with
     ``validated``, also the longer validated run its comment names (``VALIDATED``); ``settings``: further
-    SECTION.KEY=VALUE changes, to measure an option against the default."""
+    SECTION.KEY=VALUE changes (as ``--set`` reads them), to measure an option against the default."""
+    from diffkd.config import apply_override
+
     config = yaml.safe_load((ROOT / "configs" / "digits-consistency.yaml").read_text())
     config["teacher"]["source"], config["data"]["source"] = str(teacher), str(data)
     if validated:
         for section, values in VALIDATED.items():
             config.setdefault(section, {}).update(values)
     for setting in settings:
-        key, value = setting.split("=", 1)
-        section, name = key.split(".", 1)
-        config.setdefault(section, {})[name] = yaml.safe_load(value)
+        apply_override(config, setting)
     return {**config, "run_eval": False}
 
 

@@ -26,6 +26,7 @@ from diffkd.io import LoadedPipeline, denoiser_of, is_local_reference
 from diffkd.losses.terms import LossTerms
 from diffkd.method_options import VaeConfig
 from diffkd.methods.base import ExportSpec, Method, Network, Round
+from diffkd.models import autoencoder_latents
 
 SCALE_IMAGES = 2048  # images whose latents set the scaling factor
 
@@ -81,18 +82,17 @@ class VaeTraining(Method):
                           "kl": self.options.kl_weight * posterior.kl().mean()})
 
     def export_spec(self) -> ExportSpec:
-        return unit_variance_export(self.vae, lambda x: self.vae.encode(x).latent_dist.mode(), self._images(),
-                                    self.teacher.scheduler, "vae", "vae")
+        return unit_variance_export(self.vae, self._images(), self.teacher.scheduler, "vae", "vae")
 
 
 @torch.no_grad()
-def unit_variance_export(autoencoder: torch.nn.Module, encode, images: torch.Tensor, scheduler, stage: str,
+def unit_variance_export(autoencoder: torch.nn.Module, images: torch.Tensor, scheduler, stage: str,
                          component: str) -> ExportSpec:
     """The export of an autoencoder stage, its ``scaling_factor`` set to 1 / the standard deviation of its latents
-    (``encode``) on the first ``SCALE_IMAGES`` images, so the UNet sees unit-variance inputs (Rombach et al. 2022,
-    sec. G: Stable Diffusion's 0.18215 was found the same way)."""
+    on the first ``SCALE_IMAGES`` images, so the UNet sees unit-variance inputs (Rombach et al. 2022, sec. G:
+    Stable Diffusion's 0.18215 was found the same way)."""
     images = images[:SCALE_IMAGES].to(autoencoder.device)
-    latents = torch.cat([encode(chunk) for chunk in images.split(256)])
+    latents = torch.cat([autoencoder_latents(autoencoder, chunk) for chunk in images.split(256)])
     scale = float(1 / latents.float().std())
     autoencoder.register_to_config(scaling_factor=scale)
     autoencoder.eval()

@@ -68,5 +68,4 @@ class VqTraining(Method):
         return LossTerms({"l1": (decoded.sample - x).abs().mean(), "quantiser": decoded.commit_loss.mean()})
 
     def export_spec(self) -> ExportSpec:
-        return unit_variance_export(self.vqvae, lambda x: self.vqvae.encode(x).latents, self._images(),
-                                    self.teacher.scheduler, "vq", "vqvae")
+        return unit_variance_export(self.vqvae, self._images(), self.teacher.scheduler, "vq", "vqvae")
