@@ -22,6 +22,7 @@ import torch
 from accelerate import Accelerator
 
 from diffkd import captioned, checkpoint, run_folder, sampler_choice
+from diffkd.conditioning import encode_captions, validation_prompts
 from diffkd.config import Config, dump_config
 from diffkd.data import check_fit
 from diffkd.errors import DiffkdError
@@ -34,7 +35,7 @@ from diffkd.io import LoadedPipeline, add_card_section, is_local_reference, load
 from diffkd.lora import check_lora_run, fused_folder, save_lora_student
 from diffkd.methods import Method, method_class
 from diffkd.preflight import check_run_options
-from diffkd.run_validation import Validator, plot_record
+from diffkd.run_validation import TextValidation, Validator, plot_record
 from diffkd.students import build_student
 from diffkd.trainer import Trainer, make_accelerator
 from diffkd.weights import file_sha256
@@ -257,11 +258,10 @@ def make_validator(config: Config, teacher: LoadedPipeline, method: Method, outp
     train = config.train
     if train.validate_every == 0:
         return None
-    if not method.needs_teacher or teacher.text_conditioned:
-        raise DiffkdError("train.validate_every scores an unconditional teacher's student; this "
-                          f"{config.method.name} run has "
-                          f"{'no teacher' if not method.needs_teacher else 'a text-conditioned one'}: set it to 0")
-    return scoring(config, teacher, method.export_spec(), output)
+    if not method.needs_teacher:
+        raise DiffkdError(f"train.validate_every scores a student against its teacher; this {config.method.name} "
+                          "run has no teacher: set it to 0")
+    return scoring(config, teacher, method, method.export_spec(), output)
 
 
 def validated_scores(record: dict, validator: Validator, trainer: Trainer) -> dict[int, float] | None:
@@ -283,11 +283,12 @@ def make_chooser(config: Config, teacher: LoadedPipeline, method: Method, output
     spec = method.export_spec()
     if not spec.alternatives:
         return None
-    return validator or scoring(config, teacher, spec, output)
+    return validator or scoring(config, teacher, method, spec, output)
 
 
-def scoring(config: Config, teacher: LoadedPipeline, spec, output: Path) -> Validator:
-    """A Validator of ``spec``'s student with the ``train.validate_*`` settings (k, noise, reference, feature)."""
+def scoring(config: Config, teacher: LoadedPipeline, method: Method, spec, output: Path) -> Validator:
+    """A Validator of ``spec``'s student with the ``train.validate_*`` settings (k, noise, reference, feature); a
+    text teacher's samples are drawn for the run's own prompts, conditioned as ``method`` conditions them."""
     train = config.train
     in_memory = captioned.kind_of(config.data.source) is None
     if train.validate_reference == "data" and not in_memory:
@@ -297,7 +298,18 @@ def scoring(config: Config, teacher: LoadedPipeline, spec, output: Path) -> Vali
         else None
     return Validator(teacher, spec.scheduler, spec.prediction_type,
                      tuple(train.validate_steps) or (spec.num_inference_steps,), train.validate_samples,
-                     train.validate_feature, output / "validation", train.seed, data)
+                     train.validate_feature, output / "validation", train.seed, data,
+                     text=text_validation(config, teacher, method) if teacher.text_conditioned else None)
+
+
+def text_validation(config: Config, teacher: LoadedPipeline, method: Method) -> TextValidation:
+    """A text teacher's validation prompts (the run's own, ``validation_prompts``), encoded once."""
+    prompts, source = validation_prompts(config.data, config.train.validate_samples)
+    options = config.method
+    guidance = getattr(options, "guidance", None)
+    key = hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
+    key += f"|w={getattr(options, 'guidance_scale', 1.0)}|{guidance}"
+    return TextValidation(encode_captions(teacher, prompts), method.conditioning, source, key)
 
 
 def validation_card(validator: Validator, record: dict) -> dict:

@@ -15,10 +15,11 @@ from diffkd.captioned import open_captioned
 from diffkd.config import DataConfig
 from diffkd.data import load_training_set
 from diffkd.errors import DiffkdError
+from diffkd.glyphs import glyphs
 from diffkd.io import LoadedPipeline
 from diffkd.layouts import ADDED
 from diffkd.models import Conditioning
-from diffkd.streaming import StreamedRows, Transform
+from diffkd.streaming import StreamedRows, Transform, caption_of
 
 
 def read_prompts(prompts: Sequence[str], prompts_file: str | None, option: str = "data.prompts_file") -> list[str]:
@@ -80,6 +81,29 @@ def encode_captions(teacher: LoadedPipeline, captions: Sequence[str], batch_size
     rows = torch.tensor([position[caption] for caption in captions])
     columns = {k: torch.cat([chunk[k] for chunk in chunks])[rows] for k in chunks[0]}
     return {**columns, **{k: v.cpu().expand(len(rows), *v.shape[1:]) for k, v in shared.items()}}
+
+
+def validation_prompts(data: DataConfig, count: int) -> tuple[list[str], str]:
+    """The prompts of a text teacher's ``count`` validation samples, those the run trains on, and where they came
+    from: the set's own captions (its first ``count`` rows: glyphs, a captioned set on disk, read without decoding an
+    image) where it has them, else data.prompts / data.prompts_file; cycled when there are fewer."""
+    source = "the training set's captions"
+    if data.source == "glyphs":
+        prompts = [item.caption for item in glyphs(min(count, data.num_glyphs), data.seed)]
+    else:
+        captioned = open_captioned(data.source, data.image_column, data.caption_column)
+        if captioned is not None:
+            column = captioned.caption_column
+            rows = captioned.table.select_columns([column.split(".")[0]])[:min(count, len(captioned))]
+            values = [{column.split(".")[0]: value} for value in rows[column.split(".")[0]]]
+            prompts = [caption for caption in (caption_of(v, column) for v in values)
+                       if isinstance(caption, str) and caption.strip()]
+        else:
+            prompts, source = read_prompts(data.prompts, data.prompts_file), "data.prompts / data.prompts_file"
+    if not prompts:
+        raise DiffkdError(f"in-run validation of a text teacher needs prompts and {data.source!r} gave none: set "
+                          "data.prompts or data.prompts_file")
+    return [prompts[i % len(prompts)] for i in range(count)], source
 
 
 def row_conditioning(teacher: LoadedPipeline, data: DataConfig, captions: Sequence[str] | None, num_rows: int

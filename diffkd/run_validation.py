@@ -21,6 +21,8 @@ figures are biased upwards by the sample count; only their ranking across the ru
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,7 +34,7 @@ from diffkd.evaluation.features import FeatureNetwork, load_feature_network, to_
 from diffkd.evaluation.frechet import frechet_distance, gaussian_stats
 from diffkd.evaluation.reference import load_real_set
 from diffkd.io import LoadedPipeline
-from diffkd.models import Denoiser
+from diffkd.models import Conditioning
 from diffkd.sampling import ddim_sample, scheduler_sample
 
 log = logging.getLogger(__name__)
@@ -52,30 +54,43 @@ def validation_noise(count: int, shape: tuple[int, ...], seed: int) -> torch.Ten
     return torch.randn(count, *shape, generator=torch.Generator().manual_seed(NOISE_STREAM + seed))
 
 
+@dataclass
+class TextValidation:
+    """What a text teacher's validation samples are conditioned on: one row of encoded prompt columns per noise
+    (``diffkd.conditioning.encode_captions``), and the method's (teacher, student) conditioning of a batch of them
+    (``Method.conditioning``: the teacher guided, the student as it is exported: unguided, or told w)."""
+
+    rows: dict[str, torch.Tensor]
+    pair: Callable[[dict[str, torch.Tensor], torch.Generator], tuple[Conditioning, Conditioning]]
+    prompts: str  # where the prompts came from, for the model card
+    key: str  # identifies prompts and guidance in the cached teacher reference
+
+
 class Validator:
     """Scores a student network: FD of its k-step samples of fixed noise to the reference, for each k."""
 
     def __init__(self, teacher: LoadedPipeline, scheduler, prediction_type: str, steps: tuple[int, ...],
                  samples: int, feature: str, folder: Path, seed: int = 0, data: DataConfig | None = None,
-                 batch: int = 128):
-        if teacher.text_conditioned:
-            raise ValueError("in-run validation needs an unconditional teacher")
+                 batch: int = 128, text: TextValidation | None = None):
+        if teacher.text_conditioned != (text is not None):
+            raise ValueError("a text teacher's validation needs its prompts (TextValidation), and only it")
         self.teacher, self.scheduler, self.prediction_type = teacher, scheduler, prediction_type
         self.steps, self.samples, self.folder, self.data, self.batch = tuple(steps), samples, folder, data, batch
+        self.text, self.seed = text, seed
         self.feature: FeatureNetwork = load_feature_network(
             default_feature(teacher.image_channels) if feature == "auto" else feature, teacher.unet.device)
-        shape = (teacher.unet.config.in_channels, teacher.unet.config.sample_size, teacher.unet.config.sample_size)
-        self.noise = validation_noise(samples, shape, seed)
+        self.noise = validation_noise(samples, teacher.latent_shape, seed)
         self._reference: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def reference_name(self) -> str:
         return (f"the training images ({self.data.source})" if self.data is not None
-                else f"the teacher's DDIM-{REFERENCE_STEPS} samples of the same noise")
+                else f"the teacher's DDIM-{REFERENCE_STEPS} samples of the same noise"
+                     + (" and prompts" if self.text is not None else ""))
 
     def describe(self) -> dict:
         return {"steps": list(self.steps), "samples": self.samples, "feature": self.feature.name,
-                "reference": self.reference_name}
+                "reference": self.reference_name, **({"prompts": self.text.prompts} if self.text else {})}
 
     def reference(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and covariance of the reference's features, made once and kept in the run folder (a resumed run
@@ -87,14 +102,14 @@ class Validator:
             self._reference = real.mu, real.sigma
         if self._reference is None:
             path = self.folder / REFERENCE_FILE
-            key = f"{self.feature.name}|{self.noise.double().sum().item()!r}"
+            key = f"{self.feature.name}|{self.noise.double().sum().item()!r}|{self.text.key if self.text else ''}"
             if path.is_file():
                 stored = load_file(str(path))
                 if "key" in stored and bytes(stored["key"].tolist()).decode() == key:
                     self._reference = stored["mu"], stored["sigma"]
             if self._reference is None:
                 self._reference = gaussian_stats(self._features(
-                    lambda z: ddim_sample(self.teacher.denoiser, z, REFERENCE_STEPS)))
+                    lambda z, conds: ddim_sample(self.teacher.denoiser, z, REFERENCE_STEPS, conds[0])))
                 self.folder.mkdir(parents=True, exist_ok=True)
                 save_file({"mu": self._reference[0], "sigma": self._reference[1],
                            "key": torch.tensor(list(key.encode()), dtype=torch.uint8)}, str(path))
@@ -106,22 +121,32 @@ class Validator:
         ``scheduler`` (a candidate of ``diffkd.sampler_choice``)."""
         scheduler = self.scheduler if scheduler is None else scheduler
         mu, sigma = self.reference()
-        teacher = self.teacher.denoiser
-        model = Denoiser(student, teacher.path, self.prediction_type, clip_sample=teacher.clip_sample,
-                         vae=teacher.vae)
+        model = self.teacher.denoiser.like(student, self.prediction_type)
         was_training = student.training
         student.eval()
         try:
-            return {k: frechet_distance(*gaussian_stats(self._features(lambda z, k=k: scheduler_sample(
-                model, type(scheduler).from_config(scheduler.config), z, k))), mu, sigma)
+            return {k: frechet_distance(*gaussian_stats(self._features(lambda z, conds, k=k: scheduler_sample(
+                model, type(scheduler).from_config(scheduler.config), z, k, conds[1]))), mu, sigma)
                     for k in self.steps}
         finally:
             student.train(was_training)
 
-    def _features(self, sampler) -> torch.Tensor:
+    def conditions(self, index: int, start: int, noise: torch.Tensor) -> tuple[Conditioning | None, ...]:
+        """(the teacher's, the student's) conditioning of the chunk of ``noise`` at row ``start``: the same rows and
+        the same draws (a w range's w per sample) at every validation; none for an unconditional teacher."""
+        if self.text is None:
+            return None, None
+        rows = {k: v[start:start + len(noise)].to(noise.device) for k, v in self.text.rows.items()}
+        return self.text.pair({**rows, "x0": noise}, torch.Generator().manual_seed(NOISE_STREAM + self.seed + index))
+
+    def _features(self, sampler: Callable[[torch.Tensor, tuple], torch.Tensor]) -> torch.Tensor:
         device = self.teacher.unet.device
-        return torch.cat([self.feature(to_uint8(self.teacher.denoiser.decode(sampler(chunk.to(device))))).cpu()
-                          for chunk in self.noise.split(self.batch)])
+        features = []
+        for index, chunk in enumerate(self.noise.split(self.batch)):
+            z = chunk.to(device)
+            images = self.teacher.denoiser.decode(sampler(z, self.conditions(index, index * self.batch, z)))
+            features.append(self.feature(to_uint8(images)).cpu())
+        return torch.cat(features)
 
 
 def plot_record(record: dict, label: str, path: Path) -> Path:

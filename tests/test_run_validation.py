@@ -12,18 +12,22 @@ import torch
 from safetensors.torch import load_file
 
 from diffkd.api import distill, make_validator, prepare
+from diffkd.conditioning import batch_conditioning, encode_captions, validation_prompts
 from diffkd.config import parse_config
 from diffkd.data import load_digits
 from diffkd.errors import DiffkdError
 from diffkd.evaluation.features import load_feature_network, to_uint8
-from diffkd.evaluation.frechet import frechet_distance_of_features, gaussian_stats
+from diffkd.evaluation.frechet import frechet_distance, frechet_distance_of_features, gaussian_stats
 from diffkd.evaluation.random_features import RandomConvFeatures
 from diffkd.evaluation.sweep import batch_noise
+from diffkd.glyphs import glyphs
+from diffkd.guidance_embedding import guidance_scale_embedding
 from diffkd.run_validation import NOISE_STREAM, REFERENCE_STEPS, default_feature, validation_noise
-from diffkd.sampling import ddim_sample
+from diffkd.sampling import ddim_sample, scheduler_sample
 from diffkd.selection import Selection
 from diffkd.trainer import Trainer, make_accelerator
 from tests import faults
+from tests.captioned_sets import flat_rows, write_metadata_folder
 
 
 def test_selection_keeps_the_first_best_and_counts_validations_since():
@@ -219,3 +223,86 @@ def test_killed_validated_run_resumes_bit_identical(tiny_teacher, tmp_path):
     records = [json.loads((folder / "training_summary.json").read_text())["validation"]
                for folder in (tmp_path / "reference-consistency", tmp_path / "killed")]
     assert records[0]["history"] == records[1]["history"]
+
+
+def text_validated(teacher: str, steps: int = 4, method: dict | None = None, **train) -> dict:
+    """A consistency student of the tiny text teacher, guided at w = 3, validated on 16 noises of two prompts."""
+    config = validated(teacher, steps, **train)
+    config["method"].update({"guidance_scale": 3.0, **(method or {})})
+    config["data"] = {"source": "digits", "convert": True, "prompts": ["a cat", "a dog"]}
+    return config
+
+
+@pytest.mark.parametrize("layout", ["tiny_sd", "tiny_sd3"])
+def test_a_text_teachers_reference_is_its_guided_samples_of_the_same_noise_and_prompts(layout, request, tmp_path):
+    """Paired for text too: the teacher's DDIM-64 samples of the validation's noise, each for its own prompt (cycled)
+    and guided at the method's w, as the student is trained, whose samples are one unguided pass a step; another w
+    gives another reference. A UNet and a rectified-flow transformer teacher with pooled text inputs alike."""
+    tiny_sd = request.getfixturevalue(layout)
+    config = parse_config(text_validated(tiny_sd, validate_reference="teacher"))
+    teacher, method, _ = prepare(config)
+    validator = make_validator(config, teacher, method, tmp_path / "w3")
+    rows = encode_captions(teacher, ["a cat", "a dog"] * 8)
+    images = ddim_sample(teacher.denoiser, validator.noise, REFERENCE_STEPS, batch_conditioning(rows, 3.0))
+    mu, sigma = gaussian_stats(validator.feature(to_uint8(teacher.denoiser.decode(images))))
+    assert validator.describe()["prompts"] == "data.prompts / data.prompts_file"
+    assert torch.allclose(validator.reference()[0], mu, atol=1e-4)
+    assert torch.allclose(validator.reference()[1], sigma, atol=1e-4)
+    student = teacher.denoiser.like(method.student)  # one unguided pass: the guidance is distilled into it
+    samples = scheduler_sample(student, type(validator.scheduler).from_config(validator.scheduler.config),
+                               validator.noise, 4, batch_conditioning(rows, 3.0).unguided())
+    by_hand = frechet_distance(*gaussian_stats(validator.feature(to_uint8(teacher.denoiser.decode(samples)))),
+                               *validator.reference())
+    assert validator(method.student)[4] == pytest.approx(by_hand, rel=1e-4)
+    unguided = parse_config(text_validated(tiny_sd, validate_reference="teacher", method={"guidance_scale": 1.0}))
+    other = make_validator(unguided, teacher, prepare(unguided)[1], tmp_path / "w3")  # same folder: not its cache
+    assert not torch.allclose(other.reference()[0], mu, atol=1e-3)
+
+
+def test_a_guidance_embedded_student_is_validated_at_the_teachers_w(tiny_sd, tmp_path):
+    """With a w range, each validation noise gets one w, the same at every validation: the teacher's reference is
+    guided at it and the student is told it through its guidance embedding, in one unguided pass."""
+    config = parse_config(text_validated(tiny_sd, method={"guidance_scale": 1.0, "guidance": {
+        "w_min": 2.0, "w_max": 8.0, "embedding_dim": 8}}, validate_reference="teacher"))
+    teacher, method, _ = prepare(config)
+    validator = make_validator(config, teacher, method, tmp_path)
+    z = validator.noise[:16]
+    teacher_cond, student_cond = validator.conditions(0, 0, z)
+    again = validator.conditions(0, 0, z)
+    w = teacher_cond.guidance_scale
+    assert w.shape == (16,) and torch.all((w >= 2.0) & (w <= 8.0)) and torch.equal(again[0].guidance_scale, w)
+    assert teacher_cond.guided and not student_cond.guided
+    assert torch.equal(student_cond.timestep_cond, guidance_scale_embedding(w, 8))
+    assert torch.equal(student_cond.encoder_hidden_states, encode_captions(teacher, ["a cat", "a dog"] * 8)[
+        "encoder_hidden_states"])
+
+
+def test_a_validated_text_run_exports_the_best_weights(tiny_sd, tmp_path):
+    """The unconditional test's check on a text teacher: the exported UNet, validated again, gives the FD the
+    record holds for the exported step."""
+    raw = text_validated(tiny_sd, validate_reference="teacher")
+    folder = distill(parse_config(raw), tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "training_summary.json").read_text())["validation"]
+    assert [h["step"] for h in record["history"]] == [2, 4]
+    config = parse_config(raw)
+    teacher, method, _ = prepare(config)
+    method.student.load_state_dict(load_file(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+    best = next(h for h in record["history"] if h["step"] == record["best_step"])
+    assert make_validator(config, teacher, method, tmp_path / "run")(method.student)[4] == pytest.approx(
+        best["fd_per_k"]["4"], rel=1e-6)
+    assert "prompts: data.prompts" in (folder / "README.md").read_text()
+
+
+def test_validation_prompts_are_the_runs_own(tmp_path):
+    """The set's captions in row order (glyphs; a captioned folder, read without decoding), else data.prompts,
+    cycled to the sample count."""
+    glyph_prompts, source = validation_prompts(parse_config({"data": {"source": "glyphs", "num_glyphs": 3}}).data, 5)
+    captions = [item.caption for item in glyphs(3)]
+    assert glyph_prompts == captions + captions[:2] and source == "the training set's captions"
+    folder = write_metadata_folder(tmp_path / "set", 4, flat_rows())
+    assert validation_prompts(parse_config({"data": {"source": str(folder)}}).data, 3)[0] == [
+        "image 0", "image 1", "image 2"]
+    assert validation_prompts(parse_config({"data": {"prompts": ["a", "b"]}}).data, 3) == (
+        ["a", "b", "a"], "data.prompts / data.prompts_file")
+    with pytest.raises(DiffkdError, match="data.prompts"):
+        validation_prompts(parse_config({"data": {"source": "digits"}}).data, 3)

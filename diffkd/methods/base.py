@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from diffkd.conditioning import batch_conditioning
 from diffkd.config import Config, MethodConfig
 from diffkd.errors import DiffkdError
 from diffkd.io import LoadedPipeline
 from diffkd.losses.terms import LossTerms
+from diffkd.models import Conditioning
 
 
 @dataclass
@@ -155,6 +157,14 @@ class Method:
 
     def load_state_tensors(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
         """Restore what ``state_tensors`` saved, for a run resumed inside round ``index``."""
+
+    def conditioning(self, batch: dict[str, torch.Tensor], generator: torch.Generator
+                     ) -> tuple[Conditioning, Conditioning]:
+        """(the teacher's conditioning, the student's) of a batch of text rows: the teacher guided at
+        ``method.guidance_scale``, the student one unguided pass (the guidance is distilled into it). In-run
+        validation samples both with it; a method whose student takes w otherwise overrides it."""
+        cond = batch_conditioning(batch, getattr(self.options, "guidance_scale", 1.0))
+        return cond, cond.unguided()
 
     def export_spec(self) -> ExportSpec:
         raise NotImplementedError
