@@ -35,7 +35,7 @@ from diffkd.io import LoadedPipeline, add_card_section, is_local_reference, load
 from diffkd.lora import check_lora_run, fused_folder, save_lora_student
 from diffkd.methods import Method, method_class
 from diffkd.preflight import check_run_options
-from diffkd.run_validation import TextValidation, Validator, plot_record
+from diffkd.run_validation import TextValidation, Validator, default_feature, plot_record
 from diffkd.students import build_student
 from diffkd.trainer import Trainer, make_accelerator
 from diffkd.weights import file_sha256
@@ -296,9 +296,12 @@ def scoring(config: Config, teacher: LoadedPipeline, method: Method, spec, outpu
                           f"{config.data.source!r} is a streamed set: set train.validate_reference=teacher")
     data = config.data if train.validate_reference == "data" or (train.validate_reference == "auto" and in_memory) \
         else None
+    feature = train.validate_feature
+    if feature == "auto":
+        feature = default_feature(teacher.image_channels, config.data.source)
     return Validator(teacher, spec.scheduler, spec.prediction_type,
-                     tuple(train.validate_steps) or (spec.num_inference_steps,), train.validate_samples,
-                     train.validate_feature, output / "validation", train.seed, data,
+                     tuple(train.validate_steps) or (spec.num_inference_steps,), train.validate_samples, feature,
+                     output / "validation", train.seed, data,
                      text=text_validation(config, teacher, method) if teacher.text_conditioned else None)
 
 

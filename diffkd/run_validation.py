@@ -44,10 +44,13 @@ REFERENCE_FILE = "reference.safetensors"
 NOISE_STREAM = 10**12  # added to train.seed: far above any seed the evaluation's batch_noise uses
 
 
-def default_feature(channels: int) -> str:
-    """The digits classifier reads grey images; anything else gets the seeded random network, which needs neither
-    a download nor training (``diffkd.evaluation.random_features``)."""
-    return "digits-classifier" if channels == 1 else "random-conv"
+def default_feature(channels: int, source: str = "") -> str:
+    """The shipped classifier of the images the run trains on, as the evaluation scores them: the digits one reads
+    grey images, the glyphs one glyphs; anything else gets the seeded random network, which needs neither a
+    download nor training (``diffkd.evaluation.random_features``)."""
+    if channels == 1:
+        return "digits-classifier"
+    return "glyphs-classifier" if source == "glyphs" else "random-conv"
 
 
 def validation_noise(count: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -77,8 +80,7 @@ class Validator:
         self.teacher, self.scheduler, self.prediction_type = teacher, scheduler, prediction_type
         self.steps, self.samples, self.folder, self.data, self.batch = tuple(steps), samples, folder, data, batch
         self.text, self.seed = text, seed
-        self.feature: FeatureNetwork = load_feature_network(
-            default_feature(teacher.image_channels) if feature == "auto" else feature, teacher.unet.device)
+        self.feature: FeatureNetwork = load_feature_network(feature, teacher.unet.device)
         self.noise = validation_noise(samples, teacher.latent_shape, seed)
         self._reference: tuple[torch.Tensor, torch.Tensor] | None = None
 

@@ -89,6 +89,7 @@ def test_random_conv_separates_distributions():
 
 def test_default_feature_fits_the_teacher():
     assert default_feature(1) == "digits-classifier" and default_feature(3) == "random-conv"
+    assert default_feature(3, "glyphs") == "glyphs-classifier" and default_feature(1, "glyphs") == "digits-classifier"
 
 
 def test_patience_needs_validation():
