@@ -307,3 +307,24 @@ def test_validation_prompts_are_the_runs_own(tmp_path):
         ["a", "b", "a"], "data.prompts / data.prompts_file")
     with pytest.raises(DiffkdError, match="data.prompts"):
         validation_prompts(parse_config({"data": {"source": "digits"}}).data, 3)
+
+
+def test_a_validated_lora_run_exports_the_best_adapters(tiny_sd, tmp_path):
+    """A LoRA student (adapters on the teacher's UNet) exports the validated step's adapters: the fused student
+    the run writes beside them scores the FD the record holds for that step."""
+    from diffusers import UNet2DConditionModel
+
+    raw = text_validated(tiny_sd, steps=6, validate_reference="teacher")
+    raw["train"]["learning_rate"] = 1.0  # the adapters overshoot: the first validation is the best
+    raw["student"] = {"lora": {"rank": 4, "alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"],
+                               "fuse": True}}
+    distill(parse_config(raw), tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "training_summary.json").read_text())["validation"]
+    assert [h["step"] for h in record["history"]] == [2, 4, 6]
+    config = parse_config(raw)
+    teacher, method, _ = prepare(config)
+    fused = UNet2DConditionModel.from_pretrained(tmp_path / "run" / "student-fused", subfolder="unet")
+    best = next(h for h in record["history"] if h["step"] == record["best_step"])
+    assert record["best_step"] < 6 and best["fd"] < record["history"][-1]["fd"] * 0.99  # not the last adapters
+    assert make_validator(config, teacher, method, tmp_path / "run")(fused)[4] == pytest.approx(
+        best["fd_per_k"]["4"], rel=1e-5)
