@@ -301,7 +301,7 @@ def scoring(config: Config, teacher: LoadedPipeline, method: Method, spec, outpu
         feature = default_feature(teacher.image_channels, config.data.source)
     return Validator(teacher, spec.scheduler, spec.prediction_type,
                      tuple(train.validate_steps) or (spec.num_inference_steps,), train.validate_samples, feature,
-                     output / "validation", train.seed, data,
+                     output / "validation", train.seed, data, train.validate_batch_size,
                      text=text_validation(config, teacher, method) if teacher.text_conditioned else None)
 
 

@@ -177,7 +177,8 @@ class TrainConfig:
     0 = off. A text teacher's noises are each drawn for one of the run's own prompts (the set's captions, else
     data.prompts), the teacher guided and the student conditioned as the method trains them.
     validate_reference: "data" (the training images), "teacher" (its DDIM-64 samples of the same noise) or
-    "auto" (data when the run trains on an in-memory set, else teacher). patience: stop after that many
+    "auto" (data when the run trains on an in-memory set, else teacher). validate_batch_size: the noises sampled
+    at once (no gradients; a guided teacher doubles them): lower it to the training batch on a large teacher. patience: stop after that many
     validations without a new best (0 = never). The same settings score the samplers a consistency run may export
     (``method.sampler: auto``, ``diffkd.sampler_choice``), once at the run's end, with validate_every 0 too.
 
@@ -217,6 +218,7 @@ class TrainConfig:
     validate_steps: list[int] = field(default_factory=list)
     validate_reference: str = "auto"
     validate_feature: str = "auto"
+    validate_batch_size: int = 128
     patience: int = 0
     gradient_checkpointing: bool = False
     frozen_dtype: str = "no"
@@ -226,7 +228,7 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("batch_size", "gradient_accumulation_steps", "checkpoint_every", "keep_checkpoints",
-                     "log_every"):
+                     "log_every", "validate_batch_size"):
             check(getattr(self, name) > 0, f"train.{name} must be > 0; got {getattr(self, name)}")
         for name in ("validate_every", "patience"):
             check(getattr(self, name) >= 0, f"train.{name} must be >= 0 (0 = off); got {getattr(self, name)}")

@@ -214,6 +214,9 @@ MUTATIONS = [
              "torch.Generator().manual_seed(NOISE_STREAM + self.seed + index)",
              "torch.Generator().manual_seed(torch.seed())",
              "a w range's w per validation noise is drawn afresh at each validation: checkpoints scored at other w"),
+    Mutation("text-validation-rows-misaligned", "diffkd/run_validation.py", "v[start:start + len(noise)]",
+             "v[:len(noise)]", "every validation chunk takes the first rows' prompts: noise and prompt no longer pair "
+             "as the teacher reference drew them"),
     Mutation("validation-noise-is-evaluation-noise", "diffkd/run_validation.py", "NOISE_STREAM = 10**12",
              "NOISE_STREAM = 0", "the validation noise is the evaluation's seed-0 noise: the checkpoint is chosen on "
              "the noise that judges it"),
