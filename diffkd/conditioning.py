@@ -94,9 +94,9 @@ def validation_prompts(data: DataConfig, count: int) -> tuple[list[str], str]:
         captioned = open_captioned(data.source, data.image_column, data.caption_column)
         if captioned is not None:
             column = captioned.caption_column
-            rows = captioned.table.select_columns([column.split(".")[0]])[:min(count, len(captioned))]
-            values = [{column.split(".")[0]: value} for value in rows[column.split(".")[0]]]
-            prompts = [caption for caption in (caption_of(v, column) for v in values)
+            top = column.split(".")[0]  # json.caption: the json column's caption field
+            values = captioned.table.select_columns([top])[:min(count, len(captioned))][top]
+            prompts = [caption for caption in (caption_of({top: value}, column) for value in values)
                        if isinstance(caption, str) and caption.strip()]
         else:
             prompts, source = read_prompts(data.prompts, data.prompts_file), "data.prompts / data.prompts_file"

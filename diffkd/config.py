@@ -172,15 +172,16 @@ class TrainConfig:
     long average that a one-step DMD generator needs (its weights swing between checkpoints).
     validate_every: every so many steps of the last round (and at its end) score the student's samples of
     ``validate_samples`` fixed noises at each of ``validate_steps`` (empty = the exported k) by FD to
-    ``validate_reference`` on ``validate_feature`` ("auto": the digits classifier for grey images, the glyphs one for
-    glyphs, else "random-conv"), and export the checkpoint whose FDs have the least geometric mean (``diffkd.run_validation``);
-    0 = off. A text teacher's noises are each drawn for one of the run's own prompts (the set's captions, else
-    data.prompts), the teacher guided and the student conditioned as the method trains them.
-    validate_reference: "data" (the training images), "teacher" (its DDIM-64 samples of the same noise) or
-    "auto" (data when the run trains on an in-memory set, else teacher). validate_batch_size: the noises sampled
-    at once (no gradients; a guided teacher doubles them): lower it to the training batch on a large teacher. patience: stop after that many
-    validations without a new best (0 = never). The same settings score the samplers a consistency run may export
-    (``method.sampler: auto``, ``diffkd.sampler_choice``), once at the run's end, with validate_every 0 too.
+    ``validate_reference`` on ``validate_feature`` ("auto": the digits classifier for grey images, the glyphs one
+    for glyphs, else "random-conv"), and export the checkpoint whose FDs have the least geometric mean
+    (``diffkd.run_validation``); 0 = off. A text teacher's noises are each drawn for one of the run's own prompts
+    (the set's captions, else data.prompts), the teacher guided and the student conditioned as the method trains
+    them. validate_reference: "data" (the training images), "teacher" (its DDIM-64 samples of the same noise) or
+    "auto" (data when the run trains on an in-memory set, else teacher). validate_batch_size: the noises sampled at
+    once (no gradients; a guided teacher doubles them): lower it to the training batch on a large teacher.
+    patience: stop after that many validations without a new best (0 = never). The same settings score the
+    samplers a consistency run may export (``method.sampler: auto``, ``diffkd.sampler_choice``), once at the run's
+    end, with validate_every 0 too.
 
     Memory levers (``diffkd plan`` shows what each saves): gradient_checkpointing recomputes the trained networks'
     activations in the backward instead of keeping them (diffusers' ``enable_gradient_checkpointing``: about a third

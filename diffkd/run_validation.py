@@ -104,7 +104,8 @@ class Validator:
             self._reference = real.mu, real.sigma
         if self._reference is None:
             path = self.folder / REFERENCE_FILE
-            key = f"{self.feature.name}|{self.noise.double().sum().item()!r}|{self.text.key if self.text else ''}"
+            key = f"{self.feature.name}|{self.noise.double().sum().item()!r}"
+            key += f"|{self.text.key}" if self.text else ""  # an unconditional run's key is what it always was
             if path.is_file():
                 stored = load_file(str(path))
                 if "key" in stored and bytes(stored["key"].tolist()).decode() == key:
@@ -139,7 +140,8 @@ class Validator:
         if self.text is None:
             return None, None
         rows = {k: v[start:start + len(noise)].to(noise.device) for k, v in self.text.rows.items()}
-        return self.text.pair({**rows, "x0": noise}, torch.Generator().manual_seed(NOISE_STREAM + self.seed + index))
+        generator = torch.Generator().manual_seed(NOISE_STREAM + self.seed + index)
+        return self.text.pair({**rows, "x0": noise}, generator)
 
     def _features(self, sampler: Callable[[torch.Tensor, tuple], torch.Tensor]) -> torch.Tensor:
         device = self.teacher.unet.device

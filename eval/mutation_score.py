@@ -211,8 +211,8 @@ MUTATIONS = [
     Mutation("text-validation-student-guided", "diffkd/run_validation.py", "z, k, conds[1])", "z, k, conds[0])",
              "the student is validated with classifier-free guidance on top of the guidance distilled into it"),
     Mutation("text-validation-w-redrawn", "diffkd/run_validation.py",
-             "torch.Generator().manual_seed(NOISE_STREAM + self.seed + index)",
-             "torch.Generator().manual_seed(torch.seed())",
+             "generator = torch.Generator().manual_seed(NOISE_STREAM + self.seed + index)",
+             "generator = torch.Generator().manual_seed(torch.seed())",
              "a w range's w per validation noise is drawn afresh at each validation: checkpoints scored at other w"),
     Mutation("text-validation-rows-misaligned", "diffkd/run_validation.py", "v[start:start + len(noise)]",
              "v[:len(noise)]", "every validation chunk takes the first rows' prompts: noise and prompt no longer pair "
