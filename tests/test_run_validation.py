@@ -239,8 +239,8 @@ def test_a_text_teachers_reference_is_its_guided_samples_of_the_same_noise_and_p
     """Paired for text too: the teacher's DDIM-64 samples of the validation's noise, each for its own prompt (cycled)
     and guided at the method's w, as the student is trained, whose samples are one unguided pass a step; another w
     gives another reference. A UNet and a rectified-flow transformer teacher with pooled text inputs alike."""
-    tiny_sd = request.getfixturevalue(layout)
-    config = parse_config(text_validated(tiny_sd, validate_reference="teacher"))
+    source = request.getfixturevalue(layout)
+    config = parse_config(text_validated(source, validate_reference="teacher"))
     teacher, method, _ = prepare(config)
     validator = make_validator(config, teacher, method, tmp_path / "w3")
     rows = encode_captions(teacher, ["a cat", "a dog"] * 8)
@@ -257,7 +257,7 @@ def test_a_text_teachers_reference_is_its_guided_samples_of_the_same_noise_and_p
     by_hand = frechet_distance(*gaussian_stats(validator.feature(to_uint8(teacher.denoiser.decode(samples)))),
                                *validator.reference())
     assert validator(method.student)[4] == pytest.approx(by_hand, rel=1e-4)
-    unguided = parse_config(text_validated(tiny_sd, validate_reference="teacher", method={"guidance_scale": 1.0}))
+    unguided = parse_config(text_validated(source, validate_reference="teacher", method={"guidance_scale": 1.0}))
     other = make_validator(unguided, teacher, prepare(unguided)[1], tmp_path / "w3")  # same folder: not its cache
     assert not torch.allclose(other.reference()[0], mu, atol=1e-3)
 
