@@ -22,7 +22,13 @@ from diffkd.evaluation.random_features import RandomConvFeatures
 from diffkd.evaluation.sweep import batch_noise
 from diffkd.glyphs import glyphs
 from diffkd.guidance_embedding import guidance_scale_embedding
-from diffkd.run_validation import NOISE_STREAM, REFERENCE_STEPS, default_feature, validation_noise
+from diffkd.run_validation import (
+    NOISE_STREAM,
+    REFERENCE_FILE,
+    REFERENCE_STEPS,
+    default_feature,
+    validation_noise,
+)
 from diffkd.sampling import ddim_sample, scheduler_sample
 from diffkd.selection import Selection
 from diffkd.trainer import Trainer, make_accelerator
@@ -330,3 +336,21 @@ def test_a_validated_lora_run_exports_the_best_adapters(tiny_sd, tmp_path):
     assert record["best_step"] < 6 and best["fd"] < record["history"][-1]["fd"] * 0.99  # not the last adapters
     assert make_validator(config, teacher, method, tmp_path / "run")(fused)[4] == pytest.approx(
         best["fd_per_k"]["4"], rel=1e-5)
+
+
+def test_a_text_run_on_a_streamed_captioned_set_validates_on_its_captions(tiny_sd, tmp_path):
+    """A captioned folder streams (no images in memory), so auto takes the teacher's reference, drawn for the
+    set's own captions in row order."""
+    folder = write_metadata_folder(tmp_path / "set", 24, flat_rows(mode="RGB"))
+    raw = text_validated(tiny_sd)
+    raw["data"] = {"source": str(folder), "num_workers": 0}
+    config = parse_config(raw)
+    teacher, method, _ = prepare(config)
+    validator = make_validator(config, teacher, method, tmp_path / "run")
+    assert validator.data is None and validator.describe()["prompts"] == "the training set's captions"
+    expected = encode_captions(teacher, [f"image {i}" for i in range(16)])["encoder_hidden_states"]
+    assert torch.equal(validator.text.rows["encoder_hidden_states"], expected)
+    distill(config, tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "training_summary.json").read_text())["validation"]
+    assert [h["step"] for h in record["history"]] == [2, 4]
+    assert (tmp_path / "run" / "validation" / REFERENCE_FILE).is_file()  # the teacher's samples, cached
