@@ -134,11 +134,12 @@ class Validator:
         finally:
             student.train(was_training)
 
-    def conditions(self, index: int, start: int, noise: torch.Tensor) -> tuple[Conditioning | None, ...]:
-        """(the teacher's, the student's) conditioning of the chunk of ``noise`` at row ``start``: the same rows and
+    def conditions(self, index: int, noise: torch.Tensor) -> tuple[Conditioning | None, ...]:
+        """(the teacher's, the student's) conditioning of chunk ``index`` of the validation noise: the same rows and
         the same draws (a w range's w per sample) at every validation; none for an unconditional teacher."""
         if self.text is None:
             return None, None
+        start = index * self.batch
         rows = {k: v[start:start + len(noise)].to(noise.device) for k, v in self.text.rows.items()}
         generator = torch.Generator().manual_seed(NOISE_STREAM + self.seed + index)
         return self.text.pair({**rows, "x0": noise}, generator)
@@ -148,7 +149,7 @@ class Validator:
         features = []
         for index, chunk in enumerate(self.noise.split(self.batch)):
             z = chunk.to(device)
-            images = self.teacher.denoiser.decode(sampler(z, self.conditions(index, index * self.batch, z)))
+            images = self.teacher.denoiser.decode(sampler(z, self.conditions(index, z)))
             features.append(self.feature(to_uint8(images)).cpu())
         return torch.cat(features)
 

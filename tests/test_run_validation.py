@@ -276,8 +276,8 @@ def test_a_guidance_embedded_student_is_validated_at_the_teachers_w(tiny_sd, tmp
     teacher, method, _ = prepare(config)
     validator = make_validator(config, teacher, method, tmp_path)
     z = validator.noise[:16]
-    teacher_cond, student_cond = validator.conditions(0, 0, z)
-    again = validator.conditions(0, 0, z)
+    teacher_cond, student_cond = validator.conditions(0, z)
+    again = validator.conditions(0, z)
     w = teacher_cond.guidance_scale
     assert w.shape == (16,) and torch.all((w >= 2.0) & (w <= 8.0)) and torch.equal(again[0].guidance_scale, w)
     assert teacher_cond.guided and not student_cond.guided
