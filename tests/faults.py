@@ -213,12 +213,17 @@ class KillResult:
 
 
 def reference_run(method: str, config: Path, work: Path) -> Path:
+    """The uninterrupted run, in this process: the same command as the killed child's (cli.main, the same torch
+    thread count), without the ~9 s a child spends importing torch and diffusers."""
+    import tests.two_networks  # noqa: F401  (method.name: two-networks, as tests/kill_wrapper.py registers it)
+    from tests.test_bad_input import run_in_process
+
     output = work / f"reference-{method}"
     for folder in (output, Path(f"{output}-cache")):
         shutil.rmtree(folder, ignore_errors=True)
-    result = run_cli(job_args(method, config, output))
-    if result.returncode != 0:
-        raise RuntimeError(f"reference run failed: {result.stderr[-2000:]}")
+    code, stderr = run_in_process(job_args(method, config, output), {"HF_HUB_OFFLINE": "1"})
+    if code != 0:
+        raise RuntimeError(f"reference run failed: {stderr[-2000:]}")
     return exported_weights(output, method)
 
 

@@ -105,9 +105,11 @@ def test_skipped_rows_are_counted_in_the_model_card(tiny_teacher, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", FORMATS)
-def test_killed_run_on_each_format_resumes_bit_identical(kind, tiny_teacher, tmp_path):
-    source = captioned_sets.write(kind, tmp_path / kind, 40, captioned_sets.flat_rows(8, "L"))
+def test_killed_run_on_a_streamed_set_resumes_bit_identical(tiny_teacher, tmp_path):
+    """On WebDataset shards, the format furthest from an indexed table. A resumed run replans the same rows from its
+    step (a pure function of seed and step) and every format decodes a row alike (the first test here), so one
+    format's kill covers the three."""
+    source = captioned_sets.write("webdataset", tmp_path / "shards", 40, captioned_sets.flat_rows(8, "L"))
     config = faults.write_yaml({**faults.progressive_config(tiny_teacher),
                                 "data": {"source": source, "num_workers": 2}}, tmp_path / "run.yaml")
     reference = faults.reference_run("progressive", config, tmp_path)
