@@ -124,8 +124,8 @@ def assert_one_pass_per_step_at_any_w(folder: Path, teacher_folder: str, steps: 
 def test_guidance_progressive_student_runs_one_pass_per_step_at_any_w(tiny_sd, tmp_path):
     """The glyphs recipe, on the tiny text teacher: 4 (guidance) -> 2 steps."""
     config = load_config(RECIPES / "glyphs-guidance-progressive.yaml", [
-        "method.start_steps=4", "method.final_steps=2", "method.steps_per_round=2", f"teacher.source={tiny_sd}",
-        *TINY_TEXT_RUN])
+        "method.start_steps=4", "method.final_steps=2", "method.steps_per_round=2", "method.imitation_steps=2",
+        f"teacher.source={tiny_sd}", *TINY_TEXT_RUN])
     assert_one_pass_per_step_at_any_w(distill(config, tmp_path / "run"), tiny_sd, 2)
 
 
