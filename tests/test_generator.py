@@ -83,7 +83,7 @@ def mse(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.slow
 def test_one_step_generator_beats_teacher_ddim_at_two_steps(tiny_teacher, tmp_path):
-    cfg = config(tiny_teacher, tmp_path / "cache", method={"num_steps": 400, "num_samples": 2000, "teacher_steps": 32,
+    cfg = config(tiny_teacher, tmp_path / "cache", method={"num_steps": 250, "num_samples": 1000, "teacher_steps": 32,
                                                            "cache_batch_size": 500, "cache_shard_size": 1000})
     cfg.train.batch_size, cfg.train.learning_rate = 64, 2e-3
     student = load_pipeline(str(distill(cfg, tmp_path / "run"))).denoiser
@@ -92,4 +92,4 @@ def test_one_step_generator_beats_teacher_ddim_at_two_steps(tiny_teacher, tmp_pa
     reference = ddim_sample(teacher, noise, 64)
     student_error = mse(ddim_sample(student, noise, 1), reference)
     teacher_error = mse(ddim_sample(teacher, noise, 2), reference)
-    assert student_error < 0.5 * teacher_error, (student_error, teacher_error)  # measured: 0.010 vs 0.049
+    assert student_error < 0.5 * teacher_error, (student_error, teacher_error)  # measured: 0.30x (0.21x at 400 steps on 2,000 pairs)

@@ -12,7 +12,7 @@ from diffkd.sampling import ddim_sample
 
 def distil(teacher: str, output, final_steps: int, **method) -> str:
     config = parse_config({
-        "method": {"name": "progressive", "start_steps": 16, "final_steps": final_steps, "steps_per_round": 150,
+        "method": {"name": "progressive", "start_steps": 16, "final_steps": final_steps, "steps_per_round": 60,
                    **method},
         "teacher": {"source": teacher},
         "train": {"batch_size": 64, "learning_rate": 1e-3, "checkpoint_every": 1000, "device": "cpu"},
@@ -34,7 +34,7 @@ def test_distilled_student_beats_teacher_ddim_at_same_steps(tiny_teacher, tmp_pa
     reference = ddim_sample(teacher, noise, 64)
     student_error = mse(ddim_sample(student, noise, 2), reference)
     teacher_error = mse(ddim_sample(teacher, noise, 2), reference)
-    assert student_error < 0.5 * teacher_error, (student_error, teacher_error)
+    assert student_error < 0.5 * teacher_error, (student_error, teacher_error)  # measured: 0.37x (0.27x at 150 a round)
 
 
 def prepared_method(tmp_path, method: dict, **sections):
