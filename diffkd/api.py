@@ -298,7 +298,7 @@ def scoring(config: Config, teacher: LoadedPipeline, method: Method, spec, outpu
         else None
     feature = train.validate_feature
     if feature == "auto":
-        feature = default_feature(teacher.image_channels, config.data.source)
+        feature = default_feature(teacher.image_channels, config.data.source, teacher.latent)
     return Validator(teacher, spec.scheduler, spec.prediction_type,
                      tuple(train.validate_steps) or (spec.num_inference_steps,), train.validate_samples, feature,
                      output / "validation", train.seed, data, train.validate_batch_size,

@@ -30,7 +30,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from diffkd.config import DataConfig
-from diffkd.evaluation.features import FeatureNetwork, load_feature_network, to_uint8
+from diffkd.data import load_images
+from diffkd.errors import DiffkdError
+from diffkd.evaluation.features import (
+    LATENT_RANDOM_CONV,
+    FeatureNetwork,
+    latent_random_conv,
+    load_feature_network,
+    to_uint8,
+)
 from diffkd.evaluation.frechet import frechet_distance, gaussian_stats
 from diffkd.evaluation.reference import load_real_set
 from diffkd.io import LoadedPipeline
@@ -44,13 +52,27 @@ REFERENCE_FILE = "reference.safetensors"
 NOISE_STREAM = 10**12  # added to train.seed: far above any seed the evaluation's batch_noise uses
 
 
-def default_feature(channels: int, source: str = "") -> str:
+def default_feature(channels: int, source: str = "", latent: bool = False) -> str:
     """The shipped classifier of the images the run trains on, as the evaluation scores them: the digits one reads
     grey images, the glyphs one glyphs; anything else gets the seeded random network, which needs neither a
-    download nor training (``diffkd.evaluation.random_features``)."""
+    download nor training (``diffkd.evaluation.random_features``), on a latent teacher's latents themselves: no
+    decoder pass per sample, and it ranked the panel's latent runs' checkpoints as the decoded images did
+    (eval/RESULTS.md, "Validation in latent space")."""
     if channels == 1:
         return "digits-classifier"
-    return "glyphs-classifier" if source == "glyphs" else "random-conv"
+    if source == "glyphs":
+        return "glyphs-classifier"
+    return LATENT_RANDOM_CONV if latent else "random-conv"
+
+
+def validation_feature(name: str, teacher: LoadedPipeline) -> FeatureNetwork:
+    """The network ``train.validate_feature`` names; the latent one reads this teacher's latent channels."""
+    if name != LATENT_RANDOM_CONV:
+        return load_feature_network(name, teacher.unet.device)
+    if not teacher.latent:
+        raise DiffkdError(f"train.validate_feature={LATENT_RANDOM_CONV} reads a latent teacher's latents, and this "
+                          "teacher samples pixels: use random-conv (or auto)")
+    return latent_random_conv(teacher.latent_shape[0], teacher.unet.device)
 
 
 def validation_noise(count: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -80,7 +102,7 @@ class Validator:
         self.teacher, self.scheduler, self.prediction_type = teacher, scheduler, prediction_type
         self.steps, self.samples, self.folder, self.data, self.batch = tuple(steps), samples, folder, data, batch
         self.text, self.seed = text, seed
-        self.feature: FeatureNetwork = load_feature_network(feature, teacher.unet.device)
+        self.feature = validation_feature(feature, teacher)
         self.noise = validation_noise(samples, teacher.latent_shape, seed)
         self._reference: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -97,22 +119,28 @@ class Validator:
     def reference(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and covariance of the reference's features, made once and kept in the run folder (a resumed run
         reads them back instead of paying the 64-step sampling or the image decoding again): the training images'
-        through the evaluation's own real-set statistics, the teacher's samples cached here."""
-        if self._reference is None and self.data is not None:
+        through the evaluation's own real-set statistics (their latents, encoded here, for a latent feature), the
+        teacher's samples cached here."""
+        if self._reference is None and self.data is not None and not self.feature.latents:
             real = load_real_set(self.data.source, self.feature, self.teacher.image_size, self.teacher.image_channels,
                                  self.folder, resize=self.data.resize, convert=self.data.convert)
             self._reference = real.mu, real.sigma
         if self._reference is None:
             path = self.folder / REFERENCE_FILE
-            key = f"{self.feature.name}|{self.noise.double().sum().item()!r}"
-            key += f"|{self.text.key}" if self.text else ""  # an unconditional run's key is what it always was
+            if self.data is not None:
+                key = f"{self.feature.name}|{self.feature.weights_sha256}|{self.data.source}|{self.data.resize}" \
+                      f"|{self.data.convert}"
+            else:
+                key = f"{self.feature.name}|{self.noise.double().sum().item()!r}"
+                key += f"|{self.text.key}" if self.text else ""  # an unconditional run's key is what it always was
             if path.is_file():
                 stored = load_file(str(path))
                 if "key" in stored and bytes(stored["key"].tolist()).decode() == key:
                     self._reference = stored["mu"], stored["sigma"]
             if self._reference is None:
-                self._reference = gaussian_stats(self._features(
-                    lambda z, conds: ddim_sample(self.teacher.denoiser, z, REFERENCE_STEPS, conds[0])))
+                self._reference = gaussian_stats(self._training_latent_features() if self.data is not None else
+                                                 self._features(lambda z, conds: ddim_sample(
+                                                     self.teacher.denoiser, z, REFERENCE_STEPS, conds[0])))
                 self.folder.mkdir(parents=True, exist_ok=True)
                 save_file({"mu": self._reference[0], "sigma": self._reference[1],
                            "key": torch.tensor(list(key.encode()), dtype=torch.uint8)}, str(path))
@@ -145,13 +173,24 @@ class Validator:
         return self.text.pair({**rows, "x0": noise}, generator)
 
     def _features(self, sampler: Callable[[torch.Tensor, tuple], torch.Tensor]) -> torch.Tensor:
+        """Features of the sampled latents (decoded to images, unless the feature reads latents)."""
         device = self.teacher.unet.device
         features = []
         for index, chunk in enumerate(self.noise.split(self.batch)):
             z = chunk.to(device)
-            images = self.teacher.denoiser.decode(sampler(z, self.conditions(index, z)))
-            features.append(self.feature(to_uint8(images)).cpu())
+            latents = sampler(z, self.conditions(index, z))
+            features.append(self.feature(latents if self.feature.latents else
+                                         to_uint8(self.teacher.denoiser.decode(latents))).cpu())
         return torch.cat(features)
+
+    @torch.no_grad()
+    def _training_latent_features(self) -> torch.Tensor:
+        """Features of the training images' latents, as the teacher's autoencoder encodes them for training."""
+        data, teacher = self.data, self.teacher
+        images = load_images(data.source, teacher.image_size, teacher.image_channels, data.resize, data.convert)
+        device = teacher.unet.device
+        return torch.cat([self.feature(teacher.denoiser.encode(chunk.to(device))).cpu()
+                          for chunk in images.split(self.batch)])
 
 
 def plot_record(record: dict, label: str, path: Path) -> Path:

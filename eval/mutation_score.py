@@ -217,6 +217,16 @@ MUTATIONS = [
     Mutation("text-validation-rows-misaligned", "diffkd/run_validation.py", "v[start:start + len(noise)]",
              "v[:len(noise)]", "every validation chunk takes the first rows' prompts: noise and prompt no longer pair "
              "as the teacher reference drew them"),
+    Mutation("latent-validation-decodes", "diffkd/run_validation.py",
+             "features.append(self.feature(latents if self.feature.latents else",
+             "features.append(self.feature(to_uint8(self.teacher.denoiser.decode(latents)) if self.feature.latents else",
+             "a latent feature is fed the decoded images: latent validation scores pixels against latents"),
+    Mutation("latent-reference-not-encoded", "diffkd/run_validation.py",
+             "self.feature(teacher.denoiser.encode(chunk.to(device)))", "self.feature(chunk.to(device))",
+             "the latent reference is the training images' pixels, not their latents"),
+    Mutation("latent-random-conv-pixel-scaling", "diffkd/evaluation/random_features.py",
+             "return self.embed(latents.float())", "return super().forward(latents)",
+             "latents go through the image network's uint8 scaling (x / 127.5 - 1): every latent reads as about -1"),
     Mutation("validation-noise-is-evaluation-noise", "diffkd/run_validation.py", "NOISE_STREAM = 10**12",
              "NOISE_STREAM = 0", "the validation noise is the evaluation's seed-0 noise: the checkpoint is chosen on "
              "the noise that judges it"),

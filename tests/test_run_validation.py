@@ -14,11 +14,11 @@ from safetensors.torch import load_file
 from diffkd.api import distill, make_validator, prepare
 from diffkd.conditioning import batch_conditioning, encode_captions, validation_prompts
 from diffkd.config import parse_config
-from diffkd.data import load_digits
+from diffkd.data import load_digits, load_images
 from diffkd.errors import DiffkdError
 from diffkd.evaluation.features import load_feature_network, to_uint8
 from diffkd.evaluation.frechet import frechet_distance, frechet_distance_of_features, gaussian_stats
-from diffkd.evaluation.random_features import RandomConvFeatures
+from diffkd.evaluation.random_features import LatentRandomConvFeatures, RandomConvFeatures
 from diffkd.evaluation.sweep import batch_noise
 from diffkd.glyphs import glyphs
 from diffkd.guidance_embedding import guidance_scale_embedding
@@ -96,6 +96,57 @@ def test_random_conv_separates_distributions():
 def test_default_feature_fits_the_teacher():
     assert default_feature(1) == "digits-classifier" and default_feature(3) == "random-conv"
     assert default_feature(3, "glyphs") == "glyphs-classifier" and default_feature(1, "glyphs") == "digits-classifier"
+    assert default_feature(3, "photos", latent=True) == "latent-random-conv"
+    assert default_feature(3, "glyphs", latent=True) == "glyphs-classifier"  # the evaluation's classifier first
+
+
+def test_latent_random_conv_is_the_image_network_on_latents_of_any_channel_count():
+    """Three latent channels read as the image network reads [-1, 1] pixels, without the uint8 scaling; four get
+    their own seeded first layer, He-scaled for its fan-in."""
+    x = torch.randn(5, 3, 8, 8)
+    image_network = RandomConvFeatures()
+    torch.testing.assert_close(LatentRandomConvFeatures(3)(x), image_network((x + 1) * 127.5))
+    four, latents = LatentRandomConvFeatures(4), torch.randn(5, 4, 8, 8)
+    assert four.convs[0].weight.shape == (32, 4, 3, 3) and torch.equal(four(latents), LatentRandomConvFeatures(4)(latents))
+    assert abs(four.convs[0].weight.std().item() / (2 / 36) ** 0.5 - 1) < 0.15
+
+
+def latent_validated(teacher: str, **train) -> dict:
+    config = validated(teacher, validate_steps=[1, 2], **train)
+    config["data"] = {"source": "digits", "convert": True, "resize": True}
+    return config
+
+
+def test_a_latent_teachers_validation_scores_its_latents_against_the_training_images_encoded(tiny_ldm, tmp_path):
+    """auto on a latent teacher: the reference is the training images' latents (as the autoencoder encodes them
+    for training) and the student's samples are scored as latents, never decoded; named, random-conv decodes."""
+    config = parse_config(latent_validated(tiny_ldm))
+    teacher, method, _ = prepare(config)
+    validator = make_validator(config, teacher, method, tmp_path / "latent")
+    assert validator.feature.name == "latent-random-conv" and validator.feature.latents
+    with torch.no_grad():
+        latents = teacher.denoiser.encode(load_images("digits", 8, 3, resize=True, convert=True))
+    mu, sigma = gaussian_stats(validator.feature(latents))
+    torch.testing.assert_close(validator.reference()[0], mu)
+    torch.testing.assert_close(validator.reference()[1], sigma)
+    student = teacher.denoiser.like(method.student)
+    sampled = scheduler_sample(student, type(validator.scheduler).from_config(validator.scheduler.config),
+                               validator.noise, 2)
+    by_hand = frechet_distance(*gaussian_stats(validator.feature(sampled)), mu, sigma)
+    assert validator(method.student)[2] == pytest.approx(by_hand, rel=1e-6)
+
+    decoded = make_validator(parse_config(latent_validated(tiny_ldm, validate_feature="random-conv")), teacher, method,
+                             tmp_path / "decoded")
+    images = to_uint8(teacher.denoiser.decode(sampled))
+    by_hand = frechet_distance(*gaussian_stats(decoded.feature(images)), *decoded.reference())
+    assert decoded(method.student)[2] == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_the_latent_feature_needs_a_latent_teacher(tiny_teacher, tmp_path):
+    config = parse_config(validated(tiny_teacher, validate_feature="latent-random-conv"))
+    teacher, method, _ = prepare(config)
+    with pytest.raises(DiffkdError, match="latent teacher's latents.*use random-conv"):
+        make_validator(config, teacher, method, tmp_path)
 
 
 def test_patience_needs_validation():
@@ -251,7 +302,8 @@ def test_a_text_teachers_reference_is_its_guided_samples_of_the_same_noise_and_p
     validator = make_validator(config, teacher, method, tmp_path / "w3")
     rows = encode_captions(teacher, ["a cat", "a dog"] * 8)
     images = ddim_sample(teacher.denoiser, validator.noise, REFERENCE_STEPS, batch_conditioning(rows, 3.0))
-    mu, sigma = gaussian_stats(validator.feature(to_uint8(teacher.denoiser.decode(images))))
+    assert validator.feature.name == "latent-random-conv"  # auto on a latent teacher: its latents, not decoded
+    mu, sigma = gaussian_stats(validator.feature(images))
     assert validator.describe()["prompts"] == "data.prompts / data.prompts_file"
     assert torch.allclose(validator.reference()[0], mu, atol=1e-4)
     assert torch.allclose(validator.reference()[1], sigma, atol=1e-4)
@@ -260,8 +312,7 @@ def test_a_text_teachers_reference_is_its_guided_samples_of_the_same_noise_and_p
         student, type(validator.scheduler).from_config(validator.scheduler.config), z, 4,
         batch_conditioning({k: v[i:i + 5] for k, v in rows.items()}, 3.0).unguided())
         for i, z in zip(range(0, 16, 5), validator.noise.split(5))])
-    by_hand = frechet_distance(*gaussian_stats(validator.feature(to_uint8(teacher.denoiser.decode(samples)))),
-                               *validator.reference())
+    by_hand = frechet_distance(*gaussian_stats(validator.feature(samples)), *validator.reference())
     assert validator(method.student)[4] == pytest.approx(by_hand, rel=1e-4)
     unguided = parse_config(text_validated(source, validate_reference="teacher", method={"guidance_scale": 1.0}))
     other = make_validator(unguided, teacher, prepare(unguided)[1], tmp_path / "w3")  # same folder: not its cache

@@ -21,13 +21,14 @@ from torch import nn
 from diffkd.data import load_digits
 from diffkd.errors import DiffkdError
 from diffkd.evaluation.glyphs_classifier import GLYPHS_CLASSIFIER, GlyphsFeatures, load_glyphs_classifier
-from diffkd.evaluation.random_features import RANDOM_CONV_SEED, RandomConvFeatures
+from diffkd.evaluation.random_features import RANDOM_CONV_SEED, LatentRandomConvFeatures, RandomConvFeatures
 from diffkd.weights import INCEPTION, file_sha256, locate_checkpoint
 
 log = logging.getLogger(__name__)
 
 DIGITS_CLASSIFIER = Path(__file__).resolve().parent.parent / "assets" / "digits-classifier.safetensors"
 DIGITS_SIZE = 16
+LATENT_RANDOM_CONV = "latent-random-conv"  # in-run validation only: the evaluation scores decoded images
 
 
 @dataclass
@@ -40,10 +41,11 @@ class FeatureNetwork:
     weights_sha256: str
     resize: str
     details: dict = field(default_factory=dict)
+    latents: bool = False  # reads a latent teacher's latents, not decoded uint8 images
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """Features of uint8 images, float64 on the CPU."""
+        """Features of uint8 images (of latents where ``latents``), float64 on the CPU."""
         return self.module(images).double().cpu()
 
 
@@ -143,9 +145,21 @@ def _digits(device: str | torch.device) -> FeatureNetwork:
 
 def _random_conv(device: str | torch.device) -> FeatureNetwork:
     module = RandomConvFeatures().to(device).eval()
-    digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in module.parameters())).hexdigest()
-    return FeatureNetwork("random-conv", "FD (random conv)", module, digest,
+    return FeatureNetwork("random-conv", "FD (random conv)", module, _parameters_sha256(module),
                           "RGB (grey repeated), bilinear antialiased to 16x16", {"seed": RANDOM_CONV_SEED})
+
+
+def latent_random_conv(channels: int, device: str | torch.device = "cpu") -> FeatureNetwork:
+    """The seeded random network on ``channels``-channel latents (``LatentRandomConvFeatures``)."""
+    module = LatentRandomConvFeatures(channels).to(device).eval()
+    return FeatureNetwork(LATENT_RANDOM_CONV, "FD (random conv on latents)", module, _parameters_sha256(module),
+                          "latents as they are, bilinear antialiased to 16x16", {"seed": RANDOM_CONV_SEED,
+                                                                                  "channels": channels}, latents=True)
+
+
+def _parameters_sha256(module: nn.Module) -> str:
+    """A seeded network's identity: the hash of its weights (it has no file)."""
+    return hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in module.parameters())).hexdigest()
 
 
 def _glyphs(device: str | torch.device) -> FeatureNetwork:
