@@ -5,16 +5,16 @@ each validation noise seed (a run's train.seed), at k = 2 and 4: which checkpoin
 
     python eval/validation_ranking.py --run RUN --teacher TEACHER --references R0,R1,R2,R3 \
         [--checkpoints 400,600,...] [--samples 1024] [--seeds 0,1,2] [--validation-references data,teacher]
-        [--data digits] [--feature digits-classifier] [--samplers LCMScheduler,DDIMScheduler]
-        [--validation-sampler LCMScheduler] [--no-truth | --no-validation]
+        [--data digits] [--feature digits-classifier] [--validation-feature latent-random-conv]
+        [--samplers LCMScheduler,DDIMScheduler] [--validation-sampler LCMScheduler] [--no-truth | --no-validation]
 
 --references: the teacher's per-seed 64-step FDs on seeds 0-3 (eval/RESULTS.md records them for each digits
 teacher). Checkpoints are the run's ckpt-r00-sNNNNNNNN folders; their raw student weights are scored (the default
 recipe keeps no EMA). The evaluation's four seeds are most of the time; --no-truth leaves them out. --samplers: the
 schedulers the truth samples with (default: the exported one), each built by ``from_config`` of the exported one;
 --validation-sampler: the one in-run validation ranked checkpoints with (a consistency run's LCMScheduler, whatever
-its end exported). --data / --feature: the run's data and validation feature network (the panel: its patch
-folder and random-conv).
+its end exported). --data / --feature: the run's data and the evaluation's feature network (the panel: its patch
+folder and random-conv), which validation uses too unless --validation-feature names another.
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ def main() -> int:
     parser.add_argument("--validation-references", default="data,teacher")
     parser.add_argument("--data", default="digits", help="the run's data.source")
     parser.add_argument("--feature", default="digits-classifier")
+    parser.add_argument("--validation-feature", default="", help="the feature validation ranks with (default: "
+                                                                    "--feature; latent-random-conv on a latent teacher)")
     parser.add_argument("--samplers", default="", help="scheduler classes the truth samples with (default: exported)")
     parser.add_argument("--validation-sampler", default="", help="the scheduler validation ranks with (default: "
                                                                      "exported)")
@@ -82,7 +84,8 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         validators = {(kind, seed): Validator(teacher, scheduler(args.validation_sampler),
-                                              student.denoiser.prediction_type, STEPS, args.samples, args.feature,
+                                              student.denoiser.prediction_type, STEPS, args.samples,
+                                              args.validation_feature or args.feature,
                                               Path(scratch) / f"{kind}-{seed}", seed,
                                               DataConfig(source=args.data) if kind == "data" else None)
                       for kind in kinds for seed in seeds}
