@@ -138,9 +138,7 @@ class Validator:
                 if "key" in stored and bytes(stored["key"].tolist()).decode() == key:
                     self._reference = stored["mu"], stored["sigma"]
             if self._reference is None:
-                self._reference = gaussian_stats(self._training_latent_features() if self.data is not None else
-                                                 self._features(lambda z, conds: ddim_sample(
-                                                     self.teacher.denoiser, z, REFERENCE_STEPS, conds[0])))
+                self._reference = gaussian_stats(self._reference_features())
                 self.folder.mkdir(parents=True, exist_ok=True)
                 save_file({"mu": self._reference[0], "sigma": self._reference[1],
                            "key": torch.tensor(list(key.encode()), dtype=torch.uint8)}, str(path))
@@ -182,6 +180,12 @@ class Validator:
             features.append(self.feature(latents if self.feature.latents else
                                          to_uint8(self.teacher.denoiser.decode(latents))).cpu())
         return torch.cat(features)
+
+    def _reference_features(self) -> torch.Tensor:
+        """The training images' latents (a latent feature) or the teacher's DDIM-64 samples of the same noise."""
+        if self.data is not None:
+            return self._training_latent_features()
+        return self._features(lambda z, conds: ddim_sample(self.teacher.denoiser, z, REFERENCE_STEPS, conds[0]))
 
     @torch.no_grad()
     def _training_latent_features(self) -> torch.Tensor:
