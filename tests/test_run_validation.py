@@ -107,7 +107,8 @@ def test_latent_random_conv_is_the_image_network_on_latents_of_any_channel_count
     image_network = RandomConvFeatures()
     torch.testing.assert_close(LatentRandomConvFeatures(3)(x), image_network((x + 1) * 127.5))
     four, latents = LatentRandomConvFeatures(4), torch.randn(5, 4, 8, 8)
-    assert four.convs[0].weight.shape == (32, 4, 3, 3) and torch.equal(four(latents), LatentRandomConvFeatures(4)(latents))
+    assert four.convs[0].weight.shape == (32, 4, 3, 3)
+    assert torch.equal(four(latents), LatentRandomConvFeatures(4)(latents))
     assert abs(four.convs[0].weight.std().item() / (2 / 36) ** 0.5 - 1) < 0.15
 
 

@@ -88,7 +88,8 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(make, port, step
     two = run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *cli,
                "distill", str(config), "--output", str(tmp_path / "two")], env)
     assert two.returncode == 0, two.stderr[-3000:]
-    one_process(["distill", str(config), "--output", str(tmp_path / "one"), "--set", "train.gradient_accumulation_steps=2"])
+    one_process(["distill", str(config), "--output", str(tmp_path / "one"),
+                 "--set", "train.gradient_accumulation_steps=2"])
 
     # equal to the mean of both shards' gradients: without the all-reduce rank 0 would have followed shard 0 alone
     weights = "student/unet/diffusion_pytorch_model.safetensors"
@@ -135,7 +136,8 @@ def test_sharded_ranks_take_the_one_process_steps_and_resume_bit_identical(make,
               "tests.kill_wrapper", "distill", str(config), "--set", "train.shard=true", "--output"]
     sharded = run([*launch, str(tmp_path / "sharded")], env)
     assert sharded.returncode == 0, sharded.stderr[-3000:]
-    one_process(["distill", str(config), "--output", str(tmp_path / "one"), "--set", "train.gradient_accumulation_steps=2"])
+    one_process(["distill", str(config), "--output", str(tmp_path / "one"),
+                 "--set", "train.gradient_accumulation_steps=2"])
 
     first = checkpoint.name_for(0, 2)
     left, right = optimizer_moments(tmp_path / "sharded", first, phase), optimizer_moments(tmp_path / "one", first, phase)
