@@ -6,8 +6,8 @@ needs neither a download nor a training run: its weights are a pure function of 
 with an explicit generator, so every machine builds the same network. It is reported as "FD (random conv)".
 
 ``LatentRandomConvFeatures`` is the same network reading a latent teacher's latents (any channel count) instead of
-decoded images: in-run validation of a latent student then skips the autoencoder's decoder, a third of a
-validation on the panel's latent teacher and more at SDXL's 1024 px (eval/RESULTS.md, "Validation in latent space").
+decoded images: in-run validation of a latent student then skips the autoencoder's decoder, 29% of validation's
+time on the panel's latent teacher and more at SDXL's 1024 px (eval/RESULTS.md, "Validation in latent space").
 """
 
 from __future__ import annotations
