@@ -176,9 +176,10 @@ class TrainConfig:
     for glyphs, "latent-random-conv" on a latent teacher's latents, undecoded, else "random-conv"), and export the
     checkpoint whose FDs have the least geometric mean (``diffkd.run_validation``); 0 = off. A text teacher's
     noises are each drawn for one of the run's own prompts (the set's captions, else data.prompts), the teacher
-    guided and the student conditioned as the method trains them. validate_reference: "data" (the training images), "teacher" (its DDIM-64 samples of the same noise) or
-    "auto" (data when the run trains on an in-memory set, else teacher). validate_batch_size: the noises sampled at
-    once (no gradients; a guided teacher doubles them): lower it to the training batch on a large teacher.
+    guided and the student conditioned as the method trains them. validate_reference: "data" (the training
+    images), "teacher" (its DDIM-64 samples of the same noise) or "auto" (data when the run trains on an in-memory
+    set, else teacher). validate_batch_size: the noises sampled at once (no gradients; a guided teacher doubles
+    them): lower it to the training batch on a large teacher.
     patience: stop after that many validations without a new best (0 = never). The same settings score the
     samplers a consistency run may export (``method.sampler: auto``, ``diffkd.sampler_choice``), once at the run's
     end, with validate_every 0 too.

@@ -126,13 +126,7 @@ class Validator:
                                  self.folder, resize=self.data.resize, convert=self.data.convert)
             self._reference = real.mu, real.sigma
         if self._reference is None:
-            path = self.folder / REFERENCE_FILE
-            if self.data is not None:
-                key = f"{self.feature.name}|{self.feature.weights_sha256}|{self.data.source}|{self.data.resize}" \
-                      f"|{self.data.convert}"
-            else:
-                key = f"{self.feature.name}|{self.noise.double().sum().item()!r}"
-                key += f"|{self.text.key}" if self.text else ""  # an unconditional run's key is what it always was
+            path, key = self.folder / REFERENCE_FILE, self._reference_key()
             if path.is_file():
                 stored = load_file(str(path))
                 if "key" in stored and bytes(stored["key"].tolist()).decode() == key:
@@ -178,8 +172,18 @@ class Validator:
             z = chunk.to(device)
             latents = sampler(z, self.conditions(index, z))
             features.append(self.feature(latents if self.feature.latents else
-                                         to_uint8(self.teacher.denoiser.decode(latents))).cpu())
+                                         to_uint8(self.teacher.denoiser.decode(latents))))  # float64, on the CPU
         return torch.cat(features)
+
+    def _reference_key(self) -> str:
+        """What the cached reference was made from: the set and feature network (training latents), or the feature,
+        the noise and, for text, the prompts and guidance (the teacher's samples; an unconditional run's key is what
+        it always was, so a run resumed across versions reuses its cache)."""
+        if self.data is not None:
+            data = self.data
+            return f"{self.feature.name}|{self.feature.weights_sha256}|{data.source}|{data.resize}|{data.convert}"
+        key = f"{self.feature.name}|{self.noise.double().sum().item()!r}"
+        return key + (f"|{self.text.key}" if self.text else "")
 
     def _reference_features(self) -> torch.Tensor:
         """The training images' latents (a latent feature) or the teacher's DDIM-64 samples of the same noise."""
@@ -193,7 +197,7 @@ class Validator:
         data, teacher = self.data, self.teacher
         images = load_images(data.source, teacher.image_size, teacher.image_channels, data.resize, data.convert)
         device = teacher.unet.device
-        return torch.cat([self.feature(teacher.denoiser.encode(chunk.to(device))).cpu()
+        return torch.cat([self.feature(teacher.denoiser.encode(chunk.to(device)))
                           for chunk in images.split(self.batch)])
 
 
