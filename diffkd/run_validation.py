@@ -112,6 +112,11 @@ class Validator:
                 else f"the teacher's DDIM-{REFERENCE_STEPS} samples of the same noise"
                      + (" and prompts" if self.text is not None else ""))
 
+    @property
+    def scale(self) -> str:
+        """The feature network its FDs are measured in (name and weights), kept with the run's validation record."""
+        return f"{self.feature.name} (weights sha256 {self.feature.weights_sha256[:16]})"
+
     def describe(self) -> dict:
         return {"steps": list(self.steps), "samples": self.samples, "feature": self.feature.name,
                 "reference": self.reference_name, **({"prompts": self.text.prompts} if self.text else {})}

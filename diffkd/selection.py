@@ -22,10 +22,14 @@ class Selection:
     since_best: int = 0
     seconds: float = 0.0
     stopped_early: bool = False
+    scored_by: str | None = None  # the feature network of every FD here (None: a record from before it was kept)
 
-    def record(self, step: int, fd_per_k: dict[int, float]) -> bool:
-        """Add one validation (an FD per validated k); True when it is the best so far (ties keep the earlier,
-        shorter-trained one)."""
+    def record(self, step: int, fd_per_k: dict[int, float], scored_by: str) -> bool:
+        """Add one validation (an FD per validated k, by the feature network ``scored_by``); True when it is the
+        best so far (ties keep the earlier, shorter-trained one)."""
+        if self.scored_by not in (None, scored_by):
+            raise ValueError(f"a validation by {scored_by} cannot extend a record scored by {self.scored_by}")
+        self.scored_by = scored_by
         fd = geometric_mean(fd_per_k.values())
         self.history.append({"step": step, "fd": fd, "fd_per_k": {str(k): v for k, v in fd_per_k.items()}})
         if self.best_fd is None or fd < self.best_fd:
@@ -33,6 +37,15 @@ class Selection:
             return True
         self.since_best += 1
         return False
+
+    def extends(self, scored_by: str, reads_images: bool) -> bool:
+        """Whether validations by ``scored_by`` may extend this record: FDs of two feature networks are on two scales,
+        and a record mixing them would export a checkpoint for its network rather than its samples. A record from
+        before the network was kept was scored on decoded images (every validation feature read images until
+        latent-random-conv), so it extends only a validation that reads images."""
+        if not self.history:
+            return True
+        return self.scored_by == scored_by if self.scored_by is not None else reads_images
 
     def should_stop(self, patience: int) -> bool:
         """Early stopping: ``patience`` validations in a row without a new best (0 = never stop)."""

@@ -26,9 +26,10 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
@@ -46,6 +47,9 @@ from diffkd.methods.base import Method, Network, Phase
 from diffkd.progress import Progress as RunProgress
 from diffkd.selection import Selection
 from diffkd.streaming import StreamedRows
+
+if TYPE_CHECKING:
+    from diffkd.run_validation import Validator
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +198,7 @@ class Trainer:
             [self._param_group(name) for name in phase.networks])) for phase in self.phases}
         self.emas: dict[str, EMAModel] = {}
         self.progress = Progress()
-        self.validator: Callable[[nn.Module], dict[int, float]] | None = None  # see diffkd.run_validation
+        self.validator: Validator | None = None  # see diffkd.run_validation
         self.best_weights: dict[str, torch.Tensor] = {}
 
     def _param_group(self, name: str) -> dict:
@@ -269,7 +273,7 @@ class Trainer:
             ema.store(trainable(student))
             ema.copy_to(trainable(student))
         try:
-            best = selection.record(self._global_step(), self.validator(student))
+            best = selection.record(self._global_step(), self.validator(student), self.validator.scale)
             if best:
                 self.best_weights = {k: v.detach().cpu().clone()
                                      for k, v in sharding.full_state(checkpoint.network_state(student)).items()}
@@ -289,6 +293,17 @@ class Trainer:
             self.acc.log({"validation/fd": latest["fd"],
                           **{f"validation/fd_{k}_steps": fd for k, fd in latest["fd_per_k"].items()}}, step=step)
         return selection.stopped_early
+
+    def _check_validation_scale(self, folder: Path, record: Selection) -> None:
+        """A resumed record must go on in its own feature network's FDs (``Selection.extends``): ``auto`` may
+        resolve to another network than when the run started (a latent teacher's, since latent-random-conv)."""
+        validator = self.validator
+        if validator is None or record.extends(validator.scale, reads_images=not validator.feature.latents):
+            return
+        raise DiffkdError(f"checkpoint {str(folder)!r} holds validations scored by {record.scored_by or 'decoded images'}"
+                          f", and this run validates with {validator.scale}: their FDs do not compare, so the "
+                          "exported checkpoint would be chosen across two scales; start the run afresh (--overwrite), "
+                          "or name the checkpoint's feature network in train.validate_feature")
 
     def trained_networks(self) -> tuple[nn.Module, ...]:
         return tuple(network.module for network in self.networks.values())
@@ -514,6 +529,7 @@ class Trainer:
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
             raise DiffkdError(f"checkpoint {str(folder)!r} does not fit this config ({str(error).splitlines()[0]}); "
                               "resume with the config the run was started with (OUTPUT/config.yaml)") from None
+        self._check_validation_scale(folder, Selection(**progress.validation))
         self.progress = progress
         self.best_weights = best
         if self.acc.scaler is not None and state.get("scaler"):

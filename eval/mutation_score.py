@@ -201,6 +201,10 @@ MUTATIONS = [
              "a validation that ties the best becomes the best: the longer-trained checkpoint is exported"),
     Mutation("patience-one-late", "diffkd/selection.py", "self.since_best >= patience",
              "self.since_best > patience", "early stopping waits one validation more than train.patience"),
+    Mutation("validation-legacy-record-any-scale", "diffkd/selection.py",
+             "if self.scored_by is not None else reads_images", "if self.scored_by is not None else True",
+             "a record kept before its feature network was recorded resumes under a latent feature: one record, two "
+             "FD scales"),
     Mutation("validation-reference-other-noise", "diffkd/run_validation.py",
              "ddim_sample(self.teacher.denoiser, z, REFERENCE_STEPS, conds[0])",
              "ddim_sample(self.teacher.denoiser, torch.randn_like(z), REFERENCE_STEPS, conds[0])",
