@@ -80,19 +80,33 @@ def test_layout_recipe_resolves_as_dry_run_prints_it(name, teacher, tiny):
     assert "hf download" in (ROOT / "configs" / f"{name}.yaml").read_text()
 
 
+@pytest.fixture
+def own_precision():
+    """accelerate keeps one mixed precision per process (AcceleratorState): forgotten before and after a test
+    that runs at another than the suite's "no"."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name, teacher, tiny", LAYOUT_RECIPES)
-def test_layout_recipe_on_a_tiny_pipeline_of_its_layout(name, teacher, tiny, request, tmp_path):
+def test_layout_recipe_on_a_tiny_pipeline_of_its_layout(name, teacher, tiny, request, tmp_path, own_precision):
     """Each recipe as shipped but for its size (1 step, 8 px (SANA: 32), batch 2, CPU) on a tiny random pipeline of
-    its layout: the export is the layout's (a LoRA folder of transformer or UNet adapters, or a transformer student)."""
+    its layout: the export is the layout's (a LoRA folder of transformer or UNet adapters, or a transformer student).
+    At the recipe's own precision (bf16 autocast, frozen weights stored at bf16; CPU autocast's kernels) and
+    validated against the teacher's samples, so every frozen bf16 network also samples inside validation."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\na dog\n")
     side = 32 if tiny == "tiny_sana" else 8  # 4x4 latents through each tiny autoencoder
     config = load_config(ROOT / f"configs/{name}.yaml",
                          [f"teacher.source={request.getfixturevalue(tiny)}", f"teacher.image_size={side}",
                           f"data.source={_images(tmp_path / 'images', side)}", f"data.prompts_file={prompts}",
-                          "method.num_steps=1", "train.batch_size=2", "train.mixed_precision='no'", "train.frozen_dtype='no'",
-                          "train.device=cpu", "train.warmup_steps=0",
+                          "method.num_steps=1", "train.batch_size=2", "train.device=cpu", "train.warmup_steps=0",
+                          "train.validate_every=1", "train.validate_samples=2", "train.validate_steps=[1]",
+                          "train.validate_reference=teacher",
                           *(["method.fake_updates=1"] if name == "flux-dmd" else [])])
     folder = distill(config, tmp_path / "run")
     if config.student.lora is not None:

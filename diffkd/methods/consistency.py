@@ -145,10 +145,12 @@ class ConsistencyDistillation(Method):
 
     @torch.no_grad()
     def after_step(self) -> None:
-        """The target network's EMA step: theta^- <- mu theta^- + (1 - mu) theta."""
+        """The target network's EMA step: theta^- <- mu theta^- + (1 - mu) theta, over the trained weights (a LoRA
+        student's frozen base is the target's, and train.frozen_dtype may store it at another dtype)."""
         if self.target is not None:
             for follower, trained in zip(self.target.parameters(), self.student.parameters()):
-                follower.lerp_(trained, 1 - self.options.target_ema)
+                if trained.requires_grad:
+                    follower.lerp_(trained, 1 - self.options.target_ema)
 
     @torch.no_grad()
     def teacher_step(self, z: torch.Tensor, t: torch.Tensor, s: torch.Tensor, cond: Conditioning) -> torch.Tensor:
