@@ -35,7 +35,7 @@ from diffkd.io import LoadedPipeline, add_card_section, is_local_reference, load
 from diffkd.lora import check_lora_run, fused_folder, save_lora_student
 from diffkd.methods import Method, method_class
 from diffkd.preflight import check_run_options
-from diffkd.run_validation import TextValidation, Validator, default_feature, plot_record
+from diffkd.run_validation import TextValidation, Validator, default_feature, plot_record, references_teacher
 from diffkd.students import build_student
 from diffkd.trainer import Trainer, make_accelerator
 from diffkd.weights import file_sha256
@@ -290,19 +290,18 @@ def scoring(config: Config, teacher: LoadedPipeline, method: Method, spec, outpu
     """A Validator of ``spec``'s student with the ``train.validate_*`` settings (k, noise, reference, feature); a
     text teacher's samples are drawn for the run's own prompts, conditioned as ``method`` conditions them."""
     train = config.train
-    in_memory = captioned.kind_of(config.data.source) is None
-    if train.validate_reference == "data" and not in_memory:
+    if train.validate_reference == "data" and captioned.kind_of(config.data.source) is not None:
         raise DiffkdError(f"train.validate_reference=data reads the training images into memory, and "
                           f"{config.data.source!r} is a streamed set: set train.validate_reference=teacher")
-    data = config.data if train.validate_reference == "data" or (train.validate_reference == "auto" and in_memory) \
-        else None
+    data = None if references_teacher(config) else config.data
     feature = train.validate_feature
     if feature == "auto":
         feature = default_feature(teacher.image_channels, config.data.source, teacher.latent)
     return Validator(teacher, spec.scheduler, spec.prediction_type,
                      tuple(train.validate_steps) or (spec.num_inference_steps,), train.validate_samples, feature,
                      output / "validation", train.seed, data, train.validate_batch_size,
-                     text=text_validation(config, teacher, method) if teacher.text_conditioned else None)
+                     text=text_validation(config, teacher, method) if teacher.text_conditioned else None,
+                     precision=train.mixed_precision)
 
 
 def text_validation(config: Config, teacher: LoadedPipeline, method: Method) -> TextValidation:

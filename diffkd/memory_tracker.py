@@ -18,8 +18,12 @@ from torch.utils._pytree import tree_leaves
 
 
 class PeakTracker(TorchDispatchMode):
-    def __init__(self):
+    """``counts``: which tensors to count (default all); the validation's measure leaves out float64 ones, the
+    features and Fréchet matrices a GPU run keeps on the host."""
+
+    def __init__(self, counts=None):
         super().__init__()
+        self.counts = counts
         self._live: dict[int, tuple[weakref.ref, int]] = {}
         self.current = 0
         self.peak = 0
@@ -29,6 +33,8 @@ class PeakTracker(TorchDispatchMode):
             self._add(tensor)
 
     def _add(self, tensor: torch.Tensor) -> None:
+        if self.counts is not None and not self.counts(tensor):
+            return
         storage = tensor.untyped_storage()
         key = id(storage)
         if key in self._live and self._live[key][0]() is storage:

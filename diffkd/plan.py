@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from diffkd.evaluation.random_features import LatentRandomConvFeatures
 from diffkd.lora import adapter_targets, add_adapters
 from diffkd.memory_tracker import PeakTracker
 from diffkd.plan_layouts import Layout
-from diffkd.plan_step import TARGET, TEACHER, Pass, StepSpec
+from diffkd.plan_step import STUDENT, TARGET, TEACHER, Pass, StepSpec
 from diffkd.sharding import units
 
 GB = 1e9
@@ -106,6 +107,17 @@ def network_inputs(layout: Layout, batch: int) -> dict:
             "img_ids": torch.zeros(pixels, 3), "txt_ids": torch.zeros(layout.tokens, 3)}
 
 
+def _samples(layout: Layout, batch: int) -> torch.Tensor:
+    """A sampling chunk's latents as images are laid out, (batch, channels, height, width): Flux's packed 2 x 2
+    patches unpacked."""
+    inputs = network_inputs(layout, batch)
+    sample = inputs.get("sample", inputs.get("hidden_states"))
+    if sample.dim() == 4:
+        return sample
+    side = 2 * round(sample.shape[1] ** 0.5)
+    return sample.new_empty(batch, sample.shape[2] // 4, side, side)
+
+
 def add_lora(module: nn.Module, layout: Layout, rank: int) -> nn.Module:
     module.requires_grad_(False)
     targets = adapter_targets(module, None, layout.lora_targets)
@@ -127,17 +139,7 @@ def trace_step(spec: StepSpec, layout: Layout, batch: int, levers: Levers) -> Pl
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode(allow_non_fake_inputs=False):
-        networks = _networks(spec, layout, levers)
-        trained = {name: [p for p in networks[name].parameters() if p.requires_grad] for name in spec.trained}
-        emas = [p.detach().clone() for name in spec.trained if levers.export_ema and name == "student"
-                for p in trained[name]]
-        optimizers = [torch.optim.AdamW([p for name in phase.trained for p in trained[name]]) for phase in spec.phases]
-        for optimizer in optimizers:  # Adam's moments, as after a first step, made without a pass
-            for group in optimizer.param_groups:
-                for param in group["params"]:
-                    param.grad = torch.zeros_like(param)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        networks, trained, emas, optimizers = _steady_state(spec, layout, levers)
         shards: list[torch.Tensor] = []
         if levers.shard_processes > 1:
             _reduce_scatter_gradients([p for params in trained.values() for p in params], levers.shard_processes,
@@ -157,6 +159,48 @@ def trace_step(spec: StepSpec, layout: Layout, batch: int, levers: Levers) -> Pl
     roles["activations and temporaries"] = max(0, peak + untracked - sum(roles.values()))
     plan = Plan(batch, peak + untracked, roles)
     return shard(plan, spec, levers.shard_processes, gathered) if levers.shard_processes > 1 else plan
+
+
+def trace_validation(spec: StepSpec, layout: Layout, batch: int, levers: Levers, reference_factor: int) -> Plan:
+    """The traced peak of in-run validation between two steps (``diffkd.run_validation``): everything the step
+    keeps but its gradients (zero_grad frees them), the live student weights the export EMA stores while its own
+    weights are scored, the largest pass of one sampling chunk without gradients (the student's at ``batch`` and,
+    where the reference is the teacher's samples, ``reference_factor`` > 0, 2 where guided, the teacher's), then
+    the feature network on the chunk's samples, traced as the random-conv network (the shipped classifiers are of
+    its size), all under the run's autocast, as validation samples."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=False):
+        networks, trained, emas, optimizers = _steady_state(spec, layout, levers)
+        passes = [Pass(STUDENT, False), *([Pass(TEACHER, False, reference_factor)] if reference_factor else [])]
+        with PeakTracker() as tracker:
+            track(tracker, [*networks.values(), *optimizers, *emas])
+            stored = [p.detach().clone() for p in trained[STUDENT]] if emas else []  # EMAModel.store
+            for one in passes:
+                _update([one], networks, layout, batch, levers.mixed_precision)
+            samples = _samples(layout, batch)
+            LatentRandomConvFeatures(samples.shape[1])(samples)
+            del stored, samples
+            peak = tracker.peak
+    frozen_bytes = torch.tensor([], dtype=DTYPES[levers.frozen_dtype]).element_size()
+    return Plan(batch, peak + sum(count * frozen_bytes for count in layout.frozen_parameters.values()))
+
+
+def _steady_state(spec: StepSpec, layout: Layout, levers: Levers) -> tuple[dict, dict, list, list]:
+    """The networks, their trained parameters, the export EMA's copies and the optimisers with Adam's moments made
+    (as after a first step, without a pass): what exists on the device between two steps."""
+    networks = _networks(spec, layout, levers)
+    trained = {name: [p for p in networks[name].parameters() if p.requires_grad] for name in spec.trained}
+    emas = [p.detach().clone() for name in spec.trained if levers.export_ema and name == STUDENT
+            for p in trained[name]]
+    optimizers = [torch.optim.AdamW([p for name in phase.trained for p in trained[name]]) for phase in spec.phases]
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                param.grad = torch.zeros_like(param)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return networks, trained, emas, optimizers
 
 
 def _reduce_scatter_gradients(params: list[torch.Tensor], processes: int, shards: list[torch.Tensor]) -> None:
@@ -273,4 +317,4 @@ def largest_batch(low: Plan, high: Plan, limit_gb: float) -> int | None:
     return max(0, low.batch_size + int((limit_gb - low.peak_gb) // per_row))
 
 
-__all__ = ["DEVICES_GB", "TARGET", "TEACHER", "Levers", "Plan", "largest_batch", "trace_step"]
+__all__ = ["DEVICES_GB", "TARGET", "TEACHER", "Levers", "Plan", "largest_batch", "trace_step", "trace_validation"]

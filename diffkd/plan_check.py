@@ -8,30 +8,51 @@ two can be held against each other (tests/test_plan.py, the 15% target).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
+
+import torch
 
 from diffkd.config import Config, load_config
 from diffkd.errors import DiffkdError
 from diffkd.memory_tracker import PeakTracker
-from diffkd.plan import DEVICES_GB, Levers, Plan, largest_batch, trace_step, track
+from diffkd.plan import DEVICES_GB, Levers, Plan, largest_batch, trace_step, trace_validation, track
 from diffkd.plan_layouts import LAYOUTS, Layout
-from diffkd.plan_step import step_spec
+from diffkd.plan_step import StepSpec, step_spec
+from diffkd.run_validation import references_teacher
 
 
 def measured_peak(trainer) -> int:
+    """The tracked peak of the trainer's second optimiser step (the first makes Adam's moments)."""
+    with _steady_state(trainer) as tracker:
+        trainer._optimizer_step(0, 10)
+        return tracker.peak
+
+
+def measured_validation_peak(trainer) -> int:
+    """The tracked peak of the trainer's own in-run validation after a first step, its reference made inside it;
+    float64 tensors are not counted: the features and the Fréchet distance's matrices, which a GPU run holds on
+    the host (``FeatureNetwork`` returns float64 on the CPU)."""
+    with _steady_state(trainer, counts=lambda tensor: tensor.dtype != torch.float64) as tracker:
+        trainer._validate()
+        return tracker.peak
+
+
+@contextlib.contextmanager
+def _steady_state(trainer, counts=None):
+    """A tracker counting what the trainer holds after its first optimiser step, its peak reset there."""
     trainer.load_data()
     trainer._begin_round(0)
     method = trainer.method
     frozen = [method.teacher.unet, *method.followers().values()]
     trainer._optimizer_step(0, 10)  # the first step makes Adam's moments
-    with PeakTracker() as tracker:
+    with PeakTracker(counts) as tracker:
         track(tracker, [*(n.module for n in trainer.networks.values()), *frozen,
                         *(o.optimizer for o in trainer.optimizers.values()),
                         *(p for ema in trainer.emas.values() for p in ema.shadow_params)])
         tracker.reset_peak()
-        trainer._optimizer_step(0, 10)
-        return tracker.peak
+        yield tracker
 
 
 def teacher_layout(folder: str | Path) -> Layout:
@@ -49,12 +70,28 @@ def plan_for(config: Config, layout: Layout, batch: int | None = None, processes
     """The plan of one of ``processes`` devices (the batch split among them and the accumulation shards; the
     trained networks sharded among them with train.shard)."""
     t = config.train
-    levers = Levers(mixed_precision=t.mixed_precision, frozen_dtype=t.frozen_dtype,
-                    gradient_checkpointing=t.gradient_checkpointing, export_ema=t.ema_decay > 0 and not t.offload_ema,
-                    shard_processes=processes if t.shard else 1)
-    spec = step_spec(config.method.name, config.method, config.student.lora.rank if config.student.lora else 0)
     per_device = batch or max(1, t.batch_size // (t.gradient_accumulation_steps * processes))
-    return trace_step(spec, layout, per_device, levers)
+    return trace_step(run_step(config), layout, per_device, run_levers(config, processes))
+
+
+def validation_plan(config: Config, layout: Layout, batch: int | None = None) -> Plan:
+    """The planned peak of the run's in-run validation (``diffkd.plan.trace_validation``) at ``batch`` noises at
+    once (default train.validate_batch_size), with the networks whole (an upper bound where train.shard splits
+    them)."""
+    guided = 2 if getattr(config.method, "guidance_scale", 1.0) != 1.0 else 1
+    return trace_validation(run_step(config), layout, batch or config.train.validate_batch_size,
+                            run_levers(config, 1), guided if references_teacher(config) else 0)
+
+
+def run_step(config: Config) -> StepSpec:
+    return step_spec(config.method.name, config.method, config.student.lora.rank if config.student.lora else 0)
+
+
+def run_levers(config: Config, processes: int) -> Levers:
+    t = config.train
+    return Levers(mixed_precision=t.mixed_precision, frozen_dtype=t.frozen_dtype,
+                  gradient_checkpointing=t.gradient_checkpointing, export_ema=t.ema_decay > 0 and not t.offload_ema,
+                  shard_processes=processes if t.shard else 1)
 
 
 def run(args) -> int:
@@ -82,4 +119,13 @@ def run(args) -> int:
     for device in DEVICES_GB:
         fits = largest_batch(low, high, device)
         print(f"  largest batch per device in {device} GB: {'> 16' if fits is None else fits}")
+    if config.train.validate_every > 0:
+        high = validation_plan(config, layout)
+        print(f"  validation between steps, batch {high.batch_size}: peak {high.peak_gb:.2f} GB")
+        # from half the batch, not 8 and 16: at small batches the weights' autocast copies, not the rows, set it
+        low = validation_plan(config, layout, max(1, high.batch_size // 2))
+        for device in DEVICES_GB:
+            fits = largest_batch(low, high, device)
+            print(f"  largest train.validate_batch_size in {device} GB: "
+                  f"{f'> {high.batch_size}' if fits is None else fits}")
     return 0

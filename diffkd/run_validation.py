@@ -29,7 +29,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from diffkd.config import DataConfig
+from diffkd import captioned
+from diffkd.config import Config, DataConfig
 from diffkd.data import load_images
 from diffkd.errors import DiffkdError
 from diffkd.evaluation.features import (
@@ -65,6 +66,13 @@ def default_feature(channels: int, source: str = "", latent: bool = False) -> st
     return LATENT_RANDOM_CONV if latent else "random-conv"
 
 
+def references_teacher(config: Config) -> bool:
+    """Whether validation scores against the teacher's samples of its own noise rather than the training images:
+    ``train.validate_reference: teacher``, or ``auto`` on a streamed set (its images are never all in memory)."""
+    reference = config.train.validate_reference
+    return reference == "teacher" or (reference == "auto" and captioned.kind_of(config.data.source) is not None)
+
+
 def validation_feature(name: str, teacher: LoadedPipeline) -> FeatureNetwork:
     """The network ``train.validate_feature`` names; the latent one reads this teacher's latent channels."""
     if name != LATENT_RANDOM_CONV:
@@ -96,12 +104,12 @@ class Validator:
 
     def __init__(self, teacher: LoadedPipeline, scheduler, prediction_type: str, steps: tuple[int, ...],
                  samples: int, feature: str, folder: Path, seed: int = 0, data: DataConfig | None = None,
-                 batch: int = 128, text: TextValidation | None = None):
+                 batch: int = 128, text: TextValidation | None = None, precision: str = "no"):
         if teacher.text_conditioned != (text is not None):
             raise ValueError("a text teacher's validation needs its prompts (TextValidation), and only it")
         self.teacher, self.scheduler, self.prediction_type = teacher, scheduler, prediction_type
         self.steps, self.samples, self.folder, self.data, self.batch = tuple(steps), samples, folder, data, batch
-        self.text, self.seed = text, seed
+        self.text, self.seed, self.precision = text, seed, precision
         self.feature = validation_feature(feature, teacher)
         self.noise = validation_noise(samples, teacher.latent_shape, seed)
         self._reference: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -175,10 +183,17 @@ class Validator:
         features = []
         for index, chunk in enumerate(self.noise.split(self.batch)):
             z = chunk.to(device)
-            latents = sampler(z, self.conditions(index, z))
+            with self._autocast(device):
+                latents = sampler(z, self.conditions(index, z)).float()
             features.append(self.feature(latents if self.feature.latents else
                                          to_uint8(self.teacher.denoiser.decode(latents))))  # float64, on the CPU
         return torch.cat(features)
+
+    def _autocast(self, device: torch.device):
+        """The networks sample under the run's autocast (train.mixed_precision), as they train: train.frozen_dtype
+        stores the frozen weights (the teacher, a LoRA student's base) at that dtype while the run trains."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
     def _reference_key(self) -> str:
         """What the cached reference was made from: the set and feature network (training latents), or the feature,

@@ -40,7 +40,8 @@ FAST_TESTS = ["tests/test_paths.py", "tests/test_schedule.py", "tests/test_progr
               "tests/test_guidance_embedding.py", "tests/test_glyphs_teacher.py",
               "tests/test_run_validation.py", "tests/test_sampler_choice.py", "tests/test_plan_sharding.py",
               "tests/test_ldm.py", "tests/test_plan.py::test_checkpointing_lowers_the_planned_peak",
-              "tests/test_plan.py::test_a_guided_teacher_pass_is_planned_at_twice_the_batch"]
+              "tests/test_plan.py::test_a_guided_teacher_pass_is_planned_at_twice_the_batch",
+              "tests/test_plan.py::test_validation_plan_within_15_percent_of_the_measured_peak"]
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,10 @@ MUTATIONS = [
              "if self.scored_by is not None else reads_images", "if self.scored_by is not None else True",
              "a record kept before its feature network was recorded resumes under a latent feature: one record, two "
              "FD scales"),
+    Mutation("validation-plan-no-sampling-pass", "diffkd/plan.py",
+             "passes = [Pass(STUDENT, False), *([Pass(TEACHER", "passes = [*([Pass(TEACHER",
+             "the validation plan leaves out the student's sampling pass: a run validated on the training images is "
+             "planned at its weights alone"),
     Mutation("validation-reference-other-noise", "diffkd/run_validation.py",
              "ddim_sample(self.teacher.denoiser, z, REFERENCE_STEPS, conds[0])",
              "ddim_sample(self.teacher.denoiser, torch.randn_like(z), REFERENCE_STEPS, conds[0])",
@@ -237,8 +242,9 @@ MUTATIONS = [
     Mutation("validation-arithmetic-mean", "diffkd/selection.py", "return math.prod(fds) ** (1 / len(fds))",
              "return sum(fds) / len(fds)", "per-k FDs combined by their arithmetic mean: the 2-step FD outweighs the "
              "4-step one"),
-    Mutation("validation-auto-ignores-data", "diffkd/api.py", '(train.validate_reference == "auto" and in_memory)',
-             '(train.validate_reference == "auto" and not in_memory)',
+    Mutation("validation-auto-ignores-data", "diffkd/run_validation.py",
+             '(reference == "auto" and captioned.kind_of(config.data.source) is not None)',
+             '(reference == "auto" and captioned.kind_of(config.data.source) is None)',
              "validate_reference auto scores against the teacher's samples though the run holds its training images"),
     Mutation("validation-raw-not-ema", "diffkd/trainer.py", "            ema.copy_to(trainable(student))\n",
              "", "validation scores the raw weights while the EMA weights are exported"),

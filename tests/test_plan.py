@@ -6,9 +6,15 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, UNet2DModel
 
-from diffkd.api import prepare
+from diffkd.api import make_validator, prepare
 from diffkd.config import parse_config
-from diffkd.plan_check import measured_peak, plan_for, teacher_layout
+from diffkd.plan_check import (
+    measured_peak,
+    measured_validation_peak,
+    plan_for,
+    teacher_layout,
+    validation_plan,
+)
 from diffkd.trainer import Trainer, make_accelerator
 from tests.conftest import make_scheduler
 
@@ -45,6 +51,26 @@ def test_plan_within_15_percent_of_the_measured_peak(teacher, method, checkpoint
     _, built, _ = prepare(config)
     measured = measured_peak(Trainer(built, config.train, tmp_path, make_accelerator(config.train, tmp_path)))
     assert abs(planned - measured) <= 0.15 * measured, (planned, measured)
+
+
+@pytest.mark.parametrize("reference", ["teacher", "data"])
+def test_validation_plan_within_15_percent_of_the_measured_peak(teacher, reference, tmp_path):
+    """In-run validation between steps at train.validate_batch_size: the student's sampling passes and, with the
+    teacher's samples as reference, the teacher's, on everything the step keeps but its gradients. Planned larger
+    than the step here (a batch of 256 against 32), so the step's plan alone would miss it."""
+    raw = {"method": METHODS["consistency"], "teacher": {"source": teacher}, "data": {"source": "digits"},
+           "train": {"batch_size": 32, "device": "cpu", "validate_every": 10, "validate_samples": 256,
+                     "validate_batch_size": 256, "validate_steps": [2], "validate_reference": reference,
+                     "validate_feature": "random-conv"},
+           "run_eval": False}
+    config = parse_config(raw)
+    planned = validation_plan(config, teacher_layout(teacher)).peak_bytes
+    teacher_pipeline, built, _ = prepare(config)
+    trainer = Trainer(built, config.train, tmp_path, make_accelerator(config.train, tmp_path))
+    trainer.validator = make_validator(config, teacher_pipeline, built, tmp_path)
+    measured = measured_validation_peak(trainer)
+    assert abs(planned - measured) <= 0.15 * measured, (planned, measured)
+    assert planned > plan_for(config, teacher_layout(teacher)).peak_bytes
 
 
 def test_checkpointing_lowers_the_planned_peak(teacher):
@@ -112,9 +138,11 @@ def test_plan_command_prints_roles_peak_and_largest_batches(teacher, tmp_path):
                                     "train": {"batch_size": 32, "device": "cpu"}, "run_eval": False}))
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        code, stderr = run_in_process(["plan", str(path), "--set", "train.gradient_checkpointing=true"], {})
+        code, stderr = run_in_process(["plan", str(path), "--set", "train.gradient_checkpointing=true", "--set",
+                                       "train.validate_every=10"], {})
     assert code == 0, stderr[-2000:]
-    assert "gradient checkpointing on" in stdout.getvalue()
+    assert "gradient checkpointing on" in stdout.getvalue() and "validation between steps, batch 128" in stdout.getvalue()
+    assert "largest train.validate_batch_size in 80 GB" in stdout.getvalue()
     assert "student Adam moments" in stdout.getvalue() and "largest batch per device in 80 GB" in stdout.getvalue()
     code, stderr = run_in_process(["plan", "configs/sd15-progressive.yaml"], {})
     assert code == 2 and "--layout" in stderr
