@@ -10,10 +10,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from diffkd.errors import DiffkdError
 from diffkd.validation import SAMPLERS, check
 
 FEATURES = ("auto", "digits-classifier", "glyphs-classifier", "random-conv", "inception")
 LPIPS_NETS = ("alex", "vgg", "squeeze")
+
+
+def unknown_feature(name: str) -> DiffkdError:
+    """The one-line error for an eval.feature that names no network the evaluation has."""
+    if name == "latent-random-conv":
+        return DiffkdError("latent-random-conv scores latents, which only in-run validation reads "
+                           "(train.validate_feature): the evaluation scores decoded images, so use random-conv")
+    return DiffkdError(f"eval.feature {name!r} is neither {', '.join(FEATURES[1:-1])}, {FEATURES[-1]} nor a "
+                       "TorchScript file")
 
 
 @dataclass

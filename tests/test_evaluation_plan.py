@@ -54,6 +54,9 @@ def test_check_weights_names_each_missing_file(empty_hub, tmp_path):
     missing_net = EvalConfig(feature=str(tmp_path / "net.pt"))
     with pytest.raises(DiffkdError, match="neither digits-classifier, glyphs-classifier, random-conv, inception nor a TorchScript file"):
         check_weights(missing_net, plan_metrics(missing_net, True, False, False), "before x")
+    latent = EvalConfig(feature="latent-random-conv")
+    with pytest.raises(DiffkdError, match="only in-run validation reads.*use random-conv"):
+        check_weights(latent, plan_metrics(latent, True, False, False), "before x")
     check_weights(EvalConfig(), plan_metrics(EvalConfig(), True, False, False), "before x")  # digits: nothing to find
 
 

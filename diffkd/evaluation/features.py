@@ -20,6 +20,7 @@ from torch import nn
 
 from diffkd.data import load_digits
 from diffkd.errors import DiffkdError
+from diffkd.eval_options import unknown_feature
 from diffkd.evaluation.glyphs_classifier import GLYPHS_CLASSIFIER, GlyphsFeatures, load_glyphs_classifier
 from diffkd.evaluation.random_features import RANDOM_CONV_SEED, LatentRandomConvFeatures, RandomConvFeatures
 from diffkd.weights import INCEPTION, file_sha256, locate_checkpoint
@@ -123,8 +124,7 @@ def load_feature_network(name: str, device: str | torch.device = "cpu",
                               file_sha256(str(path)), "bilinear antialiased to 299x299 (torchmetrics)")
     path = Path(name).expanduser()
     if not path.is_file():
-        raise DiffkdError(f"eval.feature {name!r} is neither digits-classifier, glyphs-classifier, random-conv, inception nor a "
-                          "TorchScript file")
+        raise unknown_feature(name)
     module = torch.jit.load(str(path), map_location=device).eval()
     return FeatureNetwork(str(path), f"FD ({path.stem})", module, file_sha256(str(path)), "done by the module")
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diffkd.errors import DiffkdError
-from diffkd.eval_options import EvalConfig
+from diffkd.eval_options import EvalConfig, unknown_feature
 from diffkd.evaluation.clip import auto_clip_model, locate_clip
 from diffkd.evaluation.glyphs_classifier import GLYPHS_CLASSIFIER, missing_classifier
 from diffkd.evaluation.prompt_accuracy import prompts_name_glyphs
@@ -81,8 +81,7 @@ def check_weights(config: EvalConfig, plan: MetricPlan, purpose: str) -> None:
         locate_checkpoint(*INCEPTION, config.feature_weights, f"FID (Inception) {purpose}", "eval.feature_weights")
     elif plan.feature not in ("digits-classifier", "glyphs-classifier", "random-conv") and not Path(plan.feature).expanduser(
             ).is_file():
-        raise DiffkdError(f"eval.feature {plan.feature!r} is neither digits-classifier, glyphs-classifier, random-conv, "
-                          "inception nor a TorchScript file")
+        raise unknown_feature(plan.feature)
     if (plan.prompt_accuracy or plan.feature == "glyphs-classifier") and not GLYPHS_CLASSIFIER.is_file():
         raise DiffkdError(missing_classifier())
     if plan.lpips:
