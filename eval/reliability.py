@@ -42,7 +42,7 @@ from tests.faults import (
     two_networks_config,
     write_yaml,
 )
-from tests.test_bad_input import run_in_process
+from tests.in_process import run_in_process
 
 # ---- report ----------------------------------------------------------------------------------------------------
 

@@ -216,7 +216,7 @@ def reference_run(method: str, config: Path, work: Path) -> Path:
     """The uninterrupted run, in this process: the same command as the killed child's (cli.main, the same torch
     thread count), without the ~9 s a child spends importing torch and diffusers."""
     import tests.two_networks  # noqa: F401  (method.name: two-networks, as tests/kill_wrapper.py registers it)
-    from tests.test_bad_input import run_in_process
+    from tests.in_process import run_in_process
 
     output = work / f"reference-{method}"
     for folder in (output, Path(f"{output}-cache")):

@@ -1,36 +1,10 @@
 """Every bad input of tests/bad_inputs.py's CASES, in process: exit code 2, one line on stderr naming the problem
 and the fix, the output folder untouched, no crafted payload run. A few also through the real command line."""
 
-import contextlib
-import io
-import logging
-import os
-
 import pytest
 
-from diffkd.cli import main
 from tests.bad_inputs import CASES, check_case, run_subprocess
-
-
-def run_in_process(argv: list[str], env: dict) -> tuple[int, str]:
-    """cli.main with stderr captured; log records go to the same stream, as they would in a terminal."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    root = logging.getLogger()
-    root.addHandler(handler)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        with contextlib.redirect_stderr(stream):
-            code = main(argv)
-    finally:
-        root.removeHandler(handler)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key)
-            else:
-                os.environ[key] = value
-    return code, stream.getvalue()
+from tests.in_process import run_in_process
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

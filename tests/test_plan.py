@@ -131,7 +131,7 @@ def test_plan_command_prints_roles_peak_and_largest_batches(teacher, tmp_path):
 
     import yaml
 
-    from tests.test_bad_input import run_in_process
+    from tests.in_process import run_in_process
 
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({"method": METHODS["progressive"], "teacher": {"source": teacher},

@@ -28,7 +28,7 @@ def one_process(args: list[str]) -> None:
     import torch
 
     import tests.two_networks  # noqa: F401  (method.name: two-networks)
-    from tests.test_bad_input import run_in_process
+    from tests.in_process import run_in_process
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -11,7 +11,7 @@ import yaml
 from diffkd import cli
 from diffkd.crash_log import write_crash_log
 from tests.bad_inputs import _distill, _newest, real_run_template
-from tests.test_bad_input import run_in_process
+from tests.in_process import run_in_process
 
 
 def card_of(folder: Path) -> dict:
