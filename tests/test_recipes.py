@@ -15,7 +15,7 @@ from tests.bad_inputs import rgb_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["method.start_steps=8", "method.final_steps=4", "method.steps_per_round=2", "train.batch_size=4",
-         "train.mixed_precision='no'", "train.device=cpu", "train.warmup_steps=0", "run_eval=false"]
+         "train.device=cpu", "train.warmup_steps=0", "run_eval=false"]  # at the recipe's own precision (bf16)
 
 
 @pytest.mark.parametrize("name, teacher", [("cifar10-progressive", "google/ddpm-cifar10-32"),
@@ -38,8 +38,19 @@ def _images(folder: Path, size: int, count: int = 8) -> str:
     return str(folder)
 
 
+@pytest.fixture
+def own_precision():
+    """accelerate keeps one mixed precision per process (AcceleratorState): forgotten before and after a test
+    that runs at another than the suite's "no"."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
 @pytest.mark.slow
-def test_cifar10_recipe_on_a_tiny_pixel_teacher_of_its_layout(tmp_path):
+def test_cifar10_recipe_on_a_tiny_pixel_teacher_of_its_layout(tmp_path, own_precision):
     teacher = rgb_teacher(tmp_path)
     config = load_config(ROOT / "configs/cifar10-progressive.yaml",
                          [f"teacher.source={teacher}", f"data.source={_images(tmp_path / 'cifar', 32)}", *SMALL])
@@ -48,7 +59,7 @@ def test_cifar10_recipe_on_a_tiny_pixel_teacher_of_its_layout(tmp_path):
 
 
 @pytest.mark.slow
-def test_sd15_recipe_on_a_tiny_pipeline_of_its_layout(tiny_sd, tmp_path):
+def test_sd15_recipe_on_a_tiny_pipeline_of_its_layout(tiny_sd, tmp_path, own_precision):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\na dog\n")
     config = load_config(ROOT / "configs/sd15-progressive.yaml",
@@ -78,17 +89,6 @@ def test_layout_recipe_resolves_as_dry_run_prints_it(name, teacher, tiny):
     resolved = yaml.safe_load(dump_config(load_config(ROOT / "configs" / f"{name}.yaml")))
     assert resolved["teacher"]["source"] == teacher and resolved["teacher"]["image_size"] == 1024
     assert "hf download" in (ROOT / "configs" / f"{name}.yaml").read_text()
-
-
-@pytest.fixture
-def own_precision():
-    """accelerate keeps one mixed precision per process (AcceleratorState): forgotten before and after a test
-    that runs at another than the suite's "no"."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
 
 
 @pytest.mark.slow
