@@ -19,7 +19,7 @@ from diffkd.errors import DiffkdError
 from diffkd.memory_tracker import PeakTracker
 from diffkd.plan import DEVICES_GB, Levers, Plan, largest_batch, trace_step, trace_validation, track
 from diffkd.plan_layouts import LAYOUTS, Layout
-from diffkd.plan_step import StepSpec, step_spec
+from diffkd.plan_step import StepSpec, guided_batch_factor, step_spec
 from diffkd.run_validation import references_teacher
 
 
@@ -78,7 +78,7 @@ def validation_plan(config: Config, layout: Layout, batch: int | None = None) ->
     """The planned peak of the run's in-run validation (``diffkd.plan.trace_validation``) at ``batch`` noises at
     once (default train.validate_batch_size), with the networks whole (an upper bound where train.shard splits
     them)."""
-    guided = 2 if getattr(config.method, "guidance_scale", 1.0) != 1.0 else 1
+    guided = guided_batch_factor(getattr(config.method, "guidance_scale", 1.0))
     return trace_validation(run_step(config), layout, batch or config.train.validate_batch_size,
                             run_levers(config, 1), guided if references_teacher(config) else 0)
 

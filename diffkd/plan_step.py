@@ -45,7 +45,8 @@ class StepSpec:
     phases: list[PhaseSpec] = field(default_factory=list)
 
 
-def _cfg(scale: float) -> int:
+def guided_batch_factor(scale: float) -> int:
+    """A teacher pass guided at ``scale`` runs the conditional and unconditional rows at once."""
     return 2 if scale != 1.0 else 1
 
 
@@ -53,12 +54,12 @@ def step_spec(method: str, options, student_lora_rank: int = 0) -> StepSpec:
     """The step of ``method`` with ``options`` (its MethodConfig); ``student_lora_rank`` > 0: the student is
     adapters of that rank on a frozen copy of the teacher (its base weights counted with it)."""
     if method == "progressive":
-        cfg = _cfg(getattr(options, "guidance_scale", 1.0))
+        cfg = guided_batch_factor(getattr(options, "guidance_scale", 1.0))
         # the round teacher's two DDIM steps (imitation: one), then the student's pass with gradient
         passes = [Pass(TEACHER, False, cfg), Pass(TEACHER, False, cfg), Pass(STUDENT, True)]
         return StepSpec({STUDENT: student_lora_rank}, (TEACHER,), phases=[PhaseSpec("student", (STUDENT,), passes)])
     if method == "consistency":
-        cfg = _cfg(options.guidance_scale)
+        cfg = guided_batch_factor(options.guidance_scale)
         teacher = [Pass(TEACHER, False, cfg)] * (1 if options.solver == "ddim" else 2)
         target = TARGET if options.target_ema > 0 else STUDENT
         passes = [*teacher, Pass(target, False), Pass(STUDENT, True)]
@@ -66,7 +67,7 @@ def step_spec(method: str, options, student_lora_rank: int = 0) -> StepSpec:
         return StepSpec({STUDENT: student_lora_rank}, (TEACHER,), followers,
                         [PhaseSpec("student", (STUDENT,), passes)])
     if method == "dmd":
-        cfg = _cfg(options.guidance_scale)
+        cfg = guided_batch_factor(options.guidance_scale)
         steps = options.student_steps if options.backward_simulation == "unrolled" else 1
         # the fake score denoises the generator's sample (backward simulation without gradient)
         fake = [*[Pass(STUDENT, False)] * steps, Pass(FAKE, True)]

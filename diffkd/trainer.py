@@ -294,16 +294,19 @@ class Trainer:
                           **{f"validation/fd_{k}_steps": fd for k, fd in latest["fd_per_k"].items()}}, step=step)
         return selection.stopped_early
 
-    def _check_validation_scale(self, folder: Path, record: Selection) -> None:
-        """A resumed record must go on in its own feature network's FDs (``Selection.extends``): ``auto`` may
-        resolve to another network than when the run started (a latent teacher's, since latent-random-conv)."""
+    def _continued_record(self, folder: Path, record: dict, best: dict) -> tuple[dict, dict]:
+        """The validation record and best weights a resumed run goes on with: its own, unless this run's validator
+        scores in another feature network (``Selection.extends``; ``auto`` may resolve otherwise than when the run
+        started: a latent teacher's, since latent-random-conv). FDs of two networks do not compare, so the record
+        starts afresh there and the training goes on."""
         validator = self.validator
-        if validator is None or record.extends(validator.scale, reads_images=not validator.feature.latents):
-            return
-        raise DiffkdError(f"checkpoint {str(folder)!r} holds validations scored by {record.scored_by or 'decoded images'}"
-                          f", and this run validates with {validator.scale}: their FDs do not compare, so the "
-                          "exported checkpoint would be chosen across two scales; start the run afresh (--overwrite), "
-                          "or name the checkpoint's feature network in train.validate_feature")
+        if validator is None or Selection(**record).extends(validator.scale, not validator.feature.latents):
+            return record, best
+        log.warning("checkpoint %s holds validations scored by %s and this run validates with %s: their FDs do not "
+                    "compare, so the validation record starts afresh at step %d (the export is chosen among the "
+                    "validations from here on)", folder, record.get("scored_by") or "decoded images", validator.scale,
+                    self._global_step())
+        return {}, {}
 
     def trained_networks(self) -> tuple[nn.Module, ...]:
         return tuple(network.module for network in self.networks.values())
@@ -529,9 +532,8 @@ class Trainer:
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
             raise DiffkdError(f"checkpoint {str(folder)!r} does not fit this config ({str(error).splitlines()[0]}); "
                               "resume with the config the run was started with (OUTPUT/config.yaml)") from None
-        self._check_validation_scale(folder, Selection(**progress.validation))
         self.progress = progress
-        self.best_weights = best
+        progress.validation, self.best_weights = self._continued_record(folder, progress.validation, best)
         if self.acc.scaler is not None and state.get("scaler"):
             self.acc.scaler.load_state_dict(state["scaler"])
         rounds = len(self.method.rounds())

@@ -295,22 +295,31 @@ def test_a_resumed_run_restores_the_validation_record_and_best_weights(tiny_teac
     assert all(torch.equal(resumed.best_weights[k], v) for k, v in trainer.best_weights.items())
 
 
-def test_a_record_by_another_feature_network_is_not_resumed(tiny_teacher, tmp_path):
-    """A checkpoint whose validations another network scored (another validate_feature, or ``auto`` resolving
-    otherwise than when the run started) is refused before anything is written, naming both networks; a record
-    kept before the network was recorded resumes under an image feature and not under a latent one."""
+def test_a_record_by_another_feature_network_starts_afresh_on_resume(tiny_teacher, tmp_path, caplog):
+    """A checkpoint whose validations another network scored (``auto`` resolving otherwise than when the run
+    started) resumes its training with an empty validation record and no best weights, saying so; a record kept
+    before the network was recorded goes on under an image feature and starts afresh under a latent one."""
     scripted_trainer(tiny_teacher, tmp_path / "run", [3.0, 2.0, 4.0, 5.0], scale="images").fit()
     from diffkd import checkpoint
 
-    middle = checkpoint.complete(tmp_path / "run" / "checkpoints")[0]
-    with pytest.raises(DiffkdError, match=r"scored by images.*validates with latents.*--overwrite"):
-        scripted_trainer(tiny_teacher, tmp_path / "run", [], scale="latents", latents=True).restore(middle)
+    middle = checkpoint.complete(tmp_path / "run" / "checkpoints")[0]  # step 6: validations at 2, 4, 6
+
+    def resumed(scale: str, latents: bool) -> Trainer:
+        trainer = scripted_trainer(tiny_teacher, tmp_path / "run", [], scale=scale, latents=latents)
+        trainer.restore(middle)
+        assert trainer.progress.step == 6  # the training goes on either way
+        return trainer
+
+    assert len(resumed("images", False).progress.validation["history"]) == 3
+    other = resumed("latents", True)
+    assert other.progress.validation == {} and other.best_weights == {}
+    assert "scored by images and this run validates with latents" in caplog.text
     state = json.loads((middle / "state.json").read_text())
     del state["progress"]["validation"]["scored_by"]
     (middle / "state.json").write_text(json.dumps(state))
-    scripted_trainer(tiny_teacher, tmp_path / "run", [], scale="images").restore(middle)
-    with pytest.raises(DiffkdError, match="scored by decoded images"):
-        scripted_trainer(tiny_teacher, tmp_path / "run", [], scale="latents", latents=True).restore(middle)
+    assert len(resumed("images", False).progress.validation["history"]) == 3
+    assert resumed("latents", True).progress.validation == {}
+    assert "scored by decoded images" in caplog.text
 
 
 @pytest.mark.slow
