@@ -9,6 +9,7 @@ two can be held against each other (tests/test_plan.py, the 15% target).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from pathlib import Path
 
@@ -115,17 +116,15 @@ def run(args) -> int:
     for role, size in plan.roles.items():
         print(f"  {role:<40} {size / 1e9:8.2f} GB")
     print(f"  {'peak':<40} {plan.peak_gb:8.2f} GB")
-    low, high = plan_for(config, layout, 8, processes), plan_for(config, layout, 16, processes)
+    step = functools.cache(lambda batch: plan_for(config, layout, batch, processes))
     for device in DEVICES_GB:
-        fits = largest_batch(low, high, device)
+        fits = largest_batch(step, device)
         print(f"  largest batch per device in {device} GB: {'> 16' if fits is None else fits}")
     if config.train.validate_every > 0:
-        high = validation_plan(config, layout)
-        print(f"  validation between steps, batch {high.batch_size}: peak {high.peak_gb:.2f} GB")
-        # from half the batch, not 8 and 16: at small batches the weights' autocast copies, not the rows, set it
-        low = validation_plan(config, layout, max(1, high.batch_size // 2))
+        validation = functools.cache(lambda batch: validation_plan(config, layout, batch))
+        print(f"  validation between steps, batch {config.train.validate_batch_size}: peak "
+              f"{validation(config.train.validate_batch_size).peak_gb:.2f} GB")
         for device in DEVICES_GB:
-            fits = largest_batch(low, high, device)
-            print(f"  largest train.validate_batch_size in {device} GB: "
-                  f"{f'> {high.batch_size}' if fits is None else fits}")
+            fits = largest_batch(validation, device)
+            print(f"  largest train.validate_batch_size in {device} GB: {'> 16' if fits is None else fits}")
     return 0

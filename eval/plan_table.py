@@ -4,14 +4,15 @@ SD 1.5, SDXL, SD3-medium, FLUX.1-dev and SANA 1600M denoisers built from their d
 (diffkd.plan_layouts) x LCM-LoRA, consistency (full), DMD2 (full and with a LoRA fake score), progressive; bf16
 autocast with fp32 master weights of the trained networks, frozen networks in bf16, with and without gradient
 checkpointing. Each cell: the
-peak GB at batch 1 and the largest batch per device that fits 80 GB, extrapolated linearly from traces at
-batch 8 and 16. Run:
+peak GB at batch 1 and the largest batch per device that fits 80 GB (``diffkd.plan.largest_batch``: linear
+guesses from traces at batch 8 and 16, each traced until one fits and the next does not). Run:
 OMP_NUM_THREADS=1 python eval/plan_table.py [--layouts sd15 sdxl ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import time
 
@@ -51,9 +52,7 @@ def main() -> None:
                 started = time.perf_counter()
                 levers = Levers(frozen_dtype="bf16", gradient_checkpointing=checkpointing)
                 one = trace_step(spec_of(case), LAYOUTS[name], 1, levers)
-                low = trace_step(spec_of(case), LAYOUTS[name], 8, levers)
-                high = trace_step(spec_of(case), LAYOUTS[name], 16, levers)
-                largest = largest_batch(low, high, 80)
+                largest = largest_batch(functools.partial(trace_step, spec_of(case), LAYOUTS[name], levers=levers), 80)
                 print(f"| {name} | {case} | {'on' if checkpointing else 'off'} | {one.peak_gb:.1f} | "
                       f"{'> 16' if largest is None else largest} |  <!-- {time.perf_counter() - started:.0f} s -->", flush=True)
 

@@ -73,6 +73,32 @@ def test_validation_plan_within_15_percent_of_the_measured_peak(teacher, referen
     assert planned > plan_for(config, teacher_layout(teacher)).peak_bytes
 
 
+def test_the_largest_batch_is_traced_not_extrapolated():
+    """A peak that a constant sets at small batches and the rows at large ones (as autocast's weight copies do on
+    SD3): the answer is a batch whose own trace fits, within 1/16 of the largest, where a line through 8 and 16
+    overshoots; a
+    peak that does not grow from 8 to 16 is None; a limit below batch 8's peak is searched under it."""
+    from diffkd.plan import Plan, largest_batch
+
+    def peak_gb(batch: int) -> float:
+        return 50 + 0.2 * batch + 0.002 * batch**2
+
+    traced = []
+
+    def trace(batch: int) -> Plan:
+        traced.append(batch)
+        return Plan(batch, int(peak_gb(batch) * 1e9))
+
+    for limit in (80.0, 120.0, 51.0):
+        traced.clear()
+        truth = max(b for b in range(1, 10_000) if peak_gb(b) <= limit)
+        found = largest_batch(trace, limit)
+        assert peak_gb(found) <= limit and found >= truth * 15 / 16 and len(traced) <= 12, (limit, found, traced)
+    line = 16 + int((80 - peak_gb(16)) // ((peak_gb(16) - peak_gb(8)) / 8))
+    assert peak_gb(line) > 80  # the line through 8 and 16 alone does not fit
+    assert largest_batch(lambda batch: Plan(batch, 10**9), 80) is None
+
+
 def test_checkpointing_lowers_the_planned_peak(teacher):
     layout = teacher_layout(teacher)
     plain = plan_for(run_config(teacher, "progressive", False), layout)
