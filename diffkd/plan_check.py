@@ -26,7 +26,7 @@ from diffkd.run_validation import references_teacher
 
 def measured_peak(trainer) -> int:
     """The tracked peak of the trainer's second optimiser step (the first makes Adam's moments)."""
-    with _steady_state(trainer) as tracker:
+    with _tracked_after_first_step(trainer) as tracker:
         trainer._optimizer_step(0, 10)
         return tracker.peak
 
@@ -35,13 +35,13 @@ def measured_validation_peak(trainer) -> int:
     """The tracked peak of the trainer's own in-run validation after a first step, its reference made inside it;
     float64 tensors are not counted: the features and the Fréchet distance's matrices, which a GPU run holds on
     the host (``FeatureNetwork`` returns float64 on the CPU)."""
-    with _steady_state(trainer, counts=lambda tensor: tensor.dtype != torch.float64) as tracker:
+    with _tracked_after_first_step(trainer, counts=lambda tensor: tensor.dtype != torch.float64) as tracker:
         trainer._validate()
         return tracker.peak
 
 
 @contextlib.contextmanager
-def _steady_state(trainer, counts=None):
+def _tracked_after_first_step(trainer, counts=None):
     """A tracker counting what the trainer holds after its first optimiser step, its peak reset there."""
     trainer.load_data()
     trainer._begin_round(0)
