@@ -34,6 +34,7 @@ from diffkd.evaluation.sweep import evaluate, read_card
 from diffkd.io import LoadedPipeline, add_card_section, is_local_reference, load_pipeline, save_pipeline
 from diffkd.lora import check_lora_run, fused_folder, save_lora_student
 from diffkd.methods import Method, method_class
+from diffkd.precision import DTYPES
 from diffkd.preflight import check_run_options
 from diffkd.run_validation import TextValidation, Validator, default_feature, plot_record, references_teacher
 from diffkd.students import build_student
@@ -84,7 +85,7 @@ def frozen_precision(teacher: LoadedPipeline, dtype: str, trained: tuple[torch.n
         yield
         return
     frozen = [p for module in trained for p in module.parameters() if not p.requires_grad]
-    low = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    low = DTYPES[dtype]
     teacher.unet.to(low)
     for parameter in frozen:
         parameter.data = parameter.data.to(low)

@@ -14,7 +14,6 @@ but never run in a step (the conditioning is encoded once before training): they
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -26,11 +25,11 @@ from diffkd.lora import adapter_targets, add_adapters
 from diffkd.memory_tracker import PeakTracker
 from diffkd.plan_layouts import Layout
 from diffkd.plan_step import STUDENT, TARGET, TEACHER, Pass, StepSpec
+from diffkd.precision import DTYPES, autocast
 from diffkd.sharding import units
 
 GB = 1e9
 DEVICES_GB = (24, 40, 80)
-DTYPES = {"no": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -277,9 +276,8 @@ def _networks(spec: StepSpec, layout: Layout, levers: Levers) -> dict[str, nn.Mo
 
 def _update(passes: list[Pass], networks: dict[str, nn.Module], layout: Layout, batch: int, precision: str) -> None:
     """One update's passes in the method's order; the grad passes' outputs make the loss, then the backward."""
-    autocast = (torch.autocast("cpu", dtype=DTYPES[precision]) if precision != "no" else contextlib.nullcontext())
     loss = None
-    with autocast:
+    with autocast("cpu", precision):
         for one in passes:
             inputs = network_inputs(layout, batch * one.batch_factor)
             with torch.set_grad_enabled(one.grad):

@@ -70,9 +70,14 @@ def teacher_layout(folder: str | Path) -> Layout:
 def plan_for(config: Config, layout: Layout, batch: int | None = None, processes: int = 1) -> Plan:
     """The plan of one of ``processes`` devices (the batch split among them and the accumulation shards; the
     trained networks sharded among them with train.shard)."""
+    return trace_step(run_step(config), layout, batch or per_device_batch(config, processes),
+                      run_levers(config, processes))
+
+
+def per_device_batch(config: Config, processes: int) -> int:
+    """The configured batch one device's step sees: split among the processes and the accumulation shards."""
     t = config.train
-    per_device = batch or max(1, t.batch_size // (t.gradient_accumulation_steps * processes))
-    return trace_step(run_step(config), layout, per_device, run_levers(config, processes))
+    return max(1, t.batch_size // (t.gradient_accumulation_steps * processes))
 
 
 def validation_plan(config: Config, layout: Layout, batch: int | None = None) -> Plan:
@@ -108,7 +113,8 @@ def run(args) -> int:
     processes = args.processes
     if processes < 1:
         raise DiffkdError(f"--processes {processes}: plan one of N >= 1 devices")
-    plan = plan_for(config, layout, processes=processes)
+    step = functools.cache(lambda batch: plan_for(config, layout, batch, processes))  # the search retraces none
+    plan = step(per_device_batch(config, processes))
     sharded = f", sharded over {processes} processes" if config.train.shard and processes > 1 else ""
     print(f"{args.config}: {config.method.name} on {layout.name}, batch {plan.batch_size} per device of "
           f"{processes}, {config.train.mixed_precision} autocast, frozen {config.train.frozen_dtype}, gradient "
@@ -116,7 +122,6 @@ def run(args) -> int:
     for role, size in plan.roles.items():
         print(f"  {role:<40} {size / 1e9:8.2f} GB")
     print(f"  {'peak':<40} {plan.peak_gb:8.2f} GB")
-    step = functools.cache(lambda batch: plan_for(config, layout, batch, processes))
     for device in DEVICES_GB:
         fits = largest_batch(step, device)
         print(f"  largest batch per device in {device} GB: {'> 16' if fits is None else fits}")

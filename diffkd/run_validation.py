@@ -44,6 +44,7 @@ from diffkd.evaluation.frechet import frechet_distance, gaussian_stats
 from diffkd.evaluation.reference import load_real_set
 from diffkd.io import LoadedPipeline
 from diffkd.models import Conditioning
+from diffkd.precision import autocast
 from diffkd.sampling import ddim_sample, scheduler_sample
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ class Validator:
                      + (" and prompts" if self.text is not None else ""))
 
     @property
-    def scale(self) -> str:
+    def feature_identity(self) -> str:
         """The feature network its FDs are measured in (name and weights), kept with the run's validation record."""
         return f"{self.feature.name} (weights sha256 {self.feature.weights_sha256[:16]})"
 
@@ -192,8 +193,7 @@ class Validator:
     def _autocast(self, device: torch.device):
         """The networks sample under the run's autocast (train.mixed_precision), as they train: train.frozen_dtype
         stores the frozen weights (the teacher, a LoRA student's base) at that dtype while the run trains."""
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+        return autocast(device.type, self.precision)
 
     def _reference_key(self) -> str:
         """What the cached reference was made from: the set and feature network (training latents), or the feature,

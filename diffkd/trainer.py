@@ -273,7 +273,7 @@ class Trainer:
             ema.store(trainable(student))
             ema.copy_to(trainable(student))
         try:
-            best = selection.record(self._global_step(), self.validator(student), self.validator.scale)
+            best = selection.record(self._global_step(), self.validator(student), self.validator.feature_identity)
             if best:
                 self.best_weights = {k: v.detach().cpu().clone()
                                      for k, v in sharding.full_state(checkpoint.network_state(student)).items()}
@@ -300,12 +300,12 @@ class Trainer:
         started: a latent teacher's, since latent-random-conv). FDs of two networks do not compare, so the record
         starts afresh there and the training goes on."""
         validator = self.validator
-        if validator is None or Selection(**record).extends(validator.scale, not validator.feature.latents):
+        if validator is None or Selection(**record).extends(validator.feature_identity, not validator.feature.latents):
             return record, best
         log.warning("checkpoint %s holds validations scored by %s and this run validates with %s: their FDs do not "
                     "compare, so the validation record starts afresh at step %d (the export is chosen among the "
-                    "validations from here on)", folder, record.get("scored_by") or "decoded images", validator.scale,
-                    self._global_step())
+                    "validations from here on)", folder, record.get("scored_by") or "decoded images",
+                    validator.feature_identity, self._global_step())
         return {}, {}
 
     def trained_networks(self) -> tuple[nn.Module, ...]:

@@ -246,7 +246,7 @@ class ScriptedValidator:
     """Returns ``fds`` in turn as 4-step FDs by the network ``scale``: the choice of step is then known in advance."""
 
     def __init__(self, fds: list[float], scale: str = "scripted", latents: bool = False):
-        self.values, self.scale, self.feature = iter(fds), scale, SimpleNamespace(latents=latents)
+        self.values, self.feature_identity, self.feature = iter(fds), scale, SimpleNamespace(latents=latents)
 
     def __call__(self, _student) -> dict[int, float]:
         return {4: next(self.values)}
