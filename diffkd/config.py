@@ -179,7 +179,9 @@ class TrainConfig:
     guided and the student conditioned as the method trains them. validate_reference: "data" (the training
     images), "teacher" (its DDIM-64 samples of the same noise) or "auto" (data when the run trains on an in-memory
     set, else teacher). validate_batch_size: the noises sampled at once (no gradients; a guided teacher doubles
-    them): lower it to the training batch on a large teacher.
+    them): lower it to the training batch on a large teacher (``diffkd plan`` sizes it). --resume takes a new one
+    (a run that ran out of memory validating); it changes only which fresh noise a re-noising sampler (LCM)
+    draws between steps, and a w range's draws, so the record goes on.
     patience: stop after that many validations without a new best (0 = never). The same settings score the
     samplers a consistency run may export (``method.sampler: auto``, ``diffkd.sampler_choice``), once at the run's
     end, with validate_every 0 too.

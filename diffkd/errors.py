@@ -10,3 +10,7 @@ class DiffkdError(Exception):
 
 class TrainingDiverged(DiffkdError):
     """A loss or gradient became NaN/inf; the last good checkpoint is kept."""
+
+
+class RunDoesNotFit(DiffkdError):
+    """The accelerator ran out of memory in a step or a validation; the last checkpoint is kept."""

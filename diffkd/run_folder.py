@@ -36,9 +36,11 @@ CONFIG_FILE = "config.yaml"
 # What a run writes into its folder: --overwrite deletes these and nothing else.
 RUN_ENTRIES = ("checkpoints", "logs", "student", "pipeline", "eval", CONFIG_FILE, FINISHED_MARKER,
                "training_summary.json", LOCK_FILE)
-# Config keys a resumed run may change: they do not touch the trained weights.
+# Config keys a resumed run may change: they do not touch the trained weights (gradient checkpointing recomputes the
+# same activations: equal gradients up to rounding), so a run that ran out of memory can go on with less.
 RESUMABLE_CHANGES = ("run_eval", "eval.", "train.device", "train.log_every", "train.checkpoint_every",
-                     "train.keep_checkpoints", "train.nan_policy", "train.max_skipped_steps")
+                     "train.keep_checkpoints", "train.nan_policy", "train.max_skipped_steps",
+                     "train.gradient_checkpointing", "train.validate_batch_size")
 
 
 def check_output(output: Path, resume: bool, overwrite: bool) -> None:

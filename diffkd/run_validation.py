@@ -197,13 +197,14 @@ class Validator:
 
     def _reference_key(self) -> str:
         """What the cached reference was made from: the set and feature network (training latents), or the feature,
-        the noise and, for text, the prompts and guidance (the teacher's samples; an unconditional run's key is what
-        it always was, so a run resumed across versions reuses its cache)."""
+        the noise and, for text, the prompts, guidance and the batch the conditions are drawn in (a w range draws per
+        batch; the teacher's samples; an unconditional run's key is what it always was, so a run resumed across
+        versions reuses its cache)."""
         if self.data is not None:
             data = self.data
             return f"{self.feature.name}|{self.feature.weights_sha256}|{data.source}|{data.resize}|{data.convert}"
         key = f"{self.feature.name}|{self.noise.double().sum().item()!r}"
-        return key + (f"|{self.text.key}" if self.text else "")
+        return key + (f"|{self.text.key}|drawn {self.batch} at once" if self.text else "")
 
     def _reference_features(self) -> torch.Tensor:
         """The training images' latents (a latent feature) or the teacher's DDIM-64 samples of the same noise."""

@@ -20,6 +20,7 @@ single process with ``gradient_accumulation_steps`` doubled, up to float summati
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -34,17 +35,19 @@ from typing import TYPE_CHECKING
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from accelerate.utils.memory import should_reduce_batch_size
 from diffusers.training_utils import EMAModel
 from torch import nn
 
 from diffkd import checkpoint, round_health, sharding
 from diffkd.config import TrainConfig
 from diffkd.data import batch_indices
-from diffkd.errors import DiffkdError, TrainingDiverged
+from diffkd.errors import DiffkdError, RunDoesNotFit, TrainingDiverged
 from diffkd.io import check_device
 from diffkd.losses.terms import LossTerms
 from diffkd.methods.base import Method, Network, Phase
 from diffkd.progress import Progress as RunProgress
+from diffkd.run_folder import CONFIG_FILE
 from diffkd.selection import Selection
 from diffkd.streaming import StreamedRows
 
@@ -52,6 +55,11 @@ if TYPE_CHECKING:
     from diffkd.run_validation import Validator
 
 log = logging.getLogger(__name__)
+
+# What a run that ran out of accelerator memory can do: first what --resume takes (diffkd.run_folder.RESUMABLE_CHANGES).
+STEP_FIX = ("turn on train.gradient_checkpointing (--resume takes it), or start again with a smaller train.batch_size, "
+            "train.frozen_dtype=bf16 or train.mixed_precision=bf16")
+VALIDATION_FIX = "--resume with a smaller train.validate_batch_size"
 
 
 @dataclass
@@ -234,7 +242,8 @@ class Trainer:
             if isinstance(self.data, StreamedRows):
                 self._stream = self.data.batches(self._plan(index, current.num_steps))
             while self.progress.step < current.num_steps:
-                logs = self._optimizer_step(index, current.num_steps)
+                with self._fits(f"training step {self.progress.step + 1} of round {index + 1}", STEP_FIX):
+                    logs = self._optimizer_step(index, current.num_steps)
                 self.progress.step += 1
                 self.progress.round_seconds[current.name] = time.perf_counter() - started
                 if logs is not None:
@@ -244,7 +253,9 @@ class Trainer:
                 if logs is not None and (self.progress.step % self.train.log_every == 0
                                          or self.progress.step == current.num_steps):
                     self._log(index, logs)
-                stop = self._validates(index, len(rounds), current.num_steps) and self._validate()
+                with self._fits(f"the validation after step {self.progress.step} of round {index + 1} "
+                                f"({self.train.validate_batch_size} noises at once)", VALIDATION_FIX):
+                    stop = self._validates(index, len(rounds), current.num_steps) and self._validate()
                 if stop:
                     break
                 if self.progress.step % self.train.checkpoint_every == 0 and self.progress.step < current.num_steps:
@@ -438,6 +449,21 @@ class Trainer:
         flat = self.acc.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
         for grad, averaged in zip(grads, flat.split([g.numel() for g in grads])):
             grad.copy_(averaged.view_as(grad))
+
+    @contextlib.contextmanager
+    def _fits(self, what: str, fix: str):
+        """An accelerator out-of-memory error in ``what`` becomes one line naming where, the last checkpoint (left as
+        it was: nothing of the failed step is saved) and ``fix``, which the run's plan sizes."""
+        try:
+            yield
+        except Exception as error:
+            if not should_reduce_batch_size(error):  # accelerate's test: CUDA, MPS, XPU or host allocator
+                raise
+            last = checkpoint.latest(self.checkpoints)
+            raise RunDoesNotFit(
+                f"out of accelerator memory in {what}; the last checkpoint is {str(last) if last else 'none yet'}: {fix} "
+                f"(`diffkd plan {self.output / CONFIG_FILE}` gives the peak and the largest batch per device)"
+            ) from None
 
     # ---- numerical faults ----------------------------------------------------------------------------------
     def _check_finite(self, terms: LossTerms, phase: Phase) -> None:
