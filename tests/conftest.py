@@ -39,6 +39,17 @@ def tiny_teacher(tmp_path_factory) -> str:
     return str(distill(parse_config(TEACHER_CONFIG), output))
 
 
+@pytest.fixture(scope="session")
+def trained_eps_teacher(tmp_path_factory) -> str:
+    """A tiny 8x8 digits teacher trained for a few seconds the google/ddpm way (epsilon, linear betas, no clip)."""
+    from diffkd.api import distill
+    from diffkd.config import parse_config
+
+    method = {**TEACHER_CONFIG["method"], "prediction_type": "epsilon", "beta_schedule": "linear",
+              "clip_sample": False}
+    return str(distill(parse_config({**TEACHER_CONFIG, "method": method}), tmp_path_factory.mktemp("eps-teacher")))
+
+
 def make_tiny_sd_pipeline(folder) -> str:
     """A random Stable-Diffusion-shaped pipeline (VAE, CLIP text encoder with a 54-token vocabulary, cross-attention
     UNet, SD's scaled-linear epsilon schedule) small enough to train on a CPU in seconds."""

@@ -314,23 +314,29 @@ def test_killed_consistency_run_resumes_bit_identical(tiny_teacher, tmp_path):
     assert result.killed and result.identical, result.detail
 
 
-def test_the_default_recipe_keeps_an_epsilon_teachers_function(tmp_path):
-    """configs/digits-consistency.yaml (the embedded default) on an epsilon teacher with linear betas and no
-    clipping (as google/ddpm-*): before training, the student's f at every grid timestep is c_skip z + c_out x0 of
-    the teacher's own epsilon prediction, with no parameterisation change to unlearn, and the export predicts
-    epsilon. A v student initialised from the eps weights (progressive's default) would fail both."""
+def default_recipe_on(tmp_path, beta_schedule: str, beta_start: float, beta_end: float):
+    """configs/digits-consistency.yaml (the embedded default) on an epsilon teacher with these betas and no clipping."""
     from diffusers import DDPMPipeline, DDPMScheduler
 
     from diffkd.api import prepare
     from diffkd.config import load_config
 
-    scheduler = DDPMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, prediction_type="epsilon",
-                              clip_sample=False)
+    scheduler = DDPMScheduler(beta_schedule=beta_schedule, beta_start=beta_start, beta_end=beta_end,
+                              prediction_type="epsilon", clip_sample=False)
     DDPMPipeline(unet=make_tiny_unet(), scheduler=scheduler).save_pretrained(tmp_path / "eps-teacher")
     recipe = Path(__file__).resolve().parents[1] / "configs" / "digits-consistency.yaml"
     config = load_config(recipe, [f"teacher.source={tmp_path / 'eps-teacher'}"])
     teacher, method, _ = prepare(config)
+    return scheduler, config, teacher, method
+
+
+def test_the_default_recipe_keeps_an_sd_like_epsilon_teachers_function(tmp_path):
+    """On SD 1.x's betas (sigma / alpha = 14.6 at t = 999) the default's student stays epsilon: before training
+    its f at every grid timestep is c_skip z + c_out x0 of the teacher's own epsilon prediction, no round comes
+    before the consistency round, and the export predicts epsilon."""
+    scheduler, config, teacher, method = default_recipe_on(tmp_path, "scaled_linear", 0.00085, 0.012)
     assert method.export_spec().scheduler.config.prediction_type == "epsilon"
+    assert method.round_kinds() == ["consistency"]
     grid = torch.tensor(method.grid[1:])
     z = torch.randn(len(grid), 1, 8, 8, generator=torch.Generator().manual_seed(0))
     alphas = scheduler.alphas_cumprod[grid].view(-1, 1, 1, 1)
@@ -341,6 +347,89 @@ def test_the_default_recipe_keeps_an_epsilon_teachers_function(tmp_path):
     c_skip, c_out = boundary_scalings(grid, config.method.timestep_scaling)
     torch.testing.assert_close(student, c_skip.view(-1, 1, 1, 1) * z + c_out.view(-1, 1, 1, 1) * x0,
                                rtol=1e-4, atol=1e-4)
+
+
+def test_the_default_recipe_gives_a_ddpm_like_epsilon_teacher_a_velocity_student_reparameterised_first(tmp_path):
+    """On DDPM's linear betas (sigma / alpha = 157 at t = 999, where an epsilon student's x0 multiplies its error
+    157 times) the default's student is v_prediction, exported so, after a reparameterisation round of
+    method.reparameterisation_steps."""
+    _, config, _, method = default_recipe_on(tmp_path, "linear", 1e-4, 0.02)
+    assert method.prediction_type == "v_prediction"
+    assert method.export_spec().scheduler.config.prediction_type == "v_prediction"
+    assert method.round_kinds() == ["reparameterisation", "consistency"]
+    assert [r.num_steps for r in method.rounds()] == [config.method.reparameterisation_steps, 700]
+
+
+def test_few_step_prediction_type_by_the_top_timesteps_amplification():
+    """sigma / alpha at t = T - 1 by hand from the betas: linear 1e-4..0.02 (DDPM) 157.4 and LDM's scaled_linear
+    0.0015..0.0195 83.8 take a velocity student; SD 1.x's scaled_linear 0.00085..0.012 (14.6) keeps epsilon; a v or
+    sample teacher keeps its own, as does a flow teacher."""
+    from diffkd.paths import FlowPath
+
+    def amplification(betas):
+        abar = torch.cumprod(1 - betas.double(), 0)[-1]
+        return ((1 - abar) / abar).sqrt().item()
+
+    linear = torch.linspace(1e-4, 0.02, 1000)
+    ldm = torch.linspace(0.0015**0.5, 0.0195**0.5, 1000) ** 2
+    sd = torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2
+    assert amplification(linear) == pytest.approx(157.4, abs=0.1) and amplification(ldm) == pytest.approx(83.8, abs=0.1)
+    assert amplification(sd) == pytest.approx(14.6, abs=0.1)
+    for betas, expected in [(linear, "v_prediction"), (ldm, "v_prediction"), (sd, "epsilon")]:
+        path = VPPath(torch.cumprod(1 - betas, 0))
+        assert path.few_step_prediction_type("epsilon") == expected
+        assert path.few_step_prediction_type("v_prediction") == "v_prediction"
+        assert path.few_step_prediction_type("sample") == "sample"
+    assert FlowPath(1000).few_step_prediction_type("flow") == "flow"
+
+
+def reparameterising_method(teacher: str, steps: int = 30):
+    """A v student (the default's choice) of an epsilon teacher on linear betas, reparameterised for ``steps``."""
+    from diffkd.api import prepare
+
+    config = parse_config({"method": {"name": "consistency", "num_steps": 2, "teacher_grid": 20,
+                                      "reparameterisation_steps": steps, "sampler": "LCMScheduler"},
+                           "teacher": {"source": teacher}, "data": {"source": "digits"},
+                           "train": {"batch_size": 16, "learning_rate": 1e-3, "ema_decay": 0.0, "device": "cpu"},
+                           "run_eval": False})
+    return config, *prepare(config)
+
+
+def test_reparameterisation_loss_by_hand(trained_eps_teacher):
+    """The round's loss is |eps_student - eps_teacher|^2 at z_t = alpha x + sigma eps, t uniform over the training
+    timesteps, the student's eps read through v: sigma z + alpha v (the draws replayed from the same generator)."""
+    _, teacher, method, _ = reparameterising_method(trained_eps_teacher)
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    loss = method.loss("student", {"x0": x}, torch.Generator().manual_seed(3)).terms["reparameterisation"]
+    generator = torch.Generator().manual_seed(3)
+    t = torch.randint(0, 1000, (4,), generator=generator)
+    eps = torch.randn(x.shape, generator=generator)
+    abar = teacher.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    z = abar.sqrt() * x + (1 - abar).sqrt() * eps
+    with torch.no_grad():
+        eps_teacher = teacher.unet(z, t).sample
+        v = method.student(z, t).sample
+    eps_student = (1 - abar).sqrt() * z + abar.sqrt() * v
+    torch.testing.assert_close(loss.detach(), (eps_student - eps_teacher).pow(2).mean(), rtol=1e-4, atol=1e-7)
+
+
+def test_the_reparameterisation_round_brings_the_students_epsilon_to_the_teachers(trained_eps_teacher, tmp_path):
+    """30 steps of the round take the velocity student's epsilon (the teacher's weights read as v) more than half
+    the way to the teacher's, measured on digits in draws of their own."""
+    from diffkd.data import load_digits
+    from diffkd.trainer import Trainer, make_accelerator
+
+    config, _, method, _ = reparameterising_method(trained_eps_teacher)
+    batch = {"x0": load_digits(8)[:256]}
+
+    def loss() -> float:
+        method.round_index = 0
+        with torch.no_grad():
+            return method.loss("student", batch, torch.Generator().manual_seed(0)).terms["reparameterisation"].item()
+
+    before = loss()
+    Trainer(method, config.train, tmp_path / "run", make_accelerator(config.train, tmp_path / "run")).fit()
+    assert loss() < 0.5 * before  # 0.086 -> 0.032 here
 
 
 def test_a_velocity_student_of_an_epsilon_teacher_exports_and_samples_its_own_parameterisation(tmp_path):

@@ -12,7 +12,6 @@ from diffkd.api import distill, prepare
 from diffkd.config import parse_config
 from diffkd.data import load_images
 from tests.conftest import make_tiny_unet
-from tests.faults import TEACHER_CONFIG
 
 
 def linear_eps_scheduler() -> DDIMScheduler:
@@ -26,15 +25,6 @@ def eps_teacher(tmp_path) -> str:
     """An untrained network on the epsilon schedule: enough for checks that do not need a good teacher."""
     DDIMPipeline(make_tiny_unet(), linear_eps_scheduler()).save_pretrained(tmp_path / "eps-teacher")
     return str(tmp_path / "eps-teacher")
-
-
-@pytest.fixture(scope="module")
-def trained_eps_teacher(tmp_path_factory) -> str:
-    """A tiny 8x8 digits teacher trained for a few seconds the google/ddpm way (epsilon, linear betas, no clip)."""
-    method = {**TEACHER_CONFIG["method"], "prediction_type": "epsilon", "beta_schedule": "linear",
-              "clip_sample": False}
-    config = parse_config({**TEACHER_CONFIG, "method": method})
-    return str(distill(config, tmp_path_factory.mktemp("eps-teacher")))
 
 
 def progressive(teacher: str, **method):

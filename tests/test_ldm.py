@@ -46,7 +46,7 @@ def test_an_ldm_teacher_is_latent_with_its_vqmodel_and_samples_what_its_pipeline
 def test_a_consistency_student_of_an_ldm_teacher_is_an_ldm_pipeline_sampling_its_consistency_function(
         tiny_ldm, tmp_path):
     config = parse_config({"method": {"name": "consistency", "num_steps": 2, "teacher_grid": 20,
-                                      "sampler": "LCMScheduler"},
+                                      "sampler": "LCMScheduler", "reparameterisation_steps": 2},  # LDM's betas: v
                            "teacher": {"source": tiny_ldm}, "data": DATA, "train": TRAIN, "run_eval": False})
     folder = distill(config, tmp_path / "run")
     pipe = DiffusionPipeline.from_pretrained(folder)

@@ -71,9 +71,7 @@ def test_out_of_memory_in_validation_resumes_with_a_smaller_validation_batch(tin
 
 def test_other_errors_pass_through_unchanged(tmp_path):
     stub = SimpleNamespace(checkpoints=tmp_path, output=tmp_path, progress=None)
-    with pytest.raises(RuntimeError, match="^shape mismatch$"):
-        with Trainer._fits(stub, "a step", "fix"):
-            raise RuntimeError("shape mismatch")
-    with pytest.raises(RunDoesNotFit, match="none yet"):
-        with Trainer._fits(stub, "a step", "fix"):
-            raise torch.OutOfMemoryError(OOM)
+    with pytest.raises(RuntimeError, match="^shape mismatch$"), Trainer._fits(stub, "a step", "fix"):
+        raise RuntimeError("shape mismatch")
+    with pytest.raises(RunDoesNotFit, match="none yet"), Trainer._fits(stub, "a step", "fix"):
+        raise torch.OutOfMemoryError(OOM)

@@ -103,12 +103,15 @@ class Method:
     @property
     def prediction_type(self) -> str:
         """The student's parameterisation: the method's ``student_prediction_type``; 'teacher' (or a method
-        without that option) keeps the teacher's. On a rectified-flow path 'v_prediction' is the path's velocity
+        without that option) keeps the teacher's, 'auto' is the noise path's choice for a few-step student
+        (``NoisePath.few_step_prediction_type``). On a rectified-flow path 'v_prediction' is the path's velocity
         (flow): the rectified-flow schedulers a flow student exports with sample nothing else."""
         chosen = getattr(self.options, "student_prediction_type", "teacher")
         teacher = self.teacher.denoiser
         if chosen == "teacher":
             return teacher.prediction_type
+        if chosen == "auto":
+            return teacher.path.few_step_prediction_type(teacher.prediction_type)
         if chosen == "v_prediction" and "flow" in teacher.path.prediction_types:
             return "flow"
         if chosen not in teacher.path.prediction_types:

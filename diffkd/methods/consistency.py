@@ -10,8 +10,12 @@ teachers) to t_n, k grid intervals lower (LCM's skipping interval), and pulls f(
 target network's f at (z_{t_n}, t_n). The target network is an EMA of the student (LCM), or with ``target_ema=0`` the
 student itself under stop-gradient (iCT, Song & Dhariwal 2023). The distance is iCT's pseudo-Huber by default.
 
-With ``guidance_steps`` a guidance round comes first: F's x prediction regresses onto the guided teacher's at the
-same input and w (Meng et al. 2023, stage 1), and the target network restarts from that student.
+A student of another parameterisation than the teacher's (by default a velocity student of an epsilon teacher whose
+top timestep leaves almost no signal: ``NoisePath.few_step_prediction_type``) first has a reparameterisation round:
+its epsilon regresses onto the teacher's (the DDPM loss), so the consistency round starts from the teacher's function.
+With ``guidance_steps`` a guidance round comes before the consistency round: F's x prediction regresses onto the
+guided teacher's at the same input and w (Meng et al. 2023, stage 1). The target network restarts from the student
+each round leaves.
 
 The export is the plain F with the path's consistency scheduler: diffusers' ``LCMScheduler`` on the same grid
 (``original_inference_steps`` = N, the same timestep scaling and x0 clip), which applies c_skip and c_out itself, or
@@ -113,22 +117,29 @@ class ConsistencyDistillation(Method):
             raise DiffkdError("method consistency has its own distance (method.distance); set losses.output_kd, "
                               "losses.feature_kd and losses.lpips to 0, or method.distance=lpips for LPIPS")
 
-    def rounds(self) -> list[Round]:
-        """The consistency round (after the guidance round, if any), not judged by round health: its loss is
-        measured against the target network, which follows the student, so it need not fall when training works
-        (glyphs LCM-LoRA: 0.86 -> 0.91 over 2,000 steps for a student within 1.07x of the full student's FD)."""
-        consistency = Round(f"consistency on {self.options.teacher_grid} points, skip {self.options.skip}",
-                            self.options.num_steps, loss_falls=False)
-        if not self.options.guidance_steps:
-            return [consistency]
-        return [Round("guidance", self.options.guidance_steps), consistency]
+    def round_kinds(self) -> list[str]:
+        """The rounds in order: reparameterisation (a student of another parameterisation than the teacher's, with
+        ``reparameterisation_steps``), guidance (``guidance_steps``), then consistency."""
+        o = self.options
+        reparameterises = self.prediction_type != self.teacher.denoiser.prediction_type and o.reparameterisation_steps
+        return [*(["reparameterisation"] if reparameterises else []), *(["guidance"] if o.guidance_steps else []),
+                "consistency"]
 
-    def in_guidance_round(self) -> bool:
-        """Whether this is the guidance round that ``method.guidance_steps`` puts first."""
-        return self.options.guidance_steps > 0 and self.round_index == 0
+    def rounds(self) -> list[Round]:
+        """The consistency round (after the reparameterisation and guidance rounds, if any), not judged by round
+        health: its loss is measured against the target network, which follows the student, so it need not fall
+        when training works (glyphs LCM-LoRA: 0.86 -> 0.91 over 2,000 steps for a student within 1.07x of the full
+        student's FD)."""
+        o = self.options
+        rounds = {"reparameterisation": Round(f"reparameterisation to {self.prediction_type}",
+                                              o.reparameterisation_steps),
+                  "guidance": Round("guidance", o.guidance_steps),
+                  "consistency": Round(f"consistency on {o.teacher_grid} points, skip {o.skip}", o.num_steps,
+                                       loss_falls=False)}
+        return [rounds[kind] for kind in self.round_kinds()]
 
     def begin_round(self, index: int) -> None:
-        """The consistency round's target network starts from the student the guidance round left."""
+        """Each round's target network starts from the student the round before left."""
         self.round_index = index
         if self.target is not None and index > 0:
             self.target.load_state_dict(self.student.state_dict())
@@ -173,7 +184,10 @@ class ConsistencyDistillation(Method):
         return conditioning_pair(batch, self.options.guidance_scale, self.guidance, generator)
 
     def loss(self, phase: str, batch: dict[str, torch.Tensor], generator: torch.Generator) -> LossTerms:
-        if self.in_guidance_round():
+        kind = self.round_kinds()[self.round_index]
+        if kind == "reparameterisation":
+            return self.reparameterisation_loss(batch, generator)
+        if kind == "guidance":
             return self.guidance_loss(batch, generator)
         x = batch["x0"]
         grid = torch.tensor(self.grid, device=x.device)
@@ -186,6 +200,23 @@ class ConsistencyDistillation(Method):
         target = self.target_at(z_t, t, s, teacher_cond, student_cond)
         prediction = self.student_output(self.model, z_t, t, student_cond)
         return LossTerms({"consistency": self.distance(prediction, target).mean()})
+
+    def reparameterisation_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> LossTerms:
+        """|eps(F(z_t, t)) - eps_teacher(z_t, t)|^2 at training timesteps drawn uniformly: the DDPM loss towards the
+        teacher's function, read through the student's own parameterisation. In x space it weights errors by
+        alpha^2 / sigma^2, so the top timesteps, where the teacher's x0 is its error amplified, barely count and the
+        consistency round learns them."""
+        x = batch["x0"]
+        timesteps = self.teacher.denoiser.path.training_timesteps(x.device)
+        t = timesteps[torch.randint(0, len(timesteps), (x.shape[0],), generator=generator).to(x.device)]
+        eps = torch.randn(x.shape, generator=generator).to(x.device)
+        alpha_t, sigma_t = self.teacher.denoiser.alpha_sigma(t)
+        z_t = schedule.broadcast(alpha_t, x) * x + schedule.broadcast(sigma_t, x) * eps
+        teacher_cond, student_cond = self.conditioning(batch, generator)
+        with torch.no_grad():
+            _, eps_teacher = self.teacher.denoiser.x0_eps(z_t, t, teacher_cond)
+        _, eps_student = self.model.x0_eps(z_t, t, student_cond)
+        return LossTerms({"reparameterisation": (eps_student - eps_teacher).pow(2).flatten(1).mean(1).mean()})
 
     def guidance_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> LossTerms:
         """|x0(F(z_t, t, w)) - x0_teacher^w(z_t, t)|^2 at the grid's timesteps (not the boundary), in x space: the
@@ -247,5 +278,6 @@ class ConsistencyDistillation(Method):
             "trained_timesteps": self.grid, "teacher_grid": o.teacher_grid, "skip": o.skip,
             "target_ema": o.target_ema, "distance": o.distance, "solver": o.solver, "guidance_scale": o.guidance_scale,
             "timestep_scaling": o.timestep_scaling, "sampling_timesteps": sampled, "guidance_steps": o.guidance_steps,
+            "reparameterisation_steps": o.reparameterisation_steps if "reparameterisation" in self.round_kinds() else 0,
             **({} if self.guidance is None else {"guidance_range": [self.guidance.w_min, self.guidance.w_max]})},
             also_samples_with=self.teacher.denoiser.path.consistency_swaps if own else ())
