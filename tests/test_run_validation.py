@@ -145,7 +145,7 @@ def test_a_latent_teachers_validation_scores_its_latents_against_the_training_im
     mu, sigma = gaussian_stats(validator.feature(latents))
     torch.testing.assert_close(validator.reference()[0], mu)
     torch.testing.assert_close(validator.reference()[1], sigma)
-    student = teacher.denoiser.like(method.student)
+    student = teacher.denoiser.like(method.student, method.prediction_type)  # v: LDM's betas
     sampled = scheduler_sample(student, type(validator.scheduler).from_config(validator.scheduler.config),
                                validator.noise, 2)
     by_hand = frechet_distance(*gaussian_stats(validator.feature(sampled)), mu, sigma)
