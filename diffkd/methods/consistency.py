@@ -206,32 +206,30 @@ class ConsistencyDistillation(Method):
         teacher's function, read through the student's own parameterisation. In x space it weights errors by
         alpha^2 / sigma^2, so the top timesteps, where the teacher's x0 is its error amplified, barely count and the
         consistency round learns them."""
+        timesteps = self.teacher.denoiser.path.training_timesteps(batch["x0"].device)
+        (_, eps_student), (_, eps_teacher) = self.predictions_at(batch, generator, timesteps)
+        return LossTerms({"reparameterisation": (eps_student - eps_teacher).pow(2).flatten(1).mean(1).mean()})
+
+    def guidance_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> LossTerms:
+        """|x0(F(z_t, t, w)) - x0_teacher^w(z_t, t)|^2 at the grid's timesteps (not the boundary), in x space: the
+        guided teacher's prediction at the student's own input, as progressive's guidance round."""
+        timesteps = torch.tensor(self.grid[1:], device=batch["x0"].device)
+        (x_student, _), (x_teacher, _) = self.predictions_at(batch, generator, timesteps)
+        return LossTerms({"guidance": (x_student - x_teacher).pow(2).flatten(1).mean(1).mean()})
+
+    def predictions_at(self, batch: dict[str, torch.Tensor], generator: torch.Generator, timesteps: torch.Tensor
+                       ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """The student's and the teacher's (x0, eps) at the batch noised to a t drawn from ``timesteps`` per row, each
+        conditioned as the method conditions it (the teacher without gradients): what the regression rounds fit."""
         x = batch["x0"]
-        timesteps = self.teacher.denoiser.path.training_timesteps(x.device)
         t = timesteps[torch.randint(0, len(timesteps), (x.shape[0],), generator=generator).to(x.device)]
         eps = torch.randn(x.shape, generator=generator).to(x.device)
         alpha_t, sigma_t = self.teacher.denoiser.alpha_sigma(t)
         z_t = schedule.broadcast(alpha_t, x) * x + schedule.broadcast(sigma_t, x) * eps
         teacher_cond, student_cond = self.conditioning(batch, generator)
         with torch.no_grad():
-            _, eps_teacher = self.teacher.denoiser.x0_eps(z_t, t, teacher_cond)
-        _, eps_student = self.model.x0_eps(z_t, t, student_cond)
-        return LossTerms({"reparameterisation": (eps_student - eps_teacher).pow(2).flatten(1).mean(1).mean()})
-
-    def guidance_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> LossTerms:
-        """|x0(F(z_t, t, w)) - x0_teacher^w(z_t, t)|^2 at the grid's timesteps (not the boundary), in x space: the
-        guided teacher's prediction at the student's own input, as progressive's guidance round."""
-        x = batch["x0"]
-        grid = torch.tensor(self.grid[1:], device=x.device)
-        t = grid[torch.randint(0, len(grid), (x.shape[0],), generator=generator).to(x.device)]
-        eps = torch.randn(x.shape, generator=generator).to(x.device)
-        alpha_t, sigma_t = self.teacher.denoiser.alpha_sigma(t)
-        z_t = schedule.broadcast(alpha_t, x) * x + schedule.broadcast(sigma_t, x) * eps
-        teacher_cond, student_cond = self.conditioning(batch, generator)
-        with torch.no_grad():
-            x_teacher, _ = self.teacher.denoiser.x0_eps(z_t, t, teacher_cond)
-        x_student, _ = self.model.x0_eps(z_t, t, student_cond)
-        return LossTerms({"guidance": (x_student - x_teacher).pow(2).flatten(1).mean(1).mean()})
+            teacher = self.teacher.denoiser.x0_eps(z_t, t, teacher_cond)
+        return self.model.x0_eps(z_t, t, student_cond), teacher
 
     @torch.no_grad()
     def target_at(self, z_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, teacher_cond: Conditioning,
