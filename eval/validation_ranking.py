@@ -9,8 +9,8 @@ each validation noise seed (a run's train.seed), at k = 2 and 4: which checkpoin
         [--samplers LCMScheduler,DDIMScheduler] [--validation-sampler LCMScheduler] [--no-truth | --no-validation]
 
 --references: the teacher's per-seed 64-step FDs on seeds 0-3 (eval/RESULTS.md records them for each digits
-teacher). Checkpoints are the run's ckpt-r00-sNNNNNNNN folders; their raw student weights are scored (the default
-recipe keeps no EMA). The evaluation's four seeds are most of the time; --no-truth leaves them out. --samplers: the
+teacher). Checkpoints are the consistency round's ckpt-rNN-sNNNNNNNN folders (after a reparameterisation round, if
+any); their raw student weights are scored (the default recipe keeps no EMA). The evaluation's four seeds are most of the time; --no-truth leaves them out. --samplers: the
 schedulers the truth samples with (default: the exported one), each built by ``from_config`` of the exported one;
 --validation-sampler: the one in-run validation ranked checkpoints with (a consistency run's LCMScheduler, whatever
 its end exported). --data / --feature: the run's data and the evaluation's feature network (the panel: its patch
@@ -44,9 +44,11 @@ STEPS = (2, 4)
 
 
 def checkpoint_at(run: Path, step: int) -> Path:
-    """The checkpoint of ``step``; the run's last step is the one written at the round's end (round 1, step 0)."""
+    """The checkpoint of ``step`` of the consistency round, the run's last (a reparameterisation round may come
+    first); its last step is the one written at the round's end (the next round index, step 0)."""
     last = yaml.safe_load((run / "config.yaml").read_text())["method"]["num_steps"]
-    return run / "checkpoints" / (checkpoint.name_for(1, 0) if step == last else checkpoint.name_for(0, step))
+    ended = max(int(folder.name[len(checkpoint.PREFIX) + 1:][:2]) for folder in (run / "checkpoints").iterdir())
+    return run / "checkpoints" / (checkpoint.name_for(ended, 0) if step == last else checkpoint.name_for(ended - 1, step))
 
 
 def main() -> int:
