@@ -336,7 +336,7 @@ def test_the_default_recipe_keeps_an_sd_like_epsilon_teachers_function(tmp_path)
     before the consistency round, and the export predicts epsilon."""
     scheduler, config, teacher, method = default_recipe_on(tmp_path, "scaled_linear", 0.00085, 0.012)
     assert method.export_spec().scheduler.config.prediction_type == "epsilon"
-    assert method.round_kinds() == ["consistency"]
+    assert method.round_kinds == ["consistency"]
     grid = torch.tensor(method.grid[1:])
     z = torch.randn(len(grid), 1, 8, 8, generator=torch.Generator().manual_seed(0))
     alphas = scheduler.alphas_cumprod[grid].view(-1, 1, 1, 1)
@@ -356,7 +356,7 @@ def test_the_default_recipe_gives_a_ddpm_like_epsilon_teacher_a_velocity_student
     _, config, _, method = default_recipe_on(tmp_path, "linear", 1e-4, 0.02)
     assert method.prediction_type == "v_prediction"
     assert method.export_spec().scheduler.config.prediction_type == "v_prediction"
-    assert method.round_kinds() == ["reparameterisation", "consistency"]
+    assert method.round_kinds == ["reparameterisation", "consistency"]
     assert [r.num_steps for r in method.rounds()] == [config.method.reparameterisation_steps, 700]
 
 

@@ -28,6 +28,7 @@ DDIM-64 FD at 4 steps where LCM gives 1.97x).
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import torch
@@ -117,9 +118,11 @@ class ConsistencyDistillation(Method):
             raise DiffkdError("method consistency has its own distance (method.distance); set losses.output_kd, "
                               "losses.feature_kd and losses.lpips to 0, or method.distance=lpips for LPIPS")
 
+    @functools.cached_property
     def round_kinds(self) -> list[str]:
         """The rounds in order: reparameterisation (a student of another parameterisation than the teacher's, with
-        ``reparameterisation_steps``), guidance (``guidance_steps``), then consistency."""
+        ``reparameterisation_steps``), guidance (``guidance_steps``), then consistency. Fixed by the config: read
+        once, not at every step's loss."""
         o = self.options
         reparameterises = self.prediction_type != self.teacher.denoiser.prediction_type and o.reparameterisation_steps
         return [*(["reparameterisation"] if reparameterises else []), *(["guidance"] if o.guidance_steps else []),
@@ -136,7 +139,7 @@ class ConsistencyDistillation(Method):
                   "guidance": Round("guidance", o.guidance_steps),
                   "consistency": Round(f"consistency on {o.teacher_grid} points, skip {o.skip}", o.num_steps,
                                        loss_falls=False)}
-        return [rounds[kind] for kind in self.round_kinds()]
+        return [rounds[kind] for kind in self.round_kinds]
 
     def begin_round(self, index: int) -> None:
         """Each round's target network starts from the student the round before left."""
@@ -184,7 +187,7 @@ class ConsistencyDistillation(Method):
         return conditioning_pair(batch, self.options.guidance_scale, self.guidance, generator)
 
     def loss(self, phase: str, batch: dict[str, torch.Tensor], generator: torch.Generator) -> LossTerms:
-        kind = self.round_kinds()[self.round_index]
+        kind = self.round_kinds[self.round_index]
         if kind == "reparameterisation":
             return self.reparameterisation_loss(batch, generator)
         if kind == "guidance":
@@ -276,6 +279,6 @@ class ConsistencyDistillation(Method):
             "trained_timesteps": self.grid, "teacher_grid": o.teacher_grid, "skip": o.skip,
             "target_ema": o.target_ema, "distance": o.distance, "solver": o.solver, "guidance_scale": o.guidance_scale,
             "timestep_scaling": o.timestep_scaling, "sampling_timesteps": sampled, "guidance_steps": o.guidance_steps,
-            "reparameterisation_steps": o.reparameterisation_steps if "reparameterisation" in self.round_kinds() else 0,
+            "reparameterisation_steps": o.reparameterisation_steps if "reparameterisation" in self.round_kinds else 0,
             **({} if self.guidance is None else {"guidance_range": [self.guidance.w_min, self.guidance.w_max]})},
             also_samples_with=self.teacher.denoiser.path.consistency_swaps if own else ())
