@@ -360,6 +360,29 @@ def test_the_default_recipe_gives_a_ddpm_like_epsilon_teacher_a_velocity_student
     assert [r.num_steps for r in method.rounds()] == [config.method.reparameterisation_steps, 700]
 
 
+def test_a_lora_student_keeps_the_teachers_parameterisation(tiny_sd, tmp_path):
+    """auto on a pipeline that loads LoRA weights, with DDPM's linear betas: the adapters are loaded onto the teacher's
+    own pipeline, whose scheduler reads epsilon, so the LoRA student stays epsilon; a full student of it goes v."""
+    import json
+    import shutil
+
+    from diffkd.api import prepare
+
+    teacher = tmp_path / "linear-sd"
+    shutil.copytree(tiny_sd, teacher)
+    config_file = teacher / "scheduler" / "scheduler_config.json"
+    scheduler = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**scheduler, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}))
+
+    def method(student: dict):
+        return prepare(parse_config({"method": {"name": "consistency", "teacher_grid": 20},
+                                     "teacher": {"source": str(teacher)}, "data": {"prompts": ["a"]},
+                                     "student": student, "train": {"device": "cpu"}, "run_eval": False}))[1]
+
+    assert method({"lora": {"rank": 4}}).prediction_type == "epsilon"
+    assert method({}).prediction_type == "v_prediction"
+
+
 def test_few_step_prediction_type_by_the_top_timesteps_amplification():
     """sigma / alpha at t = T - 1 by hand from the betas: linear 1e-4..0.02 (DDPM) 157.4 and LDM's scaled_linear
     0.0015..0.0195 83.8 take a velocity student; SD 1.x's scaled_linear 0.00085..0.012 (14.6) keeps epsilon; a v or

@@ -104,14 +104,16 @@ class Method:
     def prediction_type(self) -> str:
         """The student's parameterisation: the method's ``student_prediction_type``; 'teacher' (or a method
         without that option) keeps the teacher's, 'auto' is the noise path's choice for a few-step student
-        (``NoisePath.few_step_prediction_type``). On a rectified-flow path 'v_prediction' is the path's velocity
+        (``NoisePath.few_step_prediction_type``) but the teacher's for a LoRA student, whose adapters users load onto
+        the teacher's own pipeline (LCM-LoRA). On a rectified-flow path 'v_prediction' is the path's velocity
         (flow): the rectified-flow schedulers a flow student exports with sample nothing else."""
         chosen = getattr(self.options, "student_prediction_type", "teacher")
         teacher = self.teacher.denoiser
         if chosen == "teacher":
             return teacher.prediction_type
-        if chosen == "auto":
-            return teacher.path.few_step_prediction_type(teacher.prediction_type)
+        if chosen == "auto":  # a LoRA student's adapters load onto the teacher's pipeline, read by its scheduler
+            lora = getattr(getattr(self.config, "student", None), "lora", None)
+            return teacher.prediction_type if lora else teacher.path.few_step_prediction_type(teacher.prediction_type)
         if chosen == "v_prediction" and "flow" in teacher.path.prediction_types:
             return "flow"
         if chosen not in teacher.path.prediction_types:
