@@ -170,7 +170,8 @@ class ConsistencyConfig(MethodConfig):
     exports the clearly best (``diffkd.sampler_choice``); otherwise the consistency scheduler.
     ``student_prediction_type``: "auto" (the default: the noise path's ``few_step_prediction_type``, the teacher's
     own but on an epsilon teacher whose top timestep makes x0 = (z - sigma eps) / alpha amplify the student's error
-    more than 50 times, as DDPM's and LDM's betas do: v_prediction there), "teacher", or a parameterisation.
+    more than 50 times, as DDPM's and LDM's betas do: v_prediction there; a LoRA student keeps the teacher's, since
+    its adapters load onto the teacher's pipeline), "teacher", or a parameterisation.
     ``reparameterisation_steps``: where the student's parameterisation is not the teacher's, a round of that many
     steps first regresses the student's epsilon onto the teacher's (the DDPM loss, which weights x0 errors by
     alpha^2 / sigma^2 and so ignores the top timesteps, where the teacher's x0 is its error times 150), so the
