@@ -112,8 +112,9 @@ class Method:
         if chosen == "teacher":
             return teacher.prediction_type
         if chosen == "auto":  # a LoRA student's adapters load onto the teacher's pipeline, read by its scheduler
-            lora = getattr(getattr(self.config, "student", None), "lora", None)
-            return teacher.prediction_type if lora else teacher.path.few_step_prediction_type(teacher.prediction_type)
+            if self.config.student.lora is not None:
+                return teacher.prediction_type
+            return teacher.path.few_step_prediction_type(teacher.prediction_type)
         if chosen == "v_prediction" and "flow" in teacher.path.prediction_types:
             return "flow"
         if chosen not in teacher.path.prediction_types:
