@@ -38,7 +38,7 @@ from diffkd.precision import DTYPES
 from diffkd.preflight import check_run_options
 from diffkd.run_validation import TextValidation, Validator, default_feature, plot_record, references_teacher
 from diffkd.students import build_student
-from diffkd.trainer import Trainer, make_accelerator
+from diffkd.trainer import VALIDATION_FIX, Trainer, make_accelerator
 from diffkd.weights import file_sha256
 
 log = logging.getLogger(__name__)
@@ -218,8 +218,10 @@ def distill(config: Config, output: str | Path, resume: bool | str | Path = Fals
                 checkpoint.load_network_state(student, trainer.best_weights)
             choice, chooser = None, start.chooser
             if chooser is not None:
-                spec, choice = sampler_choice.choose(spec, lambda scheduler: chooser(student, scheduler),
-                                                     validated_scores(progress.validation, chooser, trainer))
+                with trainer.fits(f"the sampler choice at the run's end ({config.train.validate_batch_size} noises "
+                                  "at once)", VALIDATION_FIX):
+                    spec, choice = sampler_choice.choose(spec, lambda scheduler: chooser(student, scheduler),
+                                                         validated_scores(progress.validation, chooser, trainer))
             trainer.write_summary({"sampler_choice": choice} if choice else {})
             card = model_card(config, method, spec, report, student, teacher,
                               sum(progress.round_seconds.values()) or time.perf_counter() - started,

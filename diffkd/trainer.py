@@ -242,7 +242,7 @@ class Trainer:
             if isinstance(self.data, StreamedRows):
                 self._stream = self.data.batches(self._plan(index, current.num_steps))
             while self.progress.step < current.num_steps:
-                with self._fits(f"training step {self.progress.step + 1} of round {index + 1}", STEP_FIX):
+                with self.fits(f"training step {self.progress.step + 1} of round {index + 1}", STEP_FIX):
                     logs = self._optimizer_step(index, current.num_steps)
                 self.progress.step += 1
                 self.progress.round_seconds[current.name] = time.perf_counter() - started
@@ -253,7 +253,7 @@ class Trainer:
                 if logs is not None and (self.progress.step % self.train.log_every == 0
                                          or self.progress.step == current.num_steps):
                     self._log(index, logs)
-                with self._fits(f"the validation after step {self.progress.step} of round {index + 1} "
+                with self.fits(f"the validation after step {self.progress.step} of round {index + 1} "
                                 f"({self.train.validate_batch_size} noises at once)", VALIDATION_FIX):
                     stop = self._validates(index, len(rounds), current.num_steps) and self._validate()
                 if stop:
@@ -451,7 +451,7 @@ class Trainer:
             grad.copy_(averaged.view_as(grad))
 
     @contextlib.contextmanager
-    def _fits(self, what: str, fix: str):
+    def fits(self, what: str, fix: str):
         """An accelerator out-of-memory error in ``what`` becomes one line naming where, the last checkpoint (left as
         it was: nothing of the failed step is saved) and ``fix``, which the run's plan sizes."""
         try:

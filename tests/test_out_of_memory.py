@@ -21,7 +21,7 @@ OOM = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacit
 def run_config(teacher: str, **train) -> dict:
     config = faults.consistency_config(teacher)
     config["method"]["num_steps"] = 8
-    config["train"].update(validate_every=2, validate_samples=16, **train)
+    config["train"].update({"validate_every": 2, "validate_samples": 16, **train})
     return config
 
 
@@ -69,9 +69,26 @@ def test_out_of_memory_in_validation_resumes_with_a_smaller_validation_batch(tin
     assert [h["step"] for h in record["history"]] == [2, 4, 6, 8]  # the record goes on across the change
 
 
+def test_out_of_memory_in_the_sampler_choice_keeps_the_trained_run_and_resumes_to_its_export(tiny_teacher, tmp_path,
+                                                                                          monkeypatch):
+    output = tmp_path / "run"
+    out_of_memory_at_call(monkeypatch, Validator, "__call__", 1)  # no in-run validation: the first call is the choice
+    with pytest.raises(RunDoesNotFit) as raised:
+        distill(parse_config(run_config(tiny_teacher, validate_every=0)), output)
+    message = str(raised.value)
+    assert "\n" not in message and "the sampler choice at the run's end (128 noises at once)" in message
+    progress = checkpoint.read_state(checkpoint.latest(output / "checkpoints"))["progress"]
+    assert progress["round"] == 1 and progress["round_health"][0]["steps"] == 8  # the one round saved, finished
+    assert not (output / "student").exists()
+    monkeypatch.undo()
+    distill(parse_config(run_config(tiny_teacher, validate_every=0, validate_batch_size=8)), output, resume=True)
+    summary = (output / "training_summary.json").read_text()
+    assert (output / "student" / "model_index.json").is_file() and "sampler_choice" in summary
+
+
 def test_other_errors_pass_through_unchanged(tmp_path):
     stub = SimpleNamespace(checkpoints=tmp_path, output=tmp_path, progress=None)
-    with pytest.raises(RuntimeError, match="^shape mismatch$"), Trainer._fits(stub, "a step", "fix"):
+    with pytest.raises(RuntimeError, match="^shape mismatch$"), Trainer.fits(stub, "a step", "fix"):
         raise RuntimeError("shape mismatch")
-    with pytest.raises(RunDoesNotFit, match="none yet"), Trainer._fits(stub, "a step", "fix"):
+    with pytest.raises(RunDoesNotFit, match="none yet"), Trainer.fits(stub, "a step", "fix"):
         raise torch.OutOfMemoryError(OOM)
