@@ -47,7 +47,7 @@ def checkpoint_at(run: Path, step: int) -> Path:
     """The checkpoint of ``step`` of the consistency round, the run's last (a reparameterisation round may come
     first); its last step is the one written at the round's end (the next round index, step 0)."""
     last = yaml.safe_load((run / "config.yaml").read_text())["method"]["num_steps"]
-    ended = max(int(folder.name[len(checkpoint.PREFIX) + 1:][:2]) for folder in (run / "checkpoints").iterdir())
+    ended = checkpoint.read_state(checkpoint.latest(run / "checkpoints"))["progress"]["round"]  # the rounds it ran
     return run / "checkpoints" / (checkpoint.name_for(ended, 0) if step == last else checkpoint.name_for(ended - 1, step))
 
 
